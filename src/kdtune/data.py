@@ -54,9 +54,16 @@ class ImageDataset:
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4:
-            raise ValueError(f"{self.name}: images must be (N, C, H, W), got shape {tuple(self.images.shape)}")
+            raise ValueError(
+                f"{self.name}: images must be (N, C, H, W), got shape {tuple(self.images.shape)}"
+            )
         if len(self.images) != len(self.labels):
             raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+        c = self.images.shape[1]
+        if len(self.mean) != c or len(self.std) != c:
+            raise ValueError(
+                f"{self.name}: {c} channels but mean/std have {len(self.mean)}/{len(self.std)} values"
+            )
         self.labels = self.labels.long()
 
     def __len__(self) -> int:
@@ -84,10 +91,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {data[:4]!r})")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: header of a {ndim}-D IDX file cut short ({len(data)} bytes; truncated?)")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {arr.size} bytes (truncated?)")
+    expected = int(np.prod(dims))
+    if arr.size != expected:
+        problem = "truncated?" if arr.size < expected else "trailing bytes"
+        raise ValueError(
+            f"{path}: header says {dims} ({expected} bytes) but holds {arr.size} bytes ({problem})"
+        )
     return arr.reshape(dims)
 
 
@@ -185,7 +198,13 @@ def from_arrays(images: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_cl
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)
+    if not (x.dtype == torch.uint8 or x.is_floating_point()):
+        # Other integer types are ambiguous (0-255 or 0-1?): normalising them would silently be wrong.
+        raise TypeError(f"{name}: images must be uint8 (0-255) or float in [0, 1], got {x.dtype}; "
+                        f"convert with .astype(np.uint8) or divide by 255.")
     y = torch.as_tensor(labels).long()
+    if num_classes is not None and len(y) and not (0 <= int(y.min()) and int(y.max()) < num_classes):
+        raise ValueError(f"{name}: labels span [{int(y.min())}, {int(y.max())}], outside [0, {num_classes})")
     xf = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     mean = tuple(xf.mean(dim=(0, 2, 3)).tolist())
     std = tuple(xf.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())
@@ -215,7 +234,8 @@ def balanced_subset(ds: ImageDataset, per_class: int, seed: int = 0) -> ImageDat
     return ds.subset(torch.cat(picked).sort().values, f"{ds.name}-{per_class}pc")
 
 
-def train_val_split(ds: ImageDataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+def train_val_split(ds: ImageDataset, val_fraction: float = 0.2,
+                    seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """Seeded, stratified split into (train, val); each class keeps the same fraction."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -241,6 +261,10 @@ class Augment:
     crop_padding: int = 0
     flip: bool = False
 
+    def __post_init__(self) -> None:
+        if self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+
     def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
         """x: (N, C, H, W) -> (N, C, H, W), each sample shifted/flipped independently."""
         n, c, h, w = x.shape
@@ -263,7 +287,10 @@ class BatchLoader:
 
     The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so a resumed run
     sees exactly the batches an uninterrupted one would (call :meth:`set_epoch`). Under DDP
-    each rank takes every ``world_size``-th batch of the same permutation.
+    each rank takes every ``world_size``-th batch of the same permutation, and every rank gets the
+    same number of batches (DDP hangs otherwise): with ``drop_last`` the tail batches that do not
+    fill a round are dropped, else the epoch wraps around to its first batches to fill it (as
+    ``DistributedSampler`` does with samples).
 
     Yields:
         x: (B, C, H, W) float32, normalised with the dataset's mean/std.
@@ -275,6 +302,8 @@ class BatchLoader:
                  rank: int = 0, world_size: int = 1, channels_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.ds, self.batch_size, self.shuffle = ds, batch_size, shuffle
         self.augment, self.seed, self.drop_last = augment, seed, drop_last
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
@@ -288,17 +317,23 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def _num_batches(self) -> int:
+        """Batches in one epoch over all ranks."""
         n = len(self.ds)
-        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        return len(range(self.rank, total, self.world_size))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        total = self._num_batches()
+        return total // self.world_size if self.drop_last else -(-total // self.world_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        n = len(self.ds)
+        n, total = len(self.ds), self._num_batches()
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        starts = range(0, n - self.batch_size + 1 if self.drop_last else n, self.batch_size)
-        for i, s in enumerate(starts):
+        # len(self) rounds of world_size batches; batch numbers past the epoch wrap to its start.
+        for i in range(len(self) * self.world_size):
+            s = (i % total) * self.batch_size
             idx = order[s : s + self.batch_size]
             # Every rank draws the augmentation of every batch so RNG streams stay aligned.
             x = self.ds.images[idx].float()

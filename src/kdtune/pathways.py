@@ -1,0 +1,155 @@
+"""Pathways: one teacher feature distilled into one student feature.
+
+A :class:`Pathway` ties the first three seams together — *where* (a teacher and a student
+module path), *how to align* (a transform) and *how to compare* (a distance) — plus its weight.
+It is a plain description; :meth:`Pathway.build` turns it into a :class:`PathwayLoss` module once
+the feature shapes are known (from :func:`kdtune.capture.probe`).
+
+Module paths may also be ``"stage:<i>"``: the i-th stage output found automatically
+(:func:`kdtune.capture.find_stage_outputs`; negative indices count from the last stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from kdtune.distances import DISTANCES
+from kdtune.losses import LOSSES
+from kdtune.transforms import FeatureTransform, ShapeMismatchError, build_transform
+
+STAGE_PREFIX = "stage:"
+
+
+@dataclass
+class Pathway:
+    """A teacher -> student distillation path.
+
+    Args:
+        teacher: dotted module path in the teacher (``"layer3"``) or ``"stage:<i>"``.
+        student: dotted module path in the student.
+        method: a catalogue name (``kdtune list losses``: ``fitnets``, ``at``, ``rkd`` ...) that
+            supplies the transform, distance, their defaults and the usual weight.
+        transform: transform name (``kdtune list transforms``) or module; overrides the method's.
+        distance: distance name (``kdtune list distances``) or function; overrides the method's.
+        weight: the term's weight (default: the method's usual weight, else 1).
+        name: the term's name in logs (default ``"<method or distance>:<teacher>-><student>"``).
+        transform_kwargs, distance_kwargs: extra arguments, merged over the method's defaults.
+
+    Example:
+        >>> Pathway(teacher="layer3", student="blocks.2", transform="conv1x1", distance="mse")
+    """
+
+    teacher: str
+    student: str
+    method: str | None = None
+    transform: str | FeatureTransform | None = None
+    distance: str | Callable[..., Tensor] | None = None
+    weight: float | None = None
+    name: str | None = None
+    transform_kwargs: dict[str, Any] = field(default_factory=dict)
+    distance_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> Pathway:
+        """A copy with method defaults filled in: transform, distance, weight, kwargs and name."""
+        transform, distance, weight = self.transform, self.distance, self.weight
+        distance_kwargs = dict(self.distance_kwargs)
+        if self.method is not None:
+            spec = LOSSES.get(self.method)
+            if spec.kind != "feature":
+                raise ValueError(
+                    f"pathway {self.teacher}->{self.student}: {self.method!r} is a logit loss; "
+                    f"use it as a logit loss (Distiller(logit_losses=[{self.method!r}])), not a pathway"
+                )
+            transform = spec.transform if transform is None else transform
+            distance = spec.distance if distance is None else distance
+            weight = spec.weight if weight is None else weight
+            distance_kwargs = {**spec.kwargs, **distance_kwargs}
+        transform = "identity" if transform is None else transform
+        distance = "mse" if distance is None else distance
+        label = self.method or (distance if isinstance(distance, str) else getattr(distance, "__name__", "loss"))
+        return replace(
+            self, transform=transform, distance=distance, weight=1.0 if weight is None else float(weight),
+            distance_kwargs=distance_kwargs, name=self.name or f"{label}:{self.teacher}->{self.student}",
+        )
+
+    def build(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> PathwayLoss:
+        """Make the loss module for features of the given (probed) shapes."""
+        p = self.resolved()
+        assert p.name is not None and p.distance is not None and p.transform is not None
+        try:
+            transform = build_transform(p.transform, tuple(student_shape), tuple(teacher_shape), **p.transform_kwargs)
+        except ShapeMismatchError as err:
+            raise ShapeMismatchError(f"pathway {p.name!r}: {err}") from None
+        distance = DISTANCES.get(p.distance)
+        loss = PathwayLoss(p.name, transform, distance, p.distance_kwargs)
+        loss.check_shapes(student_shape, teacher_shape)
+        return loss
+
+
+class PathwayLoss(nn.Module):
+    """``distance(*transform(f_s, f_t))`` for one pathway; holds the (trainable) transform."""
+
+    def __init__(self, name: str, transform: FeatureTransform, distance: Callable[..., Tensor],
+                 distance_kwargs: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.name, self.transform, self.distance = name, transform, distance
+        self.distance_kwargs = dict(distance_kwargs)
+
+    def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+        s, t = self.transform(student_feature, teacher_feature)
+        return self.distance(s, t, **self.distance_kwargs)
+
+    @torch.no_grad()
+    def check_shapes(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> None:
+        """Fail at construction, not at step 1, when the aligned shapes cannot be compared."""
+        n = 2  # two samples: enough for BN in train mode and for batch-relation distances
+        s = torch.zeros(n, *student_shape[1:])
+        t = torch.zeros(n, *teacher_shape[1:])
+        was_training = self.transform.training
+        self.transform.eval()  # eval: the probe must not move BN running statistics
+        try:
+            s2, t2 = self.transform(s, t)
+        finally:
+            self.transform.train(was_training)
+        if getattr(self.distance, "same_shape", True) and s2.shape[1:] != t2.shape[1:]:
+            raise ShapeMismatchError(
+                f"pathway {self.name!r}: student feature {tuple(student_shape)} and teacher feature "
+                f"{tuple(teacher_shape)} are {tuple(s2.shape)} vs {tuple(t2.shape)} after transform "
+                f"{type(self.transform).__name__}; the distance needs equal shapes — use an adapter "
+                f"transform such as 'conv1x1' (see `kdtune list transforms`)"
+            )
+
+
+def resolve_stage(path: str, stages: Sequence[str], role: str) -> str:
+    """Map ``"stage:<i>"`` to the i-th automatically found stage output; other paths unchanged."""
+    if not path.startswith(STAGE_PREFIX):
+        return path
+    try:
+        return stages[int(path[len(STAGE_PREFIX):])]
+    except (ValueError, IndexError):
+        raise ValueError(f"{role} path {path!r}: the {role} has {len(stages)} stages {list(stages)}; "
+                         f"use stage:0 .. stage:{len(stages) - 1}") from None
+
+
+def connect_stages(num_teacher_stages: int, num_student_stages: int,
+                   pattern: Literal["same", "all", "j>=i"] = "same") -> list[tuple[int, int]]:
+    """Teacher-stage x student-stage connections (DistPro §3.1 search space).
+
+    ``same``: stage i -> stage i (aligned from the last stage when the counts differ);
+    ``all``: every (i, j) pair; ``j>=i``: only pairs whose student stage j is at least as deep as
+    the teacher stage i (the ReviewKD-style pattern of DistPro's search space).
+    """
+    if pattern == "same":
+        k = min(num_teacher_stages, num_student_stages)
+        return [(num_teacher_stages - k + i, num_student_stages - k + i) for i in range(k)]
+    pairs = [(i, j) for i in range(num_teacher_stages) for j in range(num_student_stages)]
+    if pattern == "all":
+        return pairs
+    if pattern == "j>=i":
+        return [(i, j) for i, j in pairs if j >= i]
+    raise ValueError(f"unknown connection pattern {pattern!r}; choose 'same', 'all' or 'j>=i'")

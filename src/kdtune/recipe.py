@@ -1,0 +1,133 @@
+"""From a :class:`~kdtune.config.RunConfig` to a trained student: data, models, distiller, trainer.
+
+This is what ``kdtune run`` does; Python users can call :func:`run` with a config object, or
+build the pieces themselves (``Distiller`` + ``Trainer``) with their own models.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdtune.checkpoint import load_checkpoint, load_state_strict
+from kdtune.config import ModelConfig, RunConfig, load_config, save_config
+from kdtune.data import Augment, BatchLoader, ImageDataset, balanced_subset, load_dataset, train_val_split
+from kdtune.distiller import Distiller, LogitLoss
+from kdtune.models import create_model
+from kdtune.pathways import Pathway
+from kdtune.trainer import Callback, Trainer
+from kdtune.zoo import ZOO_PREFIX, load_teacher
+
+
+@dataclass
+class Splits:
+    """Training, held-out validation (may be None) and test sets of a run."""
+
+    train: ImageDataset
+    val: ImageDataset | None
+    test: ImageDataset
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """Training subset (class-balanced, seeded), optional validation split, and the test set.
+
+    The validation split is always carved from the training data — never from the test set.
+    """
+    d = cfg.data
+    train = load_dataset(d.dataset, "train", d.root)
+    test = load_dataset(d.dataset, "test", d.root)
+    if d.train_per_class is not None:
+        train = balanced_subset(train, d.train_per_class, d.subset_seed)
+    val = None
+    if d.val_fraction > 0:
+        train, val = train_val_split(train, d.val_fraction, d.split_seed)
+    return Splits(train, val, test)
+
+
+def build_model(mc: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """A zoo model, optionally with weights from a path or a shipped teacher (``zoo:<name>``)."""
+    if mc.checkpoint and mc.checkpoint.startswith(ZOO_PREFIX):
+        return load_teacher(mc.checkpoint)
+    model = create_model(mc.name, in_channels=in_channels, num_classes=num_classes, **mc.kwargs)
+    if mc.checkpoint:
+        state = load_checkpoint(mc.checkpoint)
+        state = state.get("student", state) if isinstance(state.get("student"), dict) else state
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        load_state_strict(model, state, f"{mc.name} ({mc.checkpoint})")
+    return model
+
+
+def build_distiller(cfg: RunConfig, in_channels: int, num_classes: int, input_shape: tuple[int, ...]) -> Distiller:
+    student = build_model(cfg.student, in_channels, num_classes)
+    teacher = build_model(cfg.teacher, in_channels, num_classes) if cfg.teacher is not None else None
+    dc = cfg.distill
+    pathways = [Pathway(teacher=p.teacher, student=p.student, method=p.method, transform=p.transform,
+                        distance=p.distance, weight=p.weight, name=p.name, transform_kwargs=dict(p.transform_kwargs),
+                        distance_kwargs=dict(p.distance_kwargs)) for p in dc.pathways]
+    logit_losses = [LogitLoss(ll.name, ll.weight, dict(ll.kwargs)) for ll in dc.logit_losses]
+    return Distiller(student, teacher, pathways=pathways, logit_losses=logit_losses,
+                     weighting=dc.weighting.name, weighting_kwargs=dc.weighting.kwargs,
+                     task_weight=dc.task_weight, input_shape=input_shape)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    """``<output_dir>/<name>-s<seed>-<timestamp>``; a suffix keeps two fast runs apart."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / f"{cfg.name}-s{cfg.seed}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path, i = Path(f"{base}-{i}"), i + 1
+    return path
+
+
+def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...] = ()) -> Trainer:
+    """Build data, models, distiller and trainer for a config (no training yet)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.seed)  # model and adapter initialisation depend on it
+    splits = load_splits(cfg)
+    input_shape = tuple(splits.train.images.shape[1:])
+    distiller = build_distiller(cfg, splits.train.in_channels, splits.train.num_classes, input_shape)
+    d = cfg.data
+    train_loader = BatchLoader(splits.train, d.batch_size, shuffle=True, augment=Augment(d.crop_padding, d.flip),
+                               seed=cfg.seed)
+    test_loader = BatchLoader(splits.test, d.eval_batch_size, shuffle=False)
+    return Trainer(distiller, train_loader, test_loader, cfg.train, run_dir=run_dir, callbacks=callbacks,
+                   seed=cfg.seed)
+
+
+def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
+        callbacks: tuple[Callback, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """Train a config in a run directory (new, or an existing one with ``resume=True``).
+
+    Returns the run directory and the summary dict.
+    """
+    path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    trainer = prepare(cfg, path, callbacks)
+    if trainer.dist.is_main and not resume:
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, path / "config.yaml")
+    summary = trainer.fit(resume=resume)
+    return path, summary
+
+
+def resume_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Continue an interrupted run from its saved config and last checkpoint."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a kdtune run directory")
+    cfg = load_config(cfg_path)
+    has_ckpt = (run_dir / "checkpoints" / "last.pt").exists()
+    return run(cfg, run_dir, resume=has_ckpt)

@@ -1,0 +1,100 @@
+"""Tables and plots of runs: learning curves of one run, comparisons of several.
+
+``kdtune report runs/a runs/b`` prints a table (final test accuracy, agreement error, time) and
+writes ``comparison.png`` (test accuracy per epoch) next to the first run, or where ``--out`` says.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch rows of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a kdtune run directory (no metrics.jsonl)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """``summary.json`` of a finished run, or a partial one built from its metrics."""
+    path = Path(run_dir) / "summary.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rows = read_metrics(run_dir)
+    last = rows[-1] if rows else {}
+    return {"epochs": len(rows), "test_acc": last.get("test_acc"), "agreement_error": last.get("agreement_error"),
+            "train_seconds": sum(r.get("seconds", 0.0) for r in rows), "unfinished": True}
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """Loss and accuracy per epoch of one run, as a PNG."""
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train loss")
+    if history and "train_task" in history[0]:
+        ax_loss.plot(epochs, [r["train_task"] for r in history], label="train CE")
+    if history and "test_loss" in history[0]:
+        ax_loss.plot(epochs, [r["test_loss"] for r in history], label="test CE")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [r["train_acc"] for r in history], label="train acc")
+    if history and "test_acc" in history[0]:
+        ax_acc.plot(epochs, [r["test_acc"] for r in history], label="test acc")
+    if history and "agreement_error" in history[0]:
+        ax_acc.plot(epochs, [1 - r["agreement_error"] for r in history], label="agreement with teacher")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_title("accuracy")
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    rows = []
+    for d in run_dirs:
+        s = read_summary(d)
+        rows.append({"run": Path(d).name, "epochs": s.get("epochs"), "test_acc": s.get("test_acc"),
+                     "agreement_error": s.get("agreement_error"), "seconds": s.get("train_seconds"),
+                     "unfinished": s.get("unfinished", False)})
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of run rows (readable in a terminal and pasteable into RESULTS.md)."""
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.2f}"
+
+    lines = ["| run | epochs | test acc % | agreement err % | time s |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        mark = " (unfinished)" if r.get("unfinished") else ""
+        secs = "—" if r.get("seconds") is None else f"{r['seconds']:.0f}"
+        lines.append(f"| {r['run']}{mark} | {r['epochs']} | {pct(r['test_acc'])} | "
+                     f"{pct(r['agreement_error'])} | {secs} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> None:
+    """Test accuracy per epoch of several runs in one PNG."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for d in run_dirs:
+        rows = read_metrics(d)
+        if rows and "test_acc" in rows[0]:
+            ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], label=Path(d).name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,378 @@
+"""Trainer: runs any :class:`~kdtune.distiller.Distiller` — fit, evaluate, checkpoint, resume.
+
+One training step reads top to bottom in :meth:`Trainer.train_step`::
+
+    out = model(x, y, step)            # teacher once (no_grad), student, every term, weighting
+    loss.backward(); optimizer.step(); scheduler.step()
+
+Everything a step draws at random depends on (seed, epoch) — batch order and augmentation come
+from :class:`~kdtune.data.BatchLoader` — or on the RNG state saved in the checkpoint, so a run
+resumed from its last checkpoint reproduces the uninterrupted run exactly.
+
+Run directory (when ``run_dir`` is given): ``metrics.jsonl`` (a row per epoch), ``steps.jsonl``
+(loss, terms and weights every ``log_every`` steps), ``checkpoints/last.pt``, ``summary.json``
+and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from kdtune.checkpoint import load_checkpoint, load_state_strict, rng_state, save_atomic, set_rng_state
+from kdtune.config import TrainConfig
+from kdtune.data import BatchLoader, ImageDataset
+from kdtune.distiller import Distiller
+from kdtune.distributed import DistInfo, barrier, init_distributed
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
+
+
+class Callback:
+    """Hooks into :meth:`Trainer.fit`. Override what you need; all default to no-ops.
+
+    ``on_batch_start`` runs before the real step on the same batch — DistPro updates its
+    pathway weights there; ``on_batch_end`` sees the step's output dict.
+    """
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_batch_start(self, trainer: Trainer, x: Tensor, y: Tensor) -> None: ...
+    def on_batch_end(self, trainer: Trainer, out: dict[str, Tensor]) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None: ...
+
+
+def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at a given optimiser step (schedules are stepped per batch).
+
+    cosine: 0.5 (1 + cos(pi t / T)) over all steps; step: gamma^floor(epoch / step_size);
+    multistep: gamma^(#milestones passed); constant: 1. Optional linear warm-up first.
+    """
+    s = cfg.schedule
+    warm = s.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    epoch = step // steps_per_epoch
+    if s.name == "cosine":
+        total = max(1, cfg.epochs * steps_per_epoch - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / total))
+    if s.name == "step":
+        return s.gamma ** (epoch // s.step_size)
+    if s.name == "multistep":
+        return s.gamma ** sum(epoch >= m for m in s.milestones)
+    return 1.0
+
+
+def _as_loader(data: BatchLoader | ImageDataset, train: bool, seed: int) -> BatchLoader:
+    if isinstance(data, BatchLoader):
+        return data
+    return BatchLoader(data, batch_size=128 if train else 500, shuffle=train, seed=seed)
+
+
+class Trainer:
+    """Trains a distiller's student (and its adapters / learned weights).
+
+    Args:
+        distiller: the model to train; ``Distiller(student)`` trains the student alone.
+        train: training batches (a :class:`BatchLoader`, or a dataset: batch 128, shuffled).
+        test: evaluation batches, evaluated after every epoch (top-1 accuracy, and top-1
+            agreement error with the teacher when there is one).
+        config: optimiser, schedule, epochs ... (:class:`~kdtune.config.TrainConfig`).
+        run_dir: where metrics, checkpoints and the summary go (``None``: nothing written).
+        callbacks: :class:`Callback` objects.
+        seed: seeds the training RNG at the start of :meth:`fit`.
+    """
+
+    def __init__(self, distiller: Distiller, train: BatchLoader | ImageDataset,
+                 test: BatchLoader | ImageDataset | None = None, config: TrainConfig | None = None,
+                 run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), seed: int = 0) -> None:
+        self.cfg = config or TrainConfig()
+        self.dist: DistInfo = init_distributed()
+        self.distiller, self.seed = distiller, seed
+        self.train_loader = _as_loader(train, True, seed)
+        self.test_loader = _as_loader(test, False, seed) if test is not None else None
+        self.train_loader.rank, self.train_loader.world_size = self.dist.rank, self.dist.world_size
+        if self.cfg.channels_last:
+            distiller.to(memory_format=torch.channels_last)
+            for loader in (self.train_loader, self.test_loader):
+                if loader is not None:
+                    loader.channels_last = True
+        self.model: nn.Module = distiller
+        if self.dist.enabled:
+            # Pathways that a strategy may skip (DistPro's dropping) leave parameters unused.
+            self.model = DistributedDataParallel(distiller, find_unused_parameters=True)
+        params = [p for p in distiller.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, self.cfg)
+        steps = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, steps, self.cfg))
+        self.callbacks = list(callbacks)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.nan_steps = 0
+        self.history: list[dict[str, Any]] = []
+        self._teacher_test_preds: Tensor | None = None
+
+    # ------------------------------------------------------------------ files
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
+
+    def _write(self, name: str, text: str, mode: str = "a") -> None:
+        if self.run_dir is not None and self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / name, mode) as f:
+                f.write(text)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kdtune_checkpoint": 1,
+            "distiller": self.distiller.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "rng": rng_state(),
+            "history": json.dumps(self.history),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is not None and self.dist.is_main:
+            save_atomic(self.state_dict(), self.checkpoint_path)
+        barrier(self.dist)
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        """Restore everything needed to continue exactly where the checkpoint was written."""
+        path = Path(path) if path else self.checkpoint_path
+        if path is None:
+            raise ValueError("no run_dir and no checkpoint path given")
+        ckpt = load_checkpoint(path)
+        if ckpt.get("kdtune_checkpoint") != 1:
+            raise ValueError(f"{path} is not a kdtune training checkpoint (keys: {sorted(ckpt)[:8]})")
+        load_state_strict(self.distiller, ckpt["distiller"], "distiller")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        self.history = json.loads(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+        # Rows logged after this checkpoint belong to work that is about to be redone.
+        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history), mode="w")
+        self._truncate_steps_log()
+
+    def _truncate_steps_log(self) -> None:
+        path = self.run_dir / "steps.jsonl" if self.run_dir else None
+        if path is None or not path.exists() or not self.dist.is_main:
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if json.loads(line)["step"] <= self.global_step]
+        self._write("steps.jsonl", "".join(line + "\n" for line in kept), mode="w")
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """One optimiser step on a batch; returns the distiller's output dict."""
+        for cb in self.callbacks:
+            cb.on_batch_start(self, x, y)
+        out = self.model(x, y, self.global_step)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            self._non_finite(out)
+            return out
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        return out
+
+    def _non_finite(self, out: dict[str, Tensor]) -> None:
+        self.nan_steps += 1
+        if self.nan_steps > self.cfg.max_nan_steps:
+            terms = {k: float(v.detach()) for k, v in out.items() if v.ndim == 0}
+            kept = f"; last good checkpoint kept at {self.checkpoint_path}" if self.checkpoint_path else ""
+            raise NonFiniteLossError(
+                f"loss is {float(out['loss'].detach())} at epoch {self.epoch + 1}, step {self.global_step} "
+                f"(terms: {terms}){kept}. Lower the learning rate or a term's weight.")
+
+    def train_epoch(self) -> dict[str, Any]:
+        """One pass over the training loader; returns mean loss / terms / weights and speed."""
+        self.distiller.train()
+        self.train_loader.set_epoch(self.epoch)
+        sums: dict[str, Tensor] = {}
+        correct, seen, t0 = torch.zeros((), dtype=torch.long), 0, time.perf_counter()
+        with self._progress(len(self.train_loader)) as advance:
+            for x, y in self.train_loader:
+                out = self.train_step(x, y)
+                for k, v in out.items():
+                    if v.ndim == 0:
+                        sums[k] = sums.get(k, 0.0) + v.detach()
+                correct += (out["logits"].detach().argmax(1) == y).sum()
+                seen += len(y)
+                self._log_step(out)
+                for cb in self.callbacks:
+                    cb.on_batch_end(self, out)
+                advance(len(y), float(out["loss"].detach()), float(correct) / seen)
+        n = max(1, len(self.train_loader))
+        seconds = time.perf_counter() - t0
+        row = {f"train_{k}": float(v) / n for k, v in sums.items() if not k.startswith("w/")}
+        row.update({k: float(v) / n for k, v in sums.items() if k.startswith("w/")})
+        row.update(train_acc=float(correct) / max(1, seen), seconds=seconds, img_per_s=seen / seconds)
+        return row
+
+    def _log_step(self, out: dict[str, Tensor]) -> None:
+        every = self.cfg.log_every
+        if self.run_dir is None or not every or self.global_step % every:
+            return
+        row = {"step": self.global_step, "epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        row.update({k: float(v.detach()) for k, v in out.items() if v.ndim == 0})
+        self._write("steps.jsonl", json.dumps(row) + "\n")
+
+    def _progress(self, total: int):
+        """A context giving ``advance(n_images, loss, acc)``: a rich bar on a terminal, else silent."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            show = self.cfg.progress and self.dist.is_main and sys.stdout.isatty()
+            if not show:
+                yield lambda *a: None
+                return
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            t0 = time.perf_counter()
+            seen = [0]
+            with Progress(TextColumn(f"epoch {self.epoch + 1}/{self.cfg.epochs}"), BarColumn(),
+                          MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                          transient=True) as progress:
+                task = progress.add_task("train", total=total, stats="")
+
+                def advance(n: int, loss: float, acc: float) -> None:
+                    seen[0] += n
+                    speed = seen[0] / (time.perf_counter() - t0)
+                    progress.update(task, advance=1, stats=f"loss {loss:.3f} acc {acc:.3f} {speed:.0f} img/s")
+
+                yield advance
+
+        return bar()
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
+        """Top-1 accuracy, CE loss and (with a teacher) top-1 agreement error on ``loader``.
+
+        Agreement error (Adaptive Distillation, eq. 7) is the fraction of samples where the
+        student's top-1 class differs from the teacher's. The teacher is frozen, so its
+        predictions on the test set are computed once and cached.
+        """
+        loader = loader or self.test_loader
+        if loader is None:
+            return {}
+        student = self.distiller.student
+        was_training = student.training
+        student.eval()
+        preds, labels, loss_sum = [], [], 0.0
+        for x, y in loader:
+            logits = student(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            preds.append(logits.argmax(1))
+            labels.append(y)
+        student.train(was_training)
+        pred, label = torch.cat(preds), torch.cat(labels)
+        metrics = {"test_acc": float((pred == label).float().mean()), "test_loss": loss_sum / len(label)}
+        teacher = self.distiller.teacher
+        if teacher is not None:
+            if self._teacher_test_preds is None or loader is not self.test_loader:
+                t_pred = torch.cat([teacher(x).argmax(1) for x, _ in loader])
+                if loader is self.test_loader:
+                    self._teacher_test_preds = t_pred
+            else:
+                t_pred = self._teacher_test_preds
+            metrics["agreement_error"] = float((pred != t_pred).float().mean())
+            metrics["teacher_test_acc"] = float((t_pred == label).float().mean())
+        return metrics
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train for ``config.epochs`` epochs (continuing from the last checkpoint if ``resume``)."""
+        if resume:
+            self.load_checkpoint()
+        else:
+            torch.manual_seed(self.seed)
+            self._write("metrics.jsonl", "", mode="w")
+            self._write("steps.jsonl", "", mode="w")
+        if self.cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        start = time.perf_counter()
+        while self.epoch < self.cfg.epochs:
+            for cb in self.callbacks:
+                cb.on_epoch_start(self, self.epoch)
+            row: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update(self.train_epoch())
+            row.update(self.evaluate())
+            self.epoch += 1
+            self.history.append(row)
+            self._write("metrics.jsonl", json.dumps(row) + "\n")
+            self._report_epoch(row)
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, row)
+            if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.epochs:
+                self.save_checkpoint()
+        summary = self.summary(time.perf_counter() - start)
+        self._write("summary.json", json.dumps(summary, indent=2) + "\n", mode="w")
+        if self.run_dir is not None and self.dist.is_main:
+            from kdtune.report import plot_curves
+
+            plot_curves(self.history, self.run_dir / "curves.png")
+        for cb in self.callbacks:
+            cb.on_fit_end(self, summary)
+        return summary
+
+    def _report_epoch(self, row: dict[str, Any]) -> None:
+        if not (self.cfg.progress and self.dist.is_main):
+            return
+        agree = f"  agree_err {row['agreement_error']:.4f}" if "agreement_error" in row else ""
+        test = f"  test_acc {row['test_acc']:.4f}" if "test_acc" in row else ""
+        print(f"epoch {row['epoch']:>3}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  "
+              f"train_acc {row['train_acc']:.4f}{test}{agree}  {row['img_per_s']:.0f} img/s", flush=True)
+
+    def summary(self, fit_seconds: float) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "epochs": self.epoch,
+            "final": last,
+            "test_acc": last.get("test_acc"),
+            "agreement_error": last.get("agreement_error"),
+            "teacher_test_acc": last.get("teacher_test_acc"),
+            "best_test_acc": max((r.get("test_acc", 0.0) for r in self.history), default=None),
+            "train_seconds": sum(r["seconds"] for r in self.history),
+            "fit_seconds_this_session": fit_seconds,
+            "student_parameters": sum(p.numel() for p in self.distiller.student.parameters()),
+            "extra_parameters": sum(p.numel() for p in self.distiller.extra_parameters()),
+            "world_size": self.dist.world_size,
+        }

@@ -1,0 +1,416 @@
+"""How to align: transforms that make a student feature comparable with a teacher feature.
+
+Every transform is a :class:`FeatureTransform`: an ``nn.Module`` built from the *probed* shapes of
+the two features (batch dimension included) and called as ``forward(s, t) -> (s', t')``.
+
+* **Trainable adapters** (``conv1x1``, ``conv3x3``, ``distpro``, ``linear``, ``token_mlp``) map the
+  *student* feature to the teacher's shape and return the teacher unchanged (SPEC: adapters align
+  the student to the teacher's channel count and spatial size; they are trained with the student
+  and dropped at export).
+* **Parameter-free transforms** (``identity``, ``attention_map``, ``flatten_pool``) may transform
+  both sides the same way.
+
+A transform that cannot align the shapes it is given raises :class:`ShapeMismatchError` when it
+is *constructed*, naming both shapes and what it needs, so a bad pathway fails before training.
+
+Example:
+    >>> tf = build_transform("conv1x1", (8, 16, 32, 32), (8, 64, 8, 8))
+    >>> s_out, t_out = tf(torch.randn(8, 16, 32, 32), torch.randn(8, 64, 8, 8))
+    >>> tuple(s_out.shape)
+    (8, 64, 8, 8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdtune.registry import Registry
+
+__all__ = [
+    "TRANSFORMS",
+    "AttentionMap",
+    "Conv1x1Adapter",
+    "Conv3x3Adapter",
+    "DistProBlock",
+    "FeatureTransform",
+    "FlattenPool",
+    "Identity",
+    "LinearProjector",
+    "ShapeMismatchError",
+    "SpatialSelfAttention",
+    "TokenMLP",
+    "build_transform",
+    "resize_spatial",
+]
+
+Shape = tuple[int, ...]
+
+#: All transforms by name; entries are :class:`FeatureTransform` subclasses.
+TRANSFORMS: Registry[type[FeatureTransform]] = Registry("transform")
+
+
+class ShapeMismatchError(ValueError):
+    """A transform or distance cannot align/compare the student and teacher shapes it was given."""
+
+
+class FeatureTransform(nn.Module):
+    """Base class: ``forward(s, t) -> (s', t')`` with ``s'`` and ``t'`` ready for a distance.
+
+    Args:
+        s_shape: probed student feature shape, batch included, e.g. ``(N, C, H, W)``.
+        t_shape: probed teacher feature shape, batch included.
+    """
+
+    #: Registry name, set by :func:`_register` (used in error messages).
+    name: str = "transform"
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
+        super().__init__()
+        self.s_shape: Shape = _as_shape(s_shape, "s_shape")
+        self.t_shape: Shape = _as_shape(t_shape, "t_shape")
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"s_shape={self.s_shape}, t_shape={self.t_shape}"
+
+    def _mismatch(self, need: str) -> ShapeMismatchError:
+        """An error naming this transform, both shapes and what it needs."""
+        return ShapeMismatchError(
+            f"transform {self.name!r} cannot align student {self.s_shape} to teacher {self.t_shape}: "
+            f"it needs {need}"
+        )
+
+    def _require_ndim(self, ndims: tuple[int, ...], what: str) -> None:
+        """Fail fast unless both shapes have one of ``ndims`` dimensions (and the same number)."""
+        s_nd, t_nd = len(self.s_shape), len(self.t_shape)
+        if s_nd not in ndims or t_nd not in ndims or s_nd != t_nd:
+            raise self._mismatch(what)
+
+
+def _as_shape(shape: Sequence[int], arg: str) -> Shape:
+    if isinstance(shape, torch.Tensor):
+        raise TypeError(f"{arg} must be a shape such as tensor.shape, got a tensor")
+    try:
+        out = tuple(int(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"{arg} must be a sequence of ints, got {shape!r}") from None
+    if len(out) < 2 or any(d < 1 for d in out):
+        raise ValueError(f"{arg} must be a full feature shape (N, ...) with positive sizes, got {out}")
+    return out
+
+
+def _register(name: str):
+    """Register a transform class under ``name`` and record the name on the class."""
+
+    def add(cls: type[FeatureTransform]) -> type[FeatureTransform]:
+        cls.name = name
+        return TRANSFORMS.register(name)(cls)
+
+    return add
+
+
+def resize_spatial(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Resize the last two dims of ``x`` (N, C, H, W) to ``size`` = (H', W').
+
+    Adaptive average pooling when the map shrinks on both axes (averages, no aliasing, as
+    CRD/ReviewKD do), bilinear interpolation otherwise (``align_corners=False``). Unchanged when
+    the size already matches.
+    """
+    h, w = x.shape[-2:]
+    th, tw = int(size[0]), int(size[1])
+    if (h, w) == (th, tw):
+        return x
+    if h >= th and w >= tw:
+        return F.adaptive_avg_pool2d(x, (th, tw))
+    return F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
+
+
+# --------------------------------------------------------------------------- parameter-free
+
+
+@_register("identity")
+class Identity(FeatureTransform):
+    """Pass both features through unchanged (relation-based distances accept different widths)."""
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return s, t
+
+
+@_register("attention_map")
+class AttentionMap(FeatureTransform):
+    """Spatial attention maps of both sides (AT; Zagoruyko & Komodakis 2017, eq. 2 and §3.1).
+
+    ``A(F) = normalize(vec(mean_c |F_c|^p))``: the channel mean of ``|F|^p`` (p = 2), flattened
+    and L2-normalised per sample. The mean (not the paper's sum) is a constant factor that the
+    normalisation removes. When the spatial sizes differ the *student* feature is first resized to
+    the teacher's (:func:`resize_spatial`); channel counts may differ.
+
+    Shapes: (N, Cs, Hs, Ws), (N, Ct, Ht, Wt) -> (N, Ht*Wt), (N, Ht*Wt).
+
+    Args:
+        p: exponent applied to ``|F|`` before the channel mean (paper: 2).
+        eps: floor of the norm in the normalisation (an all-zero map stays zero).
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], p: float = 2.0,
+                 eps: float = 1e-12) -> None:
+        super().__init__(s_shape, t_shape)
+        self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
+        if p <= 0:
+            raise ValueError(f"attention_map: p must be > 0, got {p}")
+        self.p = float(p)
+        self.eps = float(eps)
+
+    def attention(self, f: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, H*W) unit-norm attention vector."""
+        a = f.abs().pow(self.p).mean(dim=1).flatten(1)
+        return F.normalize(a, p=2.0, dim=1, eps=self.eps)
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        s = resize_spatial(s, t.shape[-2:])
+        return self.attention(s), self.attention(t)
+
+
+@_register("flatten_pool")
+class FlattenPool(FeatureTransform):
+    """Global average pool to one embedding per sample, both sides (for CC/RKD/PKT on features).
+
+    (N, C, H, W) -> (N, C) by the spatial mean; tokens (N, L, D) -> (N, D) by the token mean;
+    vectors (N, D) pass through. Widths may differ between student and teacher.
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
+        super().__init__(s_shape, t_shape)
+        for shape in (self.s_shape, self.t_shape):
+            if len(shape) not in (2, 3, 4):
+                raise self._mismatch("(N, D) vectors, (N, L, D) tokens or (N, C, H, W) maps")
+
+    @staticmethod
+    def pool(f: Tensor) -> Tensor:
+        if f.dim() == 4:
+            return f.mean(dim=(2, 3))
+        if f.dim() == 3:
+            return f.mean(dim=1)
+        return f
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.pool(s), self.pool(t)
+
+
+# --------------------------------------------------------------------------- conv adapters
+
+
+@_register("conv1x1")
+class Conv1x1Adapter(FeatureTransform):
+    """FitNets-style regressor (Romero et al. 2015, §2.2): 1x1 conv + BN on the student, then resize.
+
+    ``s' = resize(BN(W * s))`` with ``W`` a 1x1 conv Cs -> Ct (no bias; BN supplies it) and the
+    resize of :func:`resize_spatial` to the teacher's spatial size (adaptive average pooling when
+    the student map is larger, bilinear interpolation when smaller). The teacher passes unchanged.
+
+    Shapes: (N, Cs, Hs, Ws), (N, Ct, Ht, Wt) -> (N, Ct, Ht, Wt), (N, Ct, Ht, Wt).
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
+        super().__init__(s_shape, t_shape)
+        self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
+        cs, ct = self.s_shape[1], self.t_shape[1]
+        self.conv = nn.Conv2d(cs, ct, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(ct)
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return resize_spatial(self.bn(self.conv(s)), t.shape[-2:]), t
+
+
+@_register("conv3x3")
+class Conv3x3Adapter(FeatureTransform):
+    """Two-conv adapter: conv3x3-BN-ReLU-conv3x3-BN on the student (Cs -> Ct -> Ct), then resize.
+
+    A deeper regressor than FitNets' (Romero et al. 2015) for larger semantic gaps; the last layer
+    has no ReLU so the output can match signed teacher features. Resize as in ``conv1x1``.
+
+    Shapes: (N, Cs, Hs, Ws), (N, Ct, Ht, Wt) -> (N, Ct, Ht, Wt), (N, Ct, Ht, Wt).
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
+        super().__init__(s_shape, t_shape)
+        self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
+        cs, ct = self.s_shape[1], self.t_shape[1]
+        self.block = nn.Sequential(
+            nn.Conv2d(cs, ct, 3, padding=1, bias=False),
+            nn.BatchNorm2d(ct),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ct, ct, 3, padding=1, bias=False),
+            nn.BatchNorm2d(ct),
+        )
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return resize_spatial(self.block(s), t.shape[-2:]), t
+
+
+class SpatialSelfAttention(nn.Module):
+    """DistPro's self-attention (Deng et al. 2022, Fig. 4b): ``x * sigmoid(conv(x))``.
+
+    A conv makes a 1-channel map (N, 1, H, W); its sigmoid gates every channel of the input.
+    The figure does not give the kernel: we use 3x3 (padding 1) so the gate sees a neighbourhood.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 1, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.conv(x))
+
+
+@_register("distpro")
+class DistProBlock(FeatureTransform):
+    """DistPro's transform block (Deng et al. 2022, §3.1 and Fig. 4a) on the student feature.
+
+    ``conv1x1-BN -> self-attention -> conv3x3-BN -> resize to the teacher's H, W -> conv3x3-BN``.
+
+    The paper fixes the order of the layers but not their kernels or activations; our choices:
+    the first conv is 1x1 (it only changes the channel count Cs -> Ct, like the SPEC's adapter);
+    the self-attention is :class:`SpatialSelfAttention`; the two later convs are 3x3 (padding 1,
+    ``kernel_size``) so the last one can smooth interpolation artefacts at the teacher's
+    resolution; no ReLU is added (the figure shows none, and the output must be able to match
+    signed teacher features); "interpolate" is :func:`resize_spatial` (pooling when shrinking,
+    bilinear when growing). The teacher passes unchanged.
+
+    Shapes: (N, Cs, Hs, Ws), (N, Ct, Ht, Wt) -> (N, Ct, Ht, Wt), (N, Ct, Ht, Wt).
+
+    Args:
+        kernel_size: kernel of the second and third convs (odd).
+        attention_kernel: kernel of the attention conv (odd).
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], kernel_size: int = 3,
+                 attention_kernel: int = 3) -> None:
+        super().__init__(s_shape, t_shape)
+        self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
+        if kernel_size % 2 == 0 or attention_kernel % 2 == 0:
+            raise ValueError("distpro: kernel sizes must be odd so the spatial size is kept")
+        cs, ct = self.s_shape[1], self.t_shape[1]
+        pad = kernel_size // 2
+        self.conv1 = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+        self.attention = SpatialSelfAttention(ct, attention_kernel)
+        self.conv2 = nn.Sequential(nn.Conv2d(ct, ct, kernel_size, padding=pad, bias=False),
+                                   nn.BatchNorm2d(ct))
+        self.conv3 = nn.Sequential(nn.Conv2d(ct, ct, kernel_size, padding=pad, bias=False),
+                                   nn.BatchNorm2d(ct))
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.conv2(self.attention(self.conv1(s)))  # (N, Ct, Hs, Ws)
+        x = resize_spatial(x, t.shape[-2:])  # (N, Ct, Ht, Wt)
+        return self.conv3(x), t
+
+
+# --------------------------------------------------------------------------- vector / token adapters
+
+
+def _check_vectors_or_tokens(tf: FeatureTransform) -> None:
+    """Both (N, D), or both (N, L, D) with the same L (token counts are not interpolated)."""
+    tf._require_ndim((2, 3), "(N, D) vectors or (N, L, D) tokens on both sides (same rank)")
+    if len(tf.s_shape) == 3 and tf.s_shape[1] != tf.t_shape[1]:
+        # Interpolating token sequences is ill-defined with a class token and different patch
+        # grids, so we refuse rather than guess.
+        raise tf._mismatch(f"the same token count L on both sides (student L={tf.s_shape[1]}, "
+                           f"teacher L={tf.t_shape[1]}); select or pool tokens first")
+
+
+@_register("linear")
+class LinearProjector(FeatureTransform):
+    """Linear projector on the student's last dim: ``s' = s W^T + b``, Ds -> Dt (FitNets for vectors).
+
+    Shapes: (N, Ds) -> (N, Dt), or tokens (N, L, Ds) -> (N, L, Dt). Token counts must match
+    (no interpolation over L: raises :class:`ShapeMismatchError`). The teacher passes unchanged.
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], bias: bool = True) -> None:
+        super().__init__(s_shape, t_shape)
+        _check_vectors_or_tokens(self)
+        self.proj = nn.Linear(self.s_shape[-1], self.t_shape[-1], bias=bias)
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.proj(s), t
+
+
+@_register("token_mlp")
+class TokenMLP(FeatureTransform):
+    """DistPro's ViT transform block (Deng et al. 2022, appendix A, Fig. 1): linear + GELU + dropout.
+
+    ``s' = Linear(Dropout(GELU(Linear(s))))``, Ds -> hidden -> Dt. The appendix describes the
+    "linear block" as a linear layer followed by GELU and dropout; we add a final linear layer
+    because a GELU output is bounded below (>= -0.17) and could not match signed teacher tokens.
+    The dropout rate is not given: default 0.0 (DeiT's setting), configurable.
+
+    Shapes: (N, L, Ds) -> (N, L, Dt) (same L required) or (N, Ds) -> (N, Dt). Teacher unchanged.
+
+    Args:
+        hidden: hidden width (default: the teacher's width Dt).
+        dropout: dropout probability after the GELU.
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], hidden: int | None = None,
+                 dropout: float = 0.0) -> None:
+        super().__init__(s_shape, t_shape)
+        _check_vectors_or_tokens(self)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"token_mlp: dropout must be in [0, 1), got {dropout}")
+        ds, dt = self.s_shape[-1], self.t_shape[-1]
+        hidden = dt if hidden is None else int(hidden)
+        self.mlp = nn.Sequential(
+            nn.Linear(ds, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dt)
+        )
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return self.mlp(s), t
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def build_transform(
+    name_or_module: str | type[FeatureTransform] | FeatureTransform,
+    s_shape: Sequence[int],
+    t_shape: Sequence[int],
+    **kwargs: Any,
+) -> FeatureTransform:
+    """Build a transform by registry name (or class) for the given probed shapes.
+
+    Args:
+        name_or_module: a name in :data:`TRANSFORMS` (e.g. ``"conv1x1"``), a
+            :class:`FeatureTransform` subclass, or an already-built instance (returned as is after
+            checking it was built for the same per-sample shapes).
+        s_shape: student feature shape including the batch dim, e.g. ``(N, C, H, W)``.
+        t_shape: teacher feature shape including the batch dim.
+        **kwargs: options of the transform (e.g. ``p=2`` for ``attention_map``).
+
+    Returns:
+        The transform module.
+
+    Raises:
+        KeyError: unknown name (the message lists the closest names).
+        ShapeMismatchError: the transform cannot align these shapes.
+    """
+    if isinstance(name_or_module, FeatureTransform):
+        if kwargs:
+            raise TypeError(f"options {sorted(kwargs)} only apply when building a transform by name")
+        tf = name_or_module
+        if tf.s_shape[1:] != tuple(s_shape)[1:] or tf.t_shape[1:] != tuple(t_shape)[1:]:
+            raise ShapeMismatchError(
+                f"transform {tf.name!r} was built for student {tf.s_shape} / teacher {tf.t_shape}, "
+                f"not student {tuple(s_shape)} / teacher {tuple(t_shape)}"
+            )
+        return tf
+    cls = TRANSFORMS.get(name_or_module)
+    if not (isinstance(cls, type) and issubclass(cls, FeatureTransform)):
+        raise TypeError(f"expected a FeatureTransform name, class or instance, got {name_or_module!r}")
+    return cls(s_shape, t_shape, **kwargs)

@@ -1,0 +1,38 @@
+"""The "how much, and when" seam: strategies that turn named loss terms into one total.
+
+A strategy is a small ``nn.Module`` (so learned weights are parameters trained with the student
+and saved in checkpoints) with explicit, inspectable state::
+
+    total, weights = strategy(terms, step)   # terms: {"kd": 0-dim tensor, "fitnets:layer3": ...}
+
+``weights`` maps every term name to the (detached) weight it was given, for logs and plots.
+Register new strategies in ``WEIGHTINGS``; ``build_weighting`` makes one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kdtune.registry import Registry
+from kdtune.weighting.base import Weighting
+from kdtune.weighting.static import EqualWeighting, FixedWeighting
+
+WEIGHTINGS: Registry = Registry("weighting")
+WEIGHTINGS.register("fixed")(FixedWeighting)
+WEIGHTINGS.register("equal")(EqualWeighting)
+
+
+def build_weighting(name_or_obj: str | Weighting, names: Sequence[str], base_weights: Mapping[str, float],
+                    **kwargs: Any) -> Weighting:
+    """Build a registered strategy for the given term names (an instance is returned as is)."""
+    if isinstance(name_or_obj, Weighting):
+        return name_or_obj
+    cls = WEIGHTINGS.get(name_or_obj)
+    try:
+        return cls(names=list(names), base_weights=dict(base_weights), **kwargs)
+    except TypeError as err:
+        raise TypeError(f"weighting {name_or_obj!r}: {err}") from None
+
+
+__all__ = ["WEIGHTINGS", "Weighting", "FixedWeighting", "EqualWeighting", "build_weighting"]

@@ -1,0 +1,42 @@
+"""Base class of weighting strategies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class Weighting(nn.Module):
+    """Turns a dict of named distillation terms into ``(total, weights)``.
+
+    Args:
+        names: the term names, fixed for the run (pathway names and logit-loss names).
+        base_weights: each term's configured weight (pathway/logit-loss ``weight``).
+
+    Subclasses implement :meth:`weights_for` (a weight tensor per term, may depend on ``step``
+    and carry gradients to learned parameters) or override :meth:`forward` entirely.
+    """
+
+    def __init__(self, names: Sequence[str], base_weights: Mapping[str, float]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.base_weights = {n: float(base_weights.get(n, 1.0)) for n in self.names}
+
+    def weights_for(self, step: int) -> Mapping[str, Tensor | float]:
+        raise NotImplementedError
+
+    def forward(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        """total = sum_i w_i * terms_i over the terms present (a dropped pathway is absent)."""
+        weights = self.weights_for(step)
+        total: Tensor = torch.zeros(())
+        logged: dict[str, float] = {}
+        for name, value in terms.items():
+            w = weights[name]
+            total = total + w * value
+            logged[name] = float(w.detach()) if isinstance(w, Tensor) else float(w)
+        return total, logged
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}={w:g}" for n, w in self.base_weights.items())

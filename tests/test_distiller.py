@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdtune.capture import LayerNotFoundError
+from kdtune.distiller import Distiller, LogitLoss
+from kdtune.models import create_model
+from kdtune.pathways import Pathway
+from kdtune.transforms import ShapeMismatchError
+
+from helpers import TinyNet
+
+
+def make(pathways=(), logit_losses=("kd",), **kw):
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=6), TinyNet(width=4)
+    return Distiller(student, teacher, pathways=list(pathways), logit_losses=list(logit_losses),
+                     input_shape=(1, 8, 8), **kw)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(5, 1, 8, 8, generator=g), torch.tensor([0, 1, 2, 3, 4])
+
+
+def test_kd_term_and_total_match_hand_computation():
+    d = make(logit_losses=[LogitLoss("kd", weight=0.7, kwargs={"tau": 2.0})], task_weight=0.3)
+    x, y = batch()
+    out = d(x, y)
+    s, t = d.student(x), d.teacher(x)
+    p_t = F.softmax(t / 2, 1)
+    kd = 4.0 * (p_t * (p_t.log() - F.log_softmax(s / 2, 1))).sum() / len(x)  # tau^2 * batchmean KL
+    ce = F.cross_entropy(s, y)
+    assert torch.allclose(out["kd"], kd, atol=1e-6)
+    assert torch.allclose(out["loss"], 0.3 * ce + 0.7 * kd, atol=1e-6)
+    assert out["w/kd"].item() == pytest.approx(0.7)
+
+
+def test_teacher_is_frozen_and_run_once_per_batch():
+    d = make(pathways=[Pathway("blocks.1", "blocks.1", method="fitnets")])
+    calls = []
+    d.teacher.register_forward_hook(lambda *a: calls.append(1))
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    d.train()
+    assert not d.teacher.training
+    x, y = batch()
+    d(x, y)["loss"].backward()
+    assert len(calls) == 1
+    after = d.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # incl. BN running stats
+    assert all(p.grad is None and not p.requires_grad for p in d.teacher.parameters())
+
+
+def test_adapters_are_trained_and_teacher_not_in_state_dict():
+    d = make(pathways=[Pathway("blocks.1", "blocks.1", method="fitnets")])
+    keys = d.state_dict().keys()
+    assert not any(k.startswith("teacher") for k in keys)
+    assert any(k.startswith("pathways.0.transform") for k in keys)
+    x, y = batch()
+    d(x, y)["loss"].backward()
+    extra = d.extra_parameters()
+    assert extra and all(p.grad is not None for p in extra)
+
+
+def test_pathway_term_equals_independent_computation():
+    d = make(pathways=[Pathway("blocks.0", "blocks.0", transform="identity", distance="cka")],
+             logit_losses=[])
+    x, y = batch()
+    out = d(x, y)
+    fs, ft = d.student.blocks[0](x), d.teacher.blocks[0](x)
+    # linear CKA by hand: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred features
+    X = fs.flatten(1) - fs.flatten(1).mean(0)
+    Y = ft.flatten(1) - ft.flatten(1).mean(0)
+    cka = (Y.T @ X).norm() ** 2 / ((X.T @ X).norm() * (Y.T @ Y).norm())
+    assert torch.allclose(out["cka:blocks.0->blocks.0"], 1 - cka, atol=1e-5)
+
+
+def test_stage_paths_on_a_user_model():
+    d = make(pathways=[Pathway("stage:-1", "stage:-1", method="fitnets")])
+    assert d.pathways[0].name == "fitnets:blocks->blocks"  # the container finishes last
+
+
+def test_wrong_layer_path_lists_real_ones():
+    with pytest.raises(LayerNotFoundError, match="blocks.1"):
+        make(pathways=[Pathway("blocks.1", "blocks.5", method="fitnets")])
+
+
+def test_unalignable_shapes_name_pathway_and_shapes():
+    with pytest.raises(ShapeMismatchError, match=r"mse:blocks\.1->blocks\.0.*\(2, 4, 8, 8\).*\(2, 12, 4, 4\)"):
+        make(pathways=[Pathway("blocks.1", "blocks.0", distance="mse")])
+
+
+def test_feature_method_as_logit_loss_is_an_error():
+    with pytest.raises(ValueError, match="Pathway"):
+        make(logit_losses=["fitnets"])
+
+
+def test_student_alone_never_runs_the_teacher():
+    torch.manual_seed(0)
+    d = Distiller(TinyNet(), TinyNet())
+    calls = []
+    d.teacher.register_forward_hook(lambda *a: calls.append(1))
+    x, y = batch()
+    out = d(x, y)
+    assert calls == [] and torch.allclose(out["loss"], F.cross_entropy(out["logits"], y))
+
+
+def test_given_teacher_output_is_reused():
+    d = make()
+    x, y = batch()
+    t_out = d.teacher_forward(x)
+    calls = []
+    d.teacher.register_forward_hook(lambda *a: calls.append(1))
+    out = d(x, y, teacher_output=t_out)
+    assert calls == [] and torch.equal(out["teacher_logits"], t_out.logits)
+
+
+def test_zoo_models_distil_across_architectures():
+    torch.manual_seed(0)
+    d = Distiller(create_model("resnet8", 1), create_model("wrn_16_2", 1),
+                  pathways=[Pathway(f"stage:{i}", f"stage:{i}", method="at") for i in range(3)],
+                  logit_losses=["kd"], input_shape=(1, 28, 28))
+    x, y = torch.randn(4, 1, 28, 28), torch.arange(4)
+    out = d(x, y)
+    assert [p.name.split("->")[1] for p in d.pathways] == ["layer1", "layer2", "layer3"]
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])

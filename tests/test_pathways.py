@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from kdtune.losses import LOSSES
+from kdtune.pathways import Pathway, connect_stages, resolve_stage
+from kdtune.transforms import ShapeMismatchError
+
+
+def test_method_fills_transform_distance_weight_and_name():
+    p = Pathway(teacher="layer2", student="blocks.1", method="fitnets").resolved()
+    spec = LOSSES.get("fitnets")
+    assert (p.transform, p.distance, p.weight) == ("conv1x1", "mse", spec.weight)
+    assert p.name == "fitnets:layer2->blocks.1"
+
+
+def test_explicit_fields_override_method():
+    p = Pathway(teacher="a", student="b", method="fitnets", distance="l1", weight=3.0, name="mine").resolved()
+    assert (p.transform, p.distance, p.weight, p.name) == ("conv1x1", "l1", 3.0, "mine")
+
+
+def test_defaults_without_method():
+    p = Pathway(teacher="a", student="b").resolved()
+    assert (p.transform, p.distance, p.weight, p.name) == ("identity", "mse", 1.0, "mse:a->b")
+
+
+def test_logit_method_as_pathway_is_an_error():
+    with pytest.raises(ValueError, match="logit loss"):
+        Pathway(teacher="a", student="b", method="kd").resolved()
+
+
+def test_built_loss_equals_distance_of_transform():
+    torch.manual_seed(0)
+    loss = Pathway(teacher="t", student="s", transform="conv1x1", distance="mse").build((2, 4, 8, 8), (2, 6, 4, 4))
+    s, t = torch.randn(3, 4, 8, 8), torch.randn(3, 6, 4, 4)
+    s2, t2 = loss.transform(s, t)
+    assert s2.shape == t.shape
+    assert torch.allclose(loss(s, t), ((s2 - t2) ** 2).mean())
+
+
+def test_shape_mismatch_names_pathway_and_both_shapes():
+    with pytest.raises(ShapeMismatchError) as err:
+        Pathway(teacher="layer3", student="layer1", distance="mse").build((2, 16, 28, 28), (2, 64, 7, 7))
+    msg = str(err.value)
+    assert "mse:layer3->layer1" in msg and "(2, 16, 28, 28)" in msg and "(2, 64, 7, 7)" in msg
+    assert "conv1x1" in msg  # suggests an adapter
+
+
+def test_check_shapes_leaves_bn_statistics_alone():
+    loss = Pathway(teacher="t", student="s", transform="conv1x1").build((2, 4, 8, 8), (2, 6, 8, 8))
+    bn = [m for m in loss.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    assert torch.equal(bn.running_mean, torch.zeros(6)) and int(bn.num_batches_tracked) == 0
+
+
+def test_resolve_stage():
+    stages = ["layer1", "layer2", "layer3"]
+    assert resolve_stage("stage:1", stages, "student") == "layer2"
+    assert resolve_stage("stage:-1", stages, "student") == "layer3"
+    assert resolve_stage("fc", stages, "student") == "fc"
+    with pytest.raises(ValueError, match="stage:0 .. stage:2"):
+        resolve_stage("stage:3", stages, "teacher")
+
+
+def test_connect_stages_patterns():
+    assert connect_stages(3, 3, "same") == [(0, 0), (1, 1), (2, 2)]
+    assert connect_stages(4, 3, "same") == [(1, 0), (2, 1), (3, 2)]
+    assert len(connect_stages(3, 3, "all")) == 9
+    assert connect_stages(3, 3, "j>=i") == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+    with pytest.raises(ValueError, match="j>=i"):
+        connect_stages(3, 3, "some")

@@ -1,0 +1,189 @@
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kdtune.checkpoint import CheckpointError, load_checkpoint
+from kdtune.config import ScheduleConfig, TrainConfig
+from kdtune.data import BatchLoader
+from kdtune.distiller import Distiller
+from kdtune.pathways import Pathway
+from kdtune.trainer import Callback, NonFiniteLossError, Trainer, lr_factor
+
+from helpers import TinyNet
+
+
+def cfg(**kw):
+    return TrainConfig(**{"epochs": 2, "progress": False, "channels_last": False, "log_every": 1, **kw})
+
+
+def distiller(width=4, pathways=None):
+    torch.manual_seed(0)
+    return Distiller(TinyNet(width), TinyNet(6), logit_losses=["kd"], input_shape=(1, 8, 8),
+                     pathways=pathways if pathways is not None else [Pathway("blocks.1", "blocks.1", method="fitnets")])
+
+
+def test_fit_writes_run_directory_and_trains_adapters(tmp_path, tiny_data):
+    d = distiller()
+    adapter_before = [p.clone() for p in d.extra_parameters()]
+    tr = Trainer(d, BatchLoader(tiny_data, 10), BatchLoader(tiny_data, 20, shuffle=False), cfg(), run_dir=tmp_path)
+    summary = tr.fit()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_kd", "train_task", "w/kd", "test_acc", "agreement_error", "img_per_s"):
+        assert key in rows[0], key
+    steps = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, 9))
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "curves.png").stat().st_size > 1000
+    assert summary["test_acc"] == rows[-1]["test_acc"] and tr.global_step == 8
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["epoch"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(adapter_before, d.extra_parameters(), strict=True))
+
+
+def test_evaluate_accuracy_and_agreement_by_hand(tiny_data):
+    d = distiller()
+    tr = Trainer(d, BatchLoader(tiny_data, 10), BatchLoader(tiny_data, 7, shuffle=False), cfg())
+    m = tr.evaluate()
+    d.eval()
+    x = (tiny_data.images.float() / 255 - tiny_data.mean[0]) / tiny_data.std[0]
+    s_pred, t_pred = d.student(x).argmax(1), d.teacher(x).argmax(1)
+    assert m["test_acc"] == pytest.approx((s_pred == tiny_data.labels).float().mean().item())
+    assert m["agreement_error"] == pytest.approx((s_pred != t_pred).float().mean().item())
+
+
+def test_lr_schedules():
+    c = TrainConfig(epochs=10)
+    assert lr_factor(0, 10, c) == 1.0
+    assert lr_factor(50, 10, c) == pytest.approx(0.5)
+    assert lr_factor(75, 10, c) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    c = TrainConfig(epochs=10, schedule=ScheduleConfig(name="multistep", milestones=[3, 6], gamma=0.1))
+    assert [lr_factor(e * 10, 10, c) for e in (0, 3, 5, 6)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    c = TrainConfig(epochs=10, schedule=ScheduleConfig(name="step", step_size=4, gamma=0.5))
+    assert lr_factor(85, 10, c) == pytest.approx(0.25)
+    c = TrainConfig(epochs=10, schedule=ScheduleConfig(name="cosine", warmup_epochs=1))
+    assert lr_factor(4, 10, c) == pytest.approx(0.5) and lr_factor(10, 10, c) == pytest.approx(1.0)
+
+
+def test_nan_loss_stops_with_terms_and_keeps_last_good_checkpoint(tmp_path, tiny_data):
+    calls = {"n": 0}
+
+    def flaky(s, t):
+        calls["n"] += 1  # 4 steps per epoch: the 6th call is in epoch 2
+        return ((s - t) ** 2).mean() * (float("nan") if calls["n"] >= 6 else 1.0)
+
+    d = distiller(pathways=[Pathway("blocks.1", "blocks.1", transform="conv1x1", distance=flaky, name="flaky")])
+    tr = Trainer(d, BatchLoader(tiny_data, 10), None, cfg(epochs=3), run_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*'flaky': nan.*last good checkpoint"):
+        tr.fit()
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["distiller"].values() if v.is_floating_point())
+
+
+def test_nan_steps_can_be_tolerated(tiny_data):
+    calls = {"n": 0}
+
+    def once_nan(s, t):
+        calls["n"] += 1
+        return ((s - t) ** 2).mean() * (float("nan") if calls["n"] == 2 else 1.0)
+
+    d = distiller(pathways=[Pathway("blocks.1", "blocks.1", transform="conv1x1", distance=once_nan)])
+    tr = Trainer(d, BatchLoader(tiny_data, 10), None, cfg(epochs=1, max_nan_steps=1))
+    tr.fit()
+    assert tr.nan_steps == 1 and tr.global_step == 3  # the NaN step was skipped
+
+
+def test_resume_with_another_model_names_mismatched_keys(tmp_path, tiny_data):
+    Trainer(distiller(), BatchLoader(tiny_data, 10), None, cfg(epochs=1), run_dir=tmp_path).fit()
+    other = Trainer(distiller(width=5), BatchLoader(tiny_data, 10), None, cfg(epochs=2), run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"shape mismatch.*student\.blocks"):
+        other.fit(resume=True)
+
+
+def test_resume_from_corrupt_checkpoint_is_reported(tmp_path, tiny_data):
+    Trainer(distiller(), BatchLoader(tiny_data, 10), None, cfg(epochs=1), run_dir=tmp_path).fit()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"\x00garbage")
+    tr = Trainer(distiller(), BatchLoader(tiny_data, 10), None, cfg(epochs=2), run_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        tr.fit(resume=True)
+
+
+def test_callbacks_see_every_stage(tiny_data):
+    seen = []
+
+    class Spy(Callback):
+        def on_fit_start(self, trainer): seen.append("fit_start")
+        def on_epoch_start(self, trainer, epoch): seen.append(f"epoch_start{epoch}")
+        def on_batch_start(self, trainer, x, y): seen.append("batch_start")
+        def on_batch_end(self, trainer, out): seen.append("batch_end")
+        def on_epoch_end(self, trainer, metrics): seen.append(f"epoch_end{metrics['epoch']}")
+        def on_fit_end(self, trainer, summary): seen.append("fit_end")
+
+    Trainer(distiller(), BatchLoader(tiny_data, 20), None, cfg(epochs=1), callbacks=[Spy()]).fit()
+    assert seen == ["fit_start", "epoch_start0", "batch_start", "batch_end", "batch_start", "batch_end",
+                    "epoch_end1", "fit_end"]
+
+
+KILL_SCRIPT = textwrap.dedent('''
+    import os, signal, sys, torch
+    from torch import nn
+    from kdtune.config import TrainConfig
+    from kdtune.data import Augment, BatchLoader, balanced_subset, load_fashion_mnist
+    from kdtune.distiller import Distiller
+    from kdtune.pathways import Pathway
+    from kdtune.trainer import Callback, Trainer
+
+    def net(w):
+        return nn.Sequential(nn.Conv2d(1, w, 3, 2, 1), nn.BatchNorm2d(w), nn.ReLU(), nn.Dropout(0.2),
+                             nn.Conv2d(w, 2 * w, 3, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, 10))
+
+    run_dir, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    torch.manual_seed(0)
+    train = balanced_subset(load_fashion_mnist("train"), 10, seed=0)
+    test = load_fashion_mnist("test").subset(range(200))
+    d = Distiller(net(4), net(8), pathways=[Pathway("5", "5", method="fitnets")], logit_losses=["kd"],
+                  input_shape=(1, 28, 28))
+
+    class Kill(Callback):
+        def on_batch_start(self, trainer, x, y):
+            if trainer.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    cfg = TrainConfig(epochs=3, progress=False, log_every=1)
+    tr = Trainer(d, BatchLoader(train, 32, augment=Augment(2, True), seed=0), BatchLoader(test, 100, shuffle=False),
+                 cfg, run_dir=run_dir, callbacks=[Kill()], seed=0)
+    tr.fit(resume=resume)
+''')
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(KILL_SCRIPT)
+
+    def train(run_dir, kill_at, resume):
+        return subprocess.run([sys.executable, str(script), str(run_dir), str(kill_at), str(int(resume))],
+                              capture_output=True, text=True, timeout=300)
+
+    straight = train(tmp_path / "a", -1, False)
+    assert straight.returncode == 0, straight.stderr
+    killed = train(tmp_path / "b", 6, False)  # 4 steps per epoch: killed in the middle of epoch 2
+    assert killed.returncode == -9
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] == 1
+    resumed = train(tmp_path / "b", -1, True)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def metrics(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")} for r in rows]
+
+    assert metrics("b") == metrics("a") and len(metrics("a")) == 3
+    steps = [(tmp_path / r / "steps.jsonl").read_text() for r in ("a", "b")]
+    assert steps[0] == steps[1]
+    wa = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["distiller"]
+    wb = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["distiller"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

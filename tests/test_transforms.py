@@ -1,0 +1,260 @@
+"""Tests for kdtune.transforms: every registered transform, plus value checks per entry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdtune.transforms import (
+    TRANSFORMS,
+    FeatureTransform,
+    ShapeMismatchError,
+    SpatialSelfAttention,
+    build_transform,
+    resize_spatial,
+)
+
+# name -> (student shape, teacher shape, expected student-out shape, expected teacher-out shape)
+CASES: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+    "identity": ((3, 4, 6, 6), (3, 5, 3, 3), (3, 4, 6, 6), (3, 5, 3, 3)),
+    "conv1x1": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 6, 4, 4), (3, 6, 4, 4)),
+    "conv3x3": ((3, 4, 2, 2), (3, 6, 4, 4), (3, 6, 4, 4), (3, 6, 4, 4)),
+    "distpro": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 6, 4, 4), (3, 6, 4, 4)),
+    "linear": ((3, 5, 4), (3, 5, 7), (3, 5, 7), (3, 5, 7)),
+    "token_mlp": ((3, 5, 4), (3, 5, 7), (3, 5, 7), (3, 5, 7)),
+    "attention_map": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 16), (3, 16)),
+    "flatten_pool": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 4), (3, 6)),
+}
+PARAMETER_FREE = {"identity", "attention_map", "flatten_pool"}
+
+
+def test_every_registered_transform_has_a_case():
+    assert set(TRANSFORMS.names()) == set(CASES)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS.names())
+def test_every_transform_shapes_finite_and_gradient(name):
+    s_shape, t_shape, s_out_shape, t_out_shape = CASES[name]
+    torch.manual_seed(0)
+    tf = build_transform(name, s_shape, t_shape)
+    assert isinstance(tf, FeatureTransform)
+    s = torch.randn(s_shape, requires_grad=True)
+    t = torch.randn(t_shape)
+    s_out, t_out = tf(s, t)
+    assert tuple(s_out.shape) == s_out_shape
+    assert tuple(t_out.shape) == t_out_shape
+    assert torch.isfinite(s_out).all() and torch.isfinite(t_out).all()
+    s_out.pow(2).sum().backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    params = list(tf.parameters())
+    if name in PARAMETER_FREE:
+        assert params == []
+    else:
+        assert params, f"{name} should be a trainable adapter"
+        assert all(p.grad is not None for p in params)
+        assert t_out is t, "adapters must pass the teacher through unchanged"
+
+
+@pytest.mark.parametrize("name", TRANSFORMS.names())
+def test_every_transform_is_described(name):
+    assert TRANSFORMS.describe(name)
+
+
+# --------------------------------------------------------------------------- resize
+
+
+def test_resize_shrinks_by_block_average():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    out = resize_spatial(x, (2, 2))
+    a = x[0, 0].numpy()
+    expected = np.array([[a[0:2, 0:2].mean(), a[0:2, 2:4].mean()], [a[2:4, 0:2].mean(), a[2:4, 2:4].mean()]])
+    np.testing.assert_allclose(out[0, 0].numpy(), expected)
+
+
+def test_resize_grows_bilinearly_half_pixel_centres():
+    x = torch.tensor([[[[0.0, 1.0]]]])  # (1, 1, 1, 2)
+    out = resize_spatial(x, (1, 4))
+    # source coordinate (i + 0.5) * 2 / 4 - 0.5, clamped to [0, 1]: 0, 0.25, 0.75, 1
+    np.testing.assert_allclose(out.flatten().numpy(), [0.0, 0.25, 0.75, 1.0])
+
+
+def test_resize_same_size_is_identity():
+    x = torch.randn(2, 3, 4, 5)
+    assert resize_spatial(x, (4, 5)) is x
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def test_conv1x1_value_against_einsum_and_block_pooling():
+    torch.manual_seed(1)
+    tf = build_transform("conv1x1", (2, 3, 4, 4), (2, 5, 2, 2)).eval()  # eval: BN uses running stats
+    w = torch.randn(5, 3)
+    with torch.no_grad():
+        tf.conv.weight.copy_(w.view(5, 3, 1, 1))
+        tf.bn.running_mean.copy_(torch.arange(5.0))
+        tf.bn.running_var.fill_(4.0)
+    s = torch.randn(2, 3, 4, 4)
+    out, _ = tf(s, torch.randn(2, 5, 2, 2))
+    sn, wn = s.numpy().astype(np.float64), w.numpy().astype(np.float64)
+    y = np.einsum("oc,nchw->nohw", wn, sn)
+    y = (y - np.arange(5.0)[None, :, None, None]) / math.sqrt(4.0 + tf.bn.eps)
+    expected = y.reshape(2, 5, 2, 2, 2, 2).mean(axis=(3, 5))  # 2x2 blocks -> (2, 5, 2, 2)
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_adapters_upsample_when_student_is_smaller():
+    tf = build_transform("conv1x1", (2, 3, 2, 2), (2, 4, 8, 8))
+    out, _ = tf(torch.randn(2, 3, 2, 2), torch.randn(2, 4, 8, 8))
+    assert out.shape == (2, 4, 8, 8)
+
+
+def test_spatial_self_attention_gates_with_sigmoid():
+    att = SpatialSelfAttention(channels=3)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        att.conv.weight.zero_()
+        att.conv.bias.fill_(0.0)
+    torch.testing.assert_close(att(x), 0.5 * x)  # sigmoid(0) = 1/2 on every position
+    with torch.no_grad():
+        att.conv.bias.fill_(math.log(3.0))  # sigmoid(log 3) = 3/4
+    torch.testing.assert_close(att(x), 0.75 * x)
+
+
+def test_distpro_block_order_and_upsampling():
+    tf = build_transform("distpro", (2, 3, 2, 2), (2, 4, 4, 4))
+    names = [n for n, _ in tf.named_children()]
+    assert names == ["conv1", "attention", "conv2", "conv3"]
+    out, _ = tf(torch.randn(2, 3, 2, 2), torch.randn(2, 4, 4, 4))
+    assert out.shape == (2, 4, 4, 4)
+
+
+def test_linear_value_vectors_and_tokens():
+    torch.manual_seed(2)
+    for s_shape, t_shape in [((3, 4), (3, 6)), ((3, 5, 4), (3, 5, 6))]:
+        tf = build_transform("linear", s_shape, t_shape)
+        s = torch.randn(s_shape)
+        out, _ = tf(s, torch.randn(t_shape))
+        w, b = tf.proj.weight.detach().numpy(), tf.proj.bias.detach().numpy()
+        np.testing.assert_allclose(out.detach().numpy(), s.numpy() @ w.T + b, rtol=1e-5, atol=1e-6)
+
+
+def test_token_mlp_value_in_eval_mode():
+    torch.manual_seed(3)
+    tf = build_transform("token_mlp", (2, 3, 4), (2, 3, 5), dropout=0.5).eval()
+    s = torch.randn(2, 3, 4)
+    out, _ = tf(s, torch.randn(2, 3, 5))
+    lin1, lin2 = tf.mlp[0], tf.mlp[3]
+    h = s.numpy() @ lin1.weight.detach().numpy().T + lin1.bias.detach().numpy()
+    gelu = np.vectorize(lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))(h)
+    expected = gelu @ lin2.weight.detach().numpy().T + lin2.bias.detach().numpy()
+    np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_token_mlp_dropout_is_active_in_training():
+    torch.manual_seed(4)
+    tf = build_transform("token_mlp", (2, 3, 4), (2, 3, 8), dropout=0.5).train()
+    s = torch.randn(2, 3, 4)
+    a, _ = tf(s, torch.randn(2, 3, 8))
+    b, _ = tf(s, torch.randn(2, 3, 8))
+    assert not torch.allclose(a, b)
+
+
+# --------------------------------------------------------------------------- parameter-free
+
+
+def test_attention_map_hand_computed_2x2():
+    f = torch.tensor([[[[1.0, 2.0], [0.0, 0.0]], [[-1.0, 0.0], [0.0, 2.0]]]])  # (1, 2, 2, 2)
+    tf = build_transform("attention_map", f.shape, f.shape)
+    a_s, a_t = tf(f, f)
+    # mean_c F^2 = [[1, 2], [0, 2]] -> [1, 2, 0, 2] / ||.|| (= 3)
+    np.testing.assert_allclose(a_s.numpy(), [[1 / 3, 2 / 3, 0.0, 2 / 3]], rtol=1e-6)
+    torch.testing.assert_close(a_s, a_t)
+
+
+def test_attention_map_resizes_the_student_first():
+    torch.manual_seed(5)
+    s = torch.randn(2, 3, 4, 4)
+    t = torch.randn(2, 5, 2, 2)
+    a_s, _ = build_transform("attention_map", s.shape, t.shape)(s, t)
+    pooled = s.numpy().reshape(2, 3, 2, 2, 2, 2).mean(axis=(3, 5))  # student pooled to 2x2
+    a = (pooled**2).mean(axis=1).reshape(2, -1)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    np.testing.assert_allclose(a_s.numpy(), a, rtol=1e-5, atol=1e-6)
+
+
+def test_flatten_pool_means_by_rank():
+    torch.manual_seed(6)
+    maps, tokens, vectors = torch.randn(2, 3, 4, 5), torch.randn(2, 6, 3), torch.randn(2, 3)
+    tf = build_transform("flatten_pool", maps.shape, tokens.shape)
+    p_maps, p_tokens = tf(maps, tokens)
+    expected = [[maps[n, c].numpy().sum() / 20 for c in range(3)] for n in range(2)]
+    np.testing.assert_allclose(p_maps.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(p_tokens.numpy(), tokens.numpy().mean(axis=1), rtol=1e-5)
+    out, _ = build_transform("flatten_pool", vectors.shape, vectors.shape)(vectors, vectors)
+    assert out is vectors
+
+
+# --------------------------------------------------------------------------- errors and factory
+
+
+@pytest.mark.parametrize(
+    ("name", "s_shape", "t_shape"),
+    [
+        ("conv1x1", (8, 16), (8, 32, 4, 4)),
+        ("conv3x3", (8, 16, 4, 4), (8, 32)),
+        ("distpro", (8, 16, 4), (8, 32, 4, 4)),
+        ("linear", (8, 16, 4, 4), (8, 32)),
+        ("linear", (8, 5, 16), (8, 7, 32)),
+        ("token_mlp", (8, 16), (8, 5, 32)),
+        ("attention_map", (8, 16), (8, 32)),
+        ("flatten_pool", (8, 1, 2, 3, 4), (8, 32)),
+    ],
+)
+def test_shape_mismatch_names_both_shapes(name, s_shape, t_shape):
+    with pytest.raises(ShapeMismatchError) as err:
+        build_transform(name, s_shape, t_shape)
+    msg = str(err.value)
+    assert str(s_shape) in msg and str(t_shape) in msg and name in msg
+    assert isinstance(err.value, ValueError)
+
+
+def test_build_unknown_name_suggests_close_names():
+    with pytest.raises(KeyError, match="conv1x1"):
+        build_transform("conv1x", (2, 3, 4, 4), (2, 3, 4, 4))
+
+
+def test_build_accepts_class_and_instance():
+    from kdtune.transforms import Conv1x1Adapter
+
+    tf = build_transform(Conv1x1Adapter, (2, 3, 4, 4), (2, 5, 4, 4))
+    assert isinstance(tf, Conv1x1Adapter)
+    assert build_transform(tf, (7, 3, 4, 4), (7, 5, 4, 4)) is tf  # batch size may differ
+    with pytest.raises(ShapeMismatchError):
+        build_transform(tf, (2, 4, 4, 4), (2, 5, 4, 4))
+    with pytest.raises(TypeError):
+        build_transform(tf, (2, 3, 4, 4), (2, 5, 4, 4), p=2)
+
+
+def test_build_passes_options():
+    tf = build_transform("attention_map", (1, 1, 1, 2), (1, 1, 1, 2), p=1)
+    f = torch.tensor([[[[3.0, -4.0]]]])
+    a, _ = tf(f, f)
+    np.testing.assert_allclose(a.numpy(), [[3 / 5, 4 / 5]], rtol=1e-6)
+
+
+def test_shapes_must_be_shapes():
+    with pytest.raises(TypeError):
+        build_transform("identity", torch.zeros(2, 3), (2, 3))
+    with pytest.raises(ValueError):
+        build_transform("identity", (3,), (2, 3))
+
+
+def test_adapters_are_modules_that_move_with_the_student():
+    tf = build_transform("conv1x1", (2, 3, 4, 4), (2, 5, 4, 4))
+    assert isinstance(tf, nn.Module)
+    assert {k for k in tf.state_dict()} >= {"conv.weight", "bn.running_mean"}
