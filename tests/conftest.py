@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kdtune.data import ImageDataset, balanced_subset, from_arrays, load_fashion_mnist
 
 

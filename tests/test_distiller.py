@@ -2,13 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import TinyNet
 from kdtune.capture import LayerNotFoundError
 from kdtune.distiller import Distiller, LogitLoss
 from kdtune.models import create_model
 from kdtune.pathways import Pathway
 from kdtune.transforms import ShapeMismatchError
-
-from helpers import TinyNet
 
 
 def make(pathways=(), logit_losses=("kd",), **kw):

@@ -7,14 +7,13 @@ import textwrap
 import pytest
 import torch
 
+from helpers import TinyNet
 from kdtune.checkpoint import CheckpointError, load_checkpoint
 from kdtune.config import ScheduleConfig, TrainConfig
 from kdtune.data import BatchLoader
 from kdtune.distiller import Distiller
 from kdtune.pathways import Pathway
 from kdtune.trainer import Callback, NonFiniteLossError, Trainer, lr_factor
-
-from helpers import TinyNet
 
 
 def cfg(**kw):

@@ -277,6 +277,18 @@ class Trainer:
 
         return bar()
 
+    def _sync_buffers(self) -> None:
+        """Average BN running statistics over ranks (each rank saw different batches), so that
+        every rank evaluates and checkpoints the same model."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        for buf in self.distiller.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(self.dist.world_size)
+
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
@@ -334,6 +346,7 @@ class Trainer:
                 cb.on_epoch_start(self, self.epoch)
             row: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self.train_epoch())
+            self._sync_buffers()
             row.update(self.evaluate())
             self.epoch += 1
             self.history.append(row)
