@@ -124,3 +124,19 @@ def test_zoo_models_distil_across_architectures():
     assert [p.name.split("->")[1] for p in d.pathways] == ["layer1", "layer2", "layer3"]
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
+
+
+def test_inactive_pathways_are_not_computed():
+    from kdtune.weighting import FixedWeighting
+
+    class DropFitnets(FixedWeighting):
+        def active(self, step):
+            return {"kd"}
+
+    calls = []
+    d = make(pathways=[Pathway("blocks.1", "blocks.1", method="fitnets")])
+    d.weighting = DropFitnets(d.weighting.names, d.weighting.base_weights)
+    d.pathways[0].transform.register_forward_hook(lambda *a: calls.append(1))
+    x, y = batch()
+    out = d(x, y)
+    assert calls == [] and "fitnets:blocks.1->blocks.1" not in out and "kd" in out

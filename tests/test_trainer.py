@@ -186,3 +186,18 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     wa = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["distiller"]
     wb = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["distiller"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_extra_eval_logits_are_scored(tiny_data):
+    class WithExits(Distiller):
+        def eval_logits(self, x):
+            logits = self.student(x)
+            return {"same": logits, "flipped": -logits}
+
+    torch.manual_seed(0)
+    d = WithExits(TinyNet(4))
+    m = Trainer(d, BatchLoader(tiny_data, 10), BatchLoader(tiny_data, 7, shuffle=False), cfg()).evaluate()
+    d.eval()
+    x = (tiny_data.images.float() / 255 - tiny_data.mean[0]) / tiny_data.std[0]
+    flipped = ((-d.student(x)).argmax(1) == tiny_data.labels).float().mean().item()
+    assert m["test_acc/same"] == pytest.approx(m["test_acc"]) and m["test_acc/flipped"] == pytest.approx(flipped)

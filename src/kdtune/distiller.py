@@ -164,13 +164,20 @@ class Distiller(nn.Module):
         feats = dict(self._teacher_capture.features) if self._teacher_capture is not None else {}
         return TeacherOutput(logits, feats)
 
-    def distill_terms(self, logits: Tensor, labels: Tensor, teacher: TeacherOutput) -> dict[str, Tensor]:
-        """One 0-dim tensor per logit loss and per pathway, for the last student forward."""
+    def distill_terms(self, logits: Tensor, labels: Tensor, teacher: TeacherOutput,
+                      step: int = 0) -> dict[str, Tensor]:
+        """One 0-dim tensor per logit loss and per pathway, for the last student forward.
+
+        Terms the weighting marks inactive at ``step`` are not computed at all.
+        """
+        active = self.weighting.active(step)
         terms: dict[str, Tensor] = {}
         for ll in self.logit_losses:
-            terms[ll.name] = LOSSES.get(ll.name).fn(logits, teacher.logits, labels, **ll.kwargs)
+            if active is None or ll.name in active:
+                terms[ll.name] = LOSSES.get(ll.name).fn(logits, teacher.logits, labels, **ll.kwargs)
         for p, s_path, t_path in zip(self.pathways, self._student_paths, self._teacher_paths, strict=True):
-            terms[p.name] = p(self._student_capture[s_path], teacher.features[t_path])
+            if active is None or p.name in active:
+                terms[p.name] = p(self._student_capture[s_path], teacher.features[t_path])
         return terms
 
     def forward(self, x: Tensor, y: Tensor, step: int = 0,
@@ -190,7 +197,7 @@ class Distiller(nn.Module):
         loss = self.task_weight * task
         if teacher_output is not None:
             out["teacher_logits"] = teacher_output.logits
-            terms = self.distill_terms(logits, y, teacher_output)
+            terms = self.distill_terms(logits, y, teacher_output, step)
             if terms:
                 distill, weights = self.weighting(terms, step)
                 loss = loss + distill

@@ -305,15 +305,22 @@ class Trainer:
         student = self.distiller.student
         was_training = student.training
         student.eval()
+        # A distiller may report more predictions per batch (e.g. self-distillation exits and
+        # their ensemble): ``eval_logits(x) -> {name: logits}`` gives ``test_acc/<name>``.
+        extra_fn = getattr(self.distiller, "eval_logits", None)
         preds, labels, loss_sum = [], [], 0.0
+        extra_correct: dict[str, int] = {}
         for x, y in loader:
             logits = student(x)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             preds.append(logits.argmax(1))
             labels.append(y)
+            for name, extra in (extra_fn(x) if extra_fn else {}).items():
+                extra_correct[name] = extra_correct.get(name, 0) + int((extra.argmax(1) == y).sum())
         student.train(was_training)
         pred, label = torch.cat(preds), torch.cat(labels)
         metrics = {"test_acc": float((pred == label).float().mean()), "test_loss": loss_sum / len(label)}
+        metrics.update({f"test_acc/{k}": v / len(label) for k, v in extra_correct.items()})
         teacher = self.distiller.teacher
         if teacher is not None:
             if self._teacher_test_preds is None or loader is not self.test_loader:

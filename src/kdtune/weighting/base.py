@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,12 @@ class Weighting(nn.Module):
 
     def weights_for(self, step: int) -> Mapping[str, Tensor | float]:
         raise NotImplementedError
+
+    def active(self, step: int) -> Collection[str] | None:
+        """Terms worth computing at ``step`` (``None``: all). A strategy that gives some terms
+        no weight (DistPro's pathway dropping) lists the others, and the distiller skips the
+        dropped pathways' transforms and losses entirely."""
+        return None
 
     def forward(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
         """total = sum_i w_i * terms_i over the terms present (a dropped pathway is absent)."""
