@@ -3,6 +3,7 @@
     python benchmarks/run.py core                  # FMNIST-5k: student alone, KD, FitNets+KD, AT+KD
     python benchmarks/run.py core --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/run.py core --write-only     # rebuild the table from finished runs
+    python benchmarks/run.py adaptive              # Adaptive Distillation: equal, hand-tuned, mgda, adaptive ...
 
 Each run is ``kdtune run <config> seed=<s>`` in ``runs/bench/<table>/``; a run with a
 ``summary.json`` is not trained again, so an interrupted benchmark continues where it stopped.
@@ -27,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
+#: The process file the `distpro_search` table writes and the `distpro*` tables replay (relative to ROOT).
+DISTPRO_PROCESS = "runs/bench/distpro_process.json"
+
 #: table name -> (title, [(row label, config path, extra overrides)])
 TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
     "core": ("FMNIST-5k, ResNet-56 teacher -> ResNet-8 student, 30 epochs", [
@@ -35,6 +39,68 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("FitNets + KD", "configs/fmnist/fitnets_kd.yaml", []),
         ("AT + KD", "configs/fmnist/at_kd.yaml", []),
     ]),
+    # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
+    # then `distpro` (Table 1: baselines equal / final / process) and `distpro_fast` (Fig. 5 / Table 2).
+    "distpro_search": ("DistPro search: FMNIST-5k split 80/20, 27 pathways (3x3 stages x 3 transforms), 10 epochs; "
+                       "test accuracy of the searching student (80 % of the data)", [
+        ("DistPro search", "configs/fmnist/distpro_search.yaml", [f"distpro.export={DISTPRO_PROCESS}"]),
+    ]),
+    "distpro": ("DistPro (Table 1) on FMNIST-5k, ResNet-56 -> ResNet-8, 30 epochs, 27 HCL pathways", [
+        ("student alone", "configs/fmnist/student.yaml", []),
+        ("KD", "configs/fmnist/kd.yaml", []),
+        ("pathways, equal weights 1/L", "configs/fmnist/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS}", "baseline=equal"]),
+        ("pathways, final alpha_T", "configs/fmnist/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS}", "baseline=final"]),
+        ("DistPro process", "configs/fmnist/distpro_retrain.yaml", [f"process={DISTPRO_PROCESS}", "baseline=process"]),
+    ]),
+    "distpro_fast": ("DistPro 'faster distillation' (Fig. 5 / Table 2): one process file, short and long schedules", [
+        (f"{mode}, {epochs} epochs", "configs/fmnist/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS}", f"baseline={mode}", f"epochs={epochs}"])
+        for epochs in (5, 20) for mode in ("equal", "process")
+    ]),
+    # MetaDistiller's Tables 1 and 4 on FMNIST-5k: no teacher; final output and ensemble of all exits.
+    "selfdistill": ("FMNIST-5k, teacher-free self-distillation (exits; MetaDistiller), 30 epochs", [
+        (f"{model} {label}", "configs/fmnist/selfdistill.yaml", [f"student.name={model}", override])
+        for model in ("resnet8", "wrn_16_1")
+        for label, override in (("baseline", "selfdistill=null"), ("DSN", "method=dsn"), ("SD", "method=sd"),
+                                ("MD", "method=md"))
+    ]),
+    # Ablation: the generator's Adam rate (paper 0.1: the MD rows above); in short runs its exits suffered.
+    "selfdistill_lr": ("FMNIST-5k, MetaDistiller with smaller generator learning rates (Adam; paper 0.1), 30 epochs", [
+        (f"{model} MD lr {lr}", "configs/fmnist/selfdistill.yaml",
+         [f"student.name={model}", "method=md", f"selfdistill.generator_lr={lr}"])
+        for model in ("resnet8", "wrn_16_1") for lr in ("0.01", "0.001")
+    ]),
+    # Adaptive Distillation Table 2 on FMNIST-5k: paths AT (3 stages, one path) and ST (KD tau=4).
+    # "hand-tuned" is the best v of a 3 x 3 grid scored on a 20 % validation split, retrained on
+    # all 5,000 images (10 trainings per seed: 9 trials + the final run).
+    "adaptive": ("FMNIST-5k, aggregating AT + ST paths (Adaptive Distillation), 30 epochs", [
+        ("student alone", "configs/fmnist/student.yaml", []),
+        ("single AT", "configs/fmnist/at.yaml", []),
+        ("single ST", "configs/fmnist/kd.yaml", []),
+        ("equal", "configs/fmnist/adaptive.yaml", ["weighting=equal"]),
+        ("hand-tuned (grid on val)", "configs/fmnist/adaptive_search.yaml", []),
+        ("mgda", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
+        ("adaptive", "configs/fmnist/adaptive.yaml", []),
+        ("adaptive-layerwise", "configs/fmnist/adaptive_layerwise.yaml", []),
+    ]),
+    # Adaptive Distillation Tables 3-4: four paths AT, ST, NST, l2-logit.
+    "adaptive_paths": ("FMNIST-5k, four paths AT + ST + NST + l2-logit (Adaptive Distillation), 30 epochs", [
+        ("equal, 4 paths", "configs/fmnist/adaptive_all.yaml", ["weighting=equal"]),
+        ("mgda, 4 paths", "configs/fmnist/adaptive_all.yaml", ["weighting=mgda"]),
+        ("adaptive, 4 paths", "configs/fmnist/adaptive_all.yaml", []),
+        ("adaptive, 4 paths, alpha 0.75", "configs/fmnist/adaptive_all.yaml",
+         ["distill.weighting.kwargs.alpha=0.75"]),
+        ("adaptive-layerwise, 8 paths", "configs/fmnist/adaptive_all.yaml",
+         ["distill.weighting.kwargs.layerwise=true"]),
+    ]),
+}
+
+#: table name -> extra columns (header, key of the final epoch's metrics), e.g. the ensemble accuracy.
+EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "selfdistill": [("ensemble acc %", "test_acc/ensemble")],
+    "selfdistill_lr": [("ensemble acc %", "test_acc/ensemble")],
 }
 
 
@@ -70,21 +136,29 @@ def mean_std(values: list[float]) -> str:
 
 def table_markdown(name: str, seeds: list[int], out: Path, command: str) -> str:
     title, rows = TABLES[name]
+    extra = EXTRA_COLUMNS.get(name, [])
+    extra_head = "".join(f" {header} |" for header, _ in extra)
     lines = [f"### {title}", "",
              f"Command: `{command}` — {datetime.date.today().isoformat()}, {platform.machine()}, "
              f"{os.cpu_count()} cores. Seeds {', '.join(map(str, seeds))}; final-epoch test accuracy on the "
              "10,000 test images and top-1 agreement error with the teacher, mean ± std over seeds.", "",
-             "| method | test acc % | agreement err % | time / run (s) | seeds |", "|---|---:|---:|---:|---:|"]
+             f"| method | test acc % |{extra_head} agreement err % | time / run (s) | seeds |",
+             "|---|---:|" + "---:|" * len(extra) + "---:|---:|---:|"]
     for label, _config, _ in rows:
         runs = [finished_run(out, slug(label), s) for s in seeds]
         summaries = [json.loads((r / "summary.json").read_text()) for r in runs if r is not None]
         if not summaries:
-            lines.append(f"| {label} | not run | | | 0 |")
+            lines.append(f"| {label} | not run |{' |' * len(extra)} | | 0 |")
             continue
         acc = mean_std([s["test_acc"] for s in summaries])
         agree = ([s["agreement_error"] for s in summaries if s.get("agreement_error") is not None])
         secs = statistics.mean(s["train_seconds"] for s in summaries)
-        lines.append(f"| {label} | {acc} | {mean_std(agree) if agree else '—'} | {secs:.0f} | {len(summaries)} |")
+        cells = ""
+        for _header, key in extra:
+            values = [s["final"][key] for s in summaries if s.get("final", {}).get(key) is not None]
+            cells += f" {mean_std(values) if values else '—'} |"
+        lines.append(f"| {label} | {acc} |{cells} {mean_std(agree) if agree else '—'} | {secs:.0f} | "
+                     f"{len(summaries)} |")
     return "\n".join(lines) + "\n"
 
 

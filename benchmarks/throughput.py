@@ -56,14 +56,20 @@ def main() -> None:
     x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (128,))
 
+    # Copies for the hand-written loop are taken before kdtune registers its capture hooks.
+    h_student, h_teacher = copy.deepcopy(student), copy.deepcopy(teacher).eval()
+    for m in (h_student, h_teacher):
+        m.to(memory_format=torch.channels_last)
+        assert not any(mod._forward_hooks for mod in m.modules())
     distiller = Distiller(copy.deepcopy(student), copy.deepcopy(teacher), logit_losses=["kd"],
                           pathways=[Pathway("layer2", "layer2", method="fitnets")], input_shape=(1, 28, 28))
     data = from_arrays(torch.zeros(128, 1, 28, 28, dtype=torch.uint8), y)
     trainer = Trainer(distiller, BatchLoader(data, 128), None, TrainConfig(epochs=1, progress=False))
     fitnets_weight = distiller.weighting.base_weights[distiller.pathways[0].name]
 
-    # The hand-written loop: same modules (copied from the distiller), same optimiser settings.
-    h_student, h_teacher = copy.deepcopy(distiller.student), copy.deepcopy(distiller.teacher)
+    # The hand-written loop: same initial weights, the same adapter, same optimiser settings.
+    for p_ in h_teacher.parameters():
+        p_.requires_grad_(False)
     h_adapter = copy.deepcopy(distiller.pathways[0].transform)
     params = list(h_student.parameters()) + list(h_adapter.parameters())
     h_opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)

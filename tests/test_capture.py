@@ -442,3 +442,18 @@ def test_stage_outputs_without_feature_maps_fail_clearly() -> None:
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match="pass explicit module paths"):
         find_stage_outputs(mlp, torch.randn(2, 4))
+
+
+def test_deepcopied_model_writes_into_the_copied_capture() -> None:
+    import copy
+
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+            self.capture = FeatureCapture(self.net, ["0"]).attach()
+
+    original = Holder()
+    clone = copy.deepcopy(original)
+    clone.net(torch.ones(1, 3))
+    assert "0" in clone.capture.features and "0" not in original.capture.features

@@ -314,16 +314,8 @@ class FeatureCapture:
     def _on_forward_start(self, module: nn.Module, args: Any) -> None:
         self.features.clear()
 
-    def _make_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        selector = self.selectors.get(name)
-        where = f"output of {self.paths[name]!r} ({type(self.modules[name]).__name__}, feature {name!r})"
-
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            feature = _select(output, selector, where)
-            # Overwriting keeps the last call when a module runs several times in one forward.
-            self.features[name] = feature.detach() if self.detach else feature
-
-        return hook
+    def _make_hook(self, name: str) -> _StoreFeature:
+        return _StoreFeature(self, name)
 
     # -- access
 
@@ -357,6 +349,25 @@ class FeatureCapture:
     def __repr__(self) -> str:
         return (f"FeatureCapture({type(self.model).__name__}, {self.paths}, attached={self.attached}, "
                 f"captured={list(self.features)})")
+
+
+class _StoreFeature:
+    """The forward hook of one captured module: stores its (selected) output in the capture.
+
+    An object rather than a closure so that ``copy.deepcopy`` of a model carrying the hook
+    yields a hook writing into the *copied* capture (a closure would be shared by the copy and
+    keep writing into the original's features).
+    """
+
+    def __init__(self, capture: FeatureCapture, name: str) -> None:
+        self.capture, self.name = capture, name
+        self.selector = capture.selectors.get(name)
+        self.where = f"output of {capture.paths[name]!r} ({type(capture.modules[name]).__name__}, feature {name!r})"
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        feature = _select(output, self.selector, self.where)
+        # Overwriting keeps the last call when a module runs several times in one forward.
+        self.capture.features[self.name] = feature.detach() if self.capture.detach else feature
 
 
 # --------------------------------------------------------------------------- probing

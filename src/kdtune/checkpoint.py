@@ -55,7 +55,9 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: s
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    # Only tensors have a shape; a module's get_extra_state() entry (e.g. an optimiser state) may be any object.
+    wrong_shape = sorted(k for k in set(own) & set(state) if isinstance(own[k], torch.Tensor)
+                         and isinstance(state[k], torch.Tensor) and own[k].shape != state[k].shape)
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:

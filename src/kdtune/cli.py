@@ -64,12 +64,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from kdtune.report import comparison_rows, format_table, plot_comparison
+    from kdtune.report import comparison_rows, format_table, plot_comparison, plot_weights
 
     print(format_table(comparison_rows(args.runs)))
     out = Path(args.out) if args.out else Path(args.runs[0]) / "comparison.png"
     plot_comparison(args.runs, out)
     print(f"plot: {out}")
+    for run in args.runs:  # each run's path weights over training (Adaptive Distillation Fig. 4)
+        weights = plot_weights(run)
+        if weights is not None:
+            print(f"weights: {weights}")
+        if (Path(run) / "process.json").exists():  # a DistPro search: α per pathway, one panel per teacher stage
+            from kdtune.search.distpro import plot_process
+            from kdtune.weighting.process import Process
+
+            png = plot_process(Process.load(Path(run) / "process.json"), Path(run) / "process.png")
+            print(f"DistPro process (Fig. 6): {png}")
     return 0
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "ALIASES",
     "ConfigError",
     "DataConfig",
+    "DistProConfig",
     "DistillConfig",
     "LogitLossConfig",
     "ModelConfig",
@@ -45,6 +46,8 @@ __all__ = [
     "PathwayConfig",
     "RunConfig",
     "ScheduleConfig",
+    "SearchConfig",
+    "SelfDistillConfig",
     "TrainConfig",
     "WeightingConfig",
     "apply_overrides",
@@ -184,7 +187,7 @@ class WeightingConfig:
     """How the loss terms are combined (``kdtune.weighting``)."""
 
     name: str = "fixed"
-    """Weighting strategy name: fixed, equal, uncertainty, mgda, process ..."""
+    """Weighting strategy name: fixed, equal, adaptive (learned exp(-z)), mgda, distpro, process ..."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of the strategy."""
 
@@ -291,6 +294,83 @@ class TrainConfig:
         _require(self.log_every >= 0, "log_every", f"must be >= 0, got {self.log_every}")
 
 
+@dataclass
+class SelfDistillConfig:
+    """Teacher-free self-distillation with exits (``kdtune.selfdistill``; SPEC § MetaDistiller)."""
+
+    method: Literal["dsn", "sd", "md"] = "md"
+    """``dsn`` hard labels on the exits, ``sd`` final output as their teacher, ``md`` MetaDistiller."""
+    stages: list[str] | None = None
+    """Module paths of the K stage outputs (exits on all but the last); null finds them automatically."""
+    alpha: float = 0.5
+    """a of eq. 4: weight of an exit's hard-label term, 1 - a for its soft target."""
+    tau: float = 1.0
+    """Temperature of the soft targets (eq. 2, 4)."""
+    meta_every: int = 5
+    """M: the label generator learns in epochs 0, M, 2M ... (``md``)."""
+    meta_steps: int | None = None
+    """Meta steps per meta epoch; null: one after every training step (Alg. 1)."""
+    meta_batch_size: int | None = None
+    """Batch size of the two meta batches; null: ``data.batch_size``."""
+    generator_lr: float = 0.1
+    """Initial Adam learning rate of the label generator (paper: 0.1); it follows the main schedule."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
+        _require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        _require(self.meta_every >= 1, "meta_every", f"must be >= 1, got {self.meta_every}")
+        _require(self.meta_steps is None or self.meta_steps >= 1, "meta_steps",
+                 f"must be >= 1 or null (every step), got {self.meta_steps}")
+        _require(self.meta_batch_size is None or self.meta_batch_size >= 1, "meta_batch_size",
+                 f"must be >= 1 or null, got {self.meta_batch_size}")
+        _require(self.generator_lr > 0, "generator_lr", f"must be > 0, got {self.generator_lr}")
+
+
+@dataclass
+class SearchConfig:
+    """Search over the fixed path weights v (``kdtune.search.weights``; Adaptive Distillation §3.3)."""
+
+    sampler: Literal["grid", "random", "tpe"] = "grid"
+    """Optuna sampler: ``grid`` (every combination of the listed values), ``random`` or ``tpe``."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Path -> candidate weights v: a list (grid / categorical), or ``{low, high, log}`` (random, tpe).
+    A path is a pathway's method label (``at``, ``nst``) or a logit loss name (``kd``)."""
+    n_trials: int | None = None
+    """Finished trials the study needs, over all workers; null: the grid size (grid only)."""
+    storage: str | None = None
+    """Optuna storage URL; null: ``sqlite:///<run_dir>/study.db``. Workers given one RDB URL share the study."""
+    study_name: str | None = None
+    """Name of the study in the storage; null: the run name."""
+    final: bool = True
+    """Retrain the best v on the whole training set and evaluate on the test set (one worker only)."""
+    heartbeat: int = 60
+    """Seconds between a running trial's heartbeats; one silent for 3x as long is failed and retried."""
+    max_retry: int = 2
+    """Retries of a trial whose worker died (its training resumes from the last checkpoint)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.space), "space", "must give at least one path, e.g. {at: [10, 100, 1000], kd: [0.1, 1]}")
+        for path, values in self.space.items():
+            if isinstance(values, list):
+                _require(bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                              for v in values),
+                         f"space.{path}", f"must be a non-empty list of weights >= 0, got {values!r}")
+            else:
+                ok = (isinstance(values, dict) and {"low", "high"} <= set(values) <= {"low", "high", "log"}
+                      and all(isinstance(values[k], (int, float)) for k in ("low", "high"))
+                      and 0 <= values["low"] < values["high"] and (values.get("log") is not True or values["low"] > 0))
+                _require(ok, f"space.{path}",
+                         f"must be a list of weights or {{low, high, log}} with 0 <= low < high (low > 0 for log), "
+                         f"got {values!r}")
+                _require(self.sampler != "grid", f"space.{path}",
+                         f"the grid sampler needs a list of values, got the range {values!r}")
+        _require(self.n_trials is None or self.n_trials >= 1, "n_trials", f"must be >= 1 or null, got {self.n_trials}")
+        _require(self.n_trials is not None or self.sampler == "grid", "n_trials",
+                 f"must be set for the {self.sampler!r} sampler (only grid defaults to its size)")
+        _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
+        _require(self.max_retry >= 0, "max_retry", f"must be >= 0, got {self.max_retry}")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """Everything a run needs. Keyword-only, because ``student`` is required but not first."""
@@ -311,6 +391,12 @@ class RunConfig:
     """Distillation losses and their weighting."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training loop settings."""
+    selfdistill: SelfDistillConfig | None = None
+    """Teacher-free self-distillation (exits, DSN/SD/MetaDistiller); None: not used."""
+    search: SearchConfig | None = None
+    """Search the fixed path weights v on the validation split, then retrain the best; None: a plain run."""
+    distpro: DistProConfig | None = None
+    """DistPro search of a weight process over stage pathways x transforms; None: not used."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,6 +636,53 @@ def to_dict(obj: Any, path: str = "") -> Any:
 
 # --------------------------------------------------------------------------------------------
 # Overrides
+@dataclass
+class DistProConfig:
+    """DistPro's search (``kdtune.search.distpro``; papers/distpro.txt §3, Alg. 1): learns α(t) for
+    every pathway of the search space and writes ``<run>/process.json``. Needs ``data.val_fraction``
+    (0.2 in the paper) for L_val. Retrain with ``distill.weighting: {name: process, kwargs: {file: ...}}``."""
+
+    connections: Literal["all", "j>=i", "same"] = "all"
+    """Teacher-stage x student-stage pairs: ``all``, ``j>=i`` (ReviewKD-style) or ``same``."""
+    transforms: list[str] = field(default_factory=lambda: ["conv1x1", "conv3x3", "distpro"])
+    """Candidate transforms per connection (each one pathway with its own α)."""
+    distance: str = "hcl"
+    """Distance of every pathway: ``hcl`` (ReviewKD), ``mse``, ``l1``."""
+    teacher_stages: list[str] | None = None
+    """Teacher module paths of the stages; null finds the stage outputs automatically."""
+    student_stages: list[str] | None = None
+    """Student module paths of the stages; null finds them automatically."""
+    normalization: Literal["biased_softmax", "softmax", "l1_biased", "l1", "raw", "sigmoid"] = "biased_softmax"
+    """α from α̃: eq. 2's biased softmax, or a Table 7 alternative."""
+    g: float = 1.0
+    """Bias of the biased softmax (eq. 2)."""
+    init: float = 1.0
+    """Initial α̃ (α₀ = 1, §3.3)."""
+    tau: float | None = 0.5
+    """Pathways with α̃ <= tau are not computed (§3.4); null keeps all."""
+    hypergradient: Literal["finite_difference", "exact"] = "finite_difference"
+    """Eq. 5 (finite difference, ε = radius / ‖∇θ' L_val‖) or exact double backward."""
+    radius: float = 0.01
+    """The 0.01 of ε = 0.01 / ‖∇θ' L_val‖."""
+    alpha_optimizer: Literal["adam", "sgd"] = "adam"
+    """α's own optimiser (the released code: Adam, betas 0.5, 0.999)."""
+    alpha_lr: float = 0.05
+    """α's learning rate (§4.1: 0.05)."""
+    alpha_betas: tuple[float, float] = (0.5, 0.999)
+    """Adam betas of α's optimiser."""
+    alpha_weight_decay: float = 0.0
+    """L2 decay of α̃ (pulls α̃ to 0, i.e. towards dropping)."""
+    export: str | None = None
+    """Also copy the finished ``process.json`` to this path (a stable name for retrain configs)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.transforms), "transforms", "must list at least one transform, e.g. [conv1x1]")
+        _require(self.radius > 0, "radius", f"must be > 0, got {self.radius}")
+        _require(self.alpha_lr > 0, "alpha_lr", f"must be > 0, got {self.alpha_lr}")
+        _require(self.alpha_weight_decay >= 0, "alpha_weight_decay", f"must be >= 0, got {self.alpha_weight_decay}")
+        _require(all(0 <= b < 1 for b in self.alpha_betas), "alpha_betas", f"must be in [0, 1), got {self.alpha_betas}")
+
+
 # --------------------------------------------------------------------------------------------
 
 #: Short override names -> dotted paths, e.g. ``epochs=3`` means ``train.epochs=3``.
@@ -558,6 +691,9 @@ ALIASES: dict[str, str] = {
     "seed": "seed",
     "weighting": "distill.weighting.name",
     "lr": "train.optimizer.lr",
+    "method": "selfdistill.method",
+    "process": "distill.weighting.kwargs.file",
+    "baseline": "distill.weighting.kwargs.mode",
 }
 
 

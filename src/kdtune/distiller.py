@@ -81,6 +81,7 @@ class Distiller(nn.Module):
             raise ValueError("pathways and logit losses need a teacher; pass teacher= or remove them")
         self.student = student
         self.__dict__["teacher"] = freeze(teacher) if teacher is not None else None  # not a submodule
+        self._pending_teacher: tuple[Tensor, TeacherOutput] | None = None  # see reuse_teacher_output
         self.task_weight = float(task_weight)
         self.logit_losses = [self._resolve_logit_loss(x) for x in logit_losses]
         self.pathways = nn.ModuleList(self._build_pathways(list(pathways), input_shape))
@@ -90,8 +91,11 @@ class Distiller(nn.Module):
         base = {ll.name: ll.weight for ll in self.logit_losses}
         base.update({p.name: w for p, w in zip(self.pathways, self._pathway_weights, strict=True)})
         self.weighting = build_weighting(weighting, names, base, **dict(weighting_kwargs or {}))
-        self._student_capture = FeatureCapture(student, self._student_paths).attach() if self.pathways else None
-        self._teacher_capture = (FeatureCapture(self.teacher, self._teacher_paths, detach=True).attach()
+        self.weighting.bind(self)  # strategies needing the student's parameters (MGDA) keep them
+        # Several pathways may read one module (DistPro: every stage x N transforms): capture it once.
+        s_paths, t_paths = list(dict.fromkeys(self._student_paths)), list(dict.fromkeys(self._teacher_paths))
+        self._student_capture = FeatureCapture(student, s_paths).attach() if self.pathways else None
+        self._teacher_capture = (FeatureCapture(self.teacher, t_paths, detach=True).attach()
                                  if self.pathways else None)
 
     # ------------------------------------------------------------------ construction
@@ -164,6 +168,12 @@ class Distiller(nn.Module):
         feats = dict(self._teacher_capture.features) if self._teacher_capture is not None else {}
         return TeacherOutput(logits, feats)
 
+    def reuse_teacher_output(self, x: Tensor, output: TeacherOutput) -> None:
+        """Let the next :meth:`forward` on this very tensor ``x`` use ``output`` instead of running
+        the teacher again. A callback that already ran :meth:`teacher_forward` on the batch (DistPro's
+        look-ahead, in ``on_batch_start``) hands it to the real step: the teacher runs once per step."""
+        self._pending_teacher = (x, output)
+
     def distill_terms(self, logits: Tensor, labels: Tensor, teacher: TeacherOutput,
                       step: int = 0) -> dict[str, Tensor]:
         """One 0-dim tensor per logit loss and per pathway, for the last student forward.
@@ -186,11 +196,13 @@ class Distiller(nn.Module):
 
         Returns:
             ``loss`` (the total to minimise), ``logits`` (N, K), ``task`` (CE), one entry per
-            distillation term, and ``w/<term>`` the weight it got this step (0-dim tensors).
+            distillation term, ``w/<term>`` the weight it got this step, and the weighting's
+            ``diagnostics`` (0-dim tensors).
         """
         # A teacher without terms (student alone, kept for agreement metrics) is never run.
         if teacher_output is None and self.has_terms:
-            teacher_output = self.teacher_forward(x)
+            pending, self._pending_teacher = self._pending_teacher, None
+            teacher_output = pending[1] if pending is not None and pending[0] is x else self.teacher_forward(x)
         logits = self.student(x)
         task = F.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "task": task}
@@ -203,6 +215,8 @@ class Distiller(nn.Module):
                 loss = loss + distill
                 out.update(terms)
                 out.update({f"w/{k}": torch.tensor(w) for k, w in weights.items()})
+                # Strategy scalars (e.g. MGDA's gradient cosines, "cos/<a>|<b>") are logged too.
+                out.update({k: torch.tensor(v) for k, v in self.weighting.diagnostics.items()})
         out["loss"] = loss
         return out
 

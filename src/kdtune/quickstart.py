@@ -22,7 +22,34 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
     ("KD", {"distill": {"logit_losses": [{"name": "kd"}]}}),
     ("FitNets + KD", {"distill": {"logit_losses": [{"name": "kd"}],
                                   "pathways": [{"teacher": "layer2", "student": "layer2", "method": "fitnets"}]}}),
+    # Adaptive Distillation (eq. 5-6): AT on every stage (one path) + KD, weights v = exp(-z) learned.
+    ("Adaptive AT + KD", {"distill": {"logit_losses": [{"name": "kd"}],
+                                      "pathways": [{"teacher": f"stage:{i}", "student": f"stage:{i}", "method": "at"}
+                                                   for i in range(3)],
+                                      "weighting": {"name": "adaptive"}}}),
+    # MetaDistiller (kdtune.selfdistill): no teacher, exits + label generator. A few meta steps per
+    # meta epoch keep the demo cheap (the paper steps the generator after every training step).
+    ("self-distill MD", {"teacher": None, "distill": {}, "selfdistill": {"method": "md", "meta_steps": 4}}),
 ]
+
+
+def distpro_rows(out: str) -> list[tuple[str, dict[str, Any]]]:
+    """DistPro (search, then retrain) at a demo budget: a 1-epoch search on an 80/20 split of the
+    subset over 3 same-stage connections x the 1x1 adapter (the full space is 27 pathways: see
+    configs/fmnist/distpro_search.yaml), then all images, replaying the process stretched to the run."""
+    process = str(Path(out) / "distpro_process.json")
+    search = {"data": {"val_fraction": 0.2}, "train": {"epochs": 1},
+              "distpro": {"connections": "same", "transforms": ["conv1x1"], "export": process}}
+    retrain = {"distill": {"weighting": {"name": "process", "kwargs": {"file": process}}}}
+    return [("DistPro search", search), ("DistPro retrain", retrain)]
+
+
+def _merge(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """``part`` over ``base``; nested sections merge (a row may change one key of ``train``)."""
+    out = dict(base)
+    for k, v in part.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
+    return out
 
 
 def base_config(name: str, epochs: int, per_class: int, out: str) -> dict[str, Any]:
@@ -43,9 +70,9 @@ def main(out: str = "runs/quickstart", epochs: int = 8, per_class: int = 200) ->
     print(f"student: resnet8, Fashion-MNIST {per_class * 10} training images, {epochs} epochs, "
           f"evaluated on the 10,000 test images\n")
     results = []
-    for label, part in ROWS:
+    for label, part in [*ROWS, *distpro_rows(out)]:
         name = label.lower().replace(" + ", "_").replace(" ", "_")
-        cfg_dict = {**base_config(name, epochs, per_class, out), **part}
+        cfg_dict = _merge(base_config(name, epochs, per_class, out), part)
         cfg = from_dict(RunConfig, cfg_dict)
         t0 = time.perf_counter()
         run_dir, summary = run(cfg)

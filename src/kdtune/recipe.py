@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -91,18 +91,38 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...] = ()) -> Trainer:
-    """Build data, models, distiller and trainer for a config (no training yet)."""
+def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...] = (),
+            eval_split: Literal["test", "val"] = "test") -> Trainer:
+    """Build data, models, distiller and trainer for a config (no training yet).
+
+    ``eval_split="val"`` evaluates after every epoch on the held-out validation split
+    (``data.val_fraction``) instead of the test set — for searches, which must never select on
+    test accuracy; the trainer's ``test_*`` metrics then are validation metrics.
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)  # model and adapter initialisation depend on it
     splits = load_splits(cfg)
     input_shape = tuple(splits.train.images.shape[1:])
-    distiller = build_distiller(cfg, splits.train.in_channels, splits.train.num_classes, input_shape)
+    if cfg.selfdistill is not None:  # teacher-free self-distillation: exits (+ label generator) on the student
+        from kdtune.selfdistill import from_config
+
+        student = build_model(cfg.student, splits.train.in_channels, splits.train.num_classes)
+        distiller, meta_callbacks = from_config(cfg, student, splits.train, input_shape)
+        callbacks = (*callbacks, *meta_callbacks)
+    elif cfg.distpro is not None or cfg.distill.weighting.name == "process":  # DistPro search / process replay
+        from kdtune.search.distpro import from_config as distpro_from_config
+
+        distiller, distpro_callbacks = distpro_from_config(cfg, splits, input_shape)
+        callbacks = (*callbacks, *distpro_callbacks)
+    else:
+        distiller = build_distiller(cfg, splits.train.in_channels, splits.train.num_classes, input_shape)
     d = cfg.data
     train_loader = BatchLoader(splits.train, d.batch_size, shuffle=True, augment=Augment(d.crop_padding, d.flip),
                                seed=cfg.seed)
-    test_loader = BatchLoader(splits.test, d.eval_batch_size, shuffle=False)
+    if eval_split == "val" and splits.val is None:
+        raise ValueError("eval_split='val' needs a validation split: set data.val_fraction > 0 (e.g. 0.2)")
+    test_loader = BatchLoader(splits.val if eval_split == "val" else splits.test, d.eval_batch_size, shuffle=False)
     return Trainer(distiller, train_loader, test_loader, cfg.train, run_dir=run_dir, callbacks=callbacks,
                    seed=cfg.seed)
 
@@ -111,9 +131,14 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
         callbacks: tuple[Callback, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """Train a config in a run directory (new, or an existing one with ``resume=True``).
 
-    Returns the run directory and the summary dict.
+    Returns the run directory and the summary dict. A config with a ``search`` section runs that
+    search instead (:func:`kdtune.search.weights.run_search`), which is always resumable.
     """
     path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    if cfg.search is not None:
+        from kdtune.search.weights import run_search
+
+        return run_search(cfg, path, callbacks)
     trainer = prepare(cfg, path, callbacks)
     if trainer.dist.is_main and not resume:
         path.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """Tables and plots of runs: learning curves of one run, comparisons of several.
 
 ``kdtune report runs/a runs/b`` prints a table (final test accuracy, agreement error, time) and
-writes ``comparison.png`` (test accuracy per epoch) next to the first run, or where ``--out`` says.
+writes ``comparison.png`` (test accuracy per epoch) next to the first run, or where ``--out`` says;
+``weights.png`` in a run directory shows its path weights over training (:func:`plot_weights`).
 """
 
 from __future__ import annotations
@@ -98,3 +99,64 @@ def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def read_steps(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-step rows of a run's ``steps.jsonl`` (empty if the run logged none)."""
+    path = Path(run_dir) / "steps.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_weights(run_dir: str | Path, path: str | Path | None = None) -> Path | None:
+    """Weight of every distillation path over training, from ``steps.jsonl`` (Adaptive Distillation Fig. 4).
+
+    Left: ``w/<term>`` per logged step (log scale when the weights span more than two decades, as
+    learned ``exp(-z)`` weights do). Terms that share one weight (a path summed over layers) are
+    drawn once, labelled by their path. Right, when logged (``mgda``, or ``adaptive`` with
+    ``grad_cosine``): cosine similarity between path gradients (Fig. 4c).
+
+    Returns:
+        The PNG path (default ``<run_dir>/weights.png``), or None when no weight was logged.
+    """
+    rows = read_steps(run_dir)
+    keys = sorted({k for r in rows for k in r if k.startswith("w/")})
+    if not keys:
+        return None
+    cos_keys = sorted({k for r in rows for k in r if k.startswith("cos/") and k != "cos/mean"})
+    # Identical series (terms of one path) are drawn once.
+    series: dict[tuple[float | None, ...], list[str]] = {}
+    for k in keys:
+        series.setdefault(tuple(r.get(k) for r in rows), []).append(k[2:])
+    fig, axes = plt.subplots(1, 2 if cos_keys else 1, figsize=(11 if cos_keys else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    steps = [r["step"] for r in rows]
+    values: list[float] = []
+    for ys, terms in series.items():
+        prefixes = {t.split(":", 1)[0] for t in terms}
+        label = terms[0] if len(terms) == 1 else (f"{prefixes.pop()} ({len(terms)} terms)" if len(prefixes) == 1
+                                                  else ", ".join(terms))
+        pts = [(s, y) for s, y in zip(steps, ys, strict=True) if y is not None]
+        ax.plot([s for s, _ in pts], [y for _, y in pts], label=label)
+        values += [y for _, y in pts]
+    positive = [v for v in values if v > 0]
+    if positive and len(positive) == len(values) and max(positive) / min(positive) > 100:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("path weights")
+    ax.legend(fontsize=8)
+    if cos_keys:
+        ax = axes[0, 1]
+        for k in cos_keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot([s for s, _ in pts], [y for _, y in pts], label=k[4:])
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("step")
+        ax.set_title("cosine similarity of path gradients")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path) if path is not None else Path(run_dir) / "weights.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -10,8 +10,8 @@ from :class:`~kdtune.data.BatchLoader` — or on the RNG state saved in the chec
 resumed from its last checkpoint reproduces the uninterrupted run exactly.
 
 Run directory (when ``run_dir`` is given): ``metrics.jsonl`` (a row per epoch), ``steps.jsonl``
-(loss, terms and weights every ``log_every`` steps), ``checkpoints/last.pt``, ``summary.json``
-and ``curves.png``.
+(loss, terms and weights every ``log_every`` steps), ``checkpoints/last.pt``, ``summary.json``,
+``curves.png`` and ``weights.png`` (the terms' weights over training, when any were logged).
 """
 
 from __future__ import annotations
@@ -122,7 +122,10 @@ class Trainer:
         if self.dist.enabled:
             # Pathways that a strategy may skip (DistPro's dropping) leave parameters unused.
             self.model = DistributedDataParallel(distiller, find_unused_parameters=True)
-        params = [p for p in distiller.parameters() if p.requires_grad]
+        # A module may keep parameters out of this optimiser by listing the rest in
+        # trainable_parameters() (MetaDistiller's label generator has its own Adam on a meta-gradient).
+        select = getattr(distiller, "trainable_parameters", None)
+        params = list(select()) if select is not None else [p for p in distiller.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(params, self.cfg)
         steps = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, steps, self.cfg))
@@ -366,9 +369,10 @@ class Trainer:
         summary = self.summary(time.perf_counter() - start)
         self._write("summary.json", json.dumps(summary, indent=2) + "\n", mode="w")
         if self.run_dir is not None and self.dist.is_main:
-            from kdtune.report import plot_curves
+            from kdtune.report import plot_curves, plot_weights
 
             plot_curves(self.history, self.run_dir / "curves.png")
+            plot_weights(self.run_dir)  # weights.png: path weights over training (no-op if none logged)
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         return summary

@@ -16,11 +16,18 @@ from typing import Any
 
 from kdtune.registry import Registry
 from kdtune.weighting.base import Weighting
+from kdtune.weighting.mgda import MGDAWeighting, min_norm_weights
+from kdtune.weighting.process import DistProWeighting, Process, ProcessWeighting
 from kdtune.weighting.static import EqualWeighting, FixedWeighting
+from kdtune.weighting.uncertainty import AdaptiveWeighting
 
 WEIGHTINGS: Registry = Registry("weighting")
 WEIGHTINGS.register("fixed")(FixedWeighting)
 WEIGHTINGS.register("equal")(EqualWeighting)
+WEIGHTINGS.register("distpro")(DistProWeighting)
+WEIGHTINGS.register("process")(ProcessWeighting)
+WEIGHTINGS.register("adaptive")(AdaptiveWeighting)  # Adaptive Distillation eq. 5-6
+WEIGHTINGS.register("mgda")(MGDAWeighting)  # Adaptive Distillation eq. 4
 
 
 def build_weighting(name_or_obj: str | Weighting, names: Sequence[str], base_weights: Mapping[str, float],
@@ -35,4 +42,5 @@ def build_weighting(name_or_obj: str | Weighting, names: Sequence[str], base_wei
         raise TypeError(f"weighting {name_or_obj!r}: {err}") from None
 
 
-__all__ = ["WEIGHTINGS", "Weighting", "FixedWeighting", "EqualWeighting", "build_weighting"]
+__all__ = ["WEIGHTINGS", "Weighting", "FixedWeighting", "EqualWeighting", "DistProWeighting", "ProcessWeighting",
+           "Process", "AdaptiveWeighting", "MGDAWeighting", "min_norm_weights", "build_weighting"]

@@ -17,12 +17,26 @@ class Weighting(nn.Module):
 
     Subclasses implement :meth:`weights_for` (a weight tensor per term, may depend on ``step``
     and carry gradients to learned parameters) or override :meth:`forward` entirely.
+
+    Attributes:
+        diagnostics: extra scalars of the last :meth:`forward` (e.g. MGDA's gradient cosine
+            similarities, ``{"cos/at|kd": 0.3}``); the distiller adds them to its output dict,
+            so the trainer logs them with the weights. Empty for most strategies.
     """
 
     def __init__(self, names: Sequence[str], base_weights: Mapping[str, float]) -> None:
         super().__init__()
         self.names = list(names)
         self.base_weights = {n: float(base_weights.get(n, 1.0)) for n in self.names}
+        self.diagnostics: dict[str, float] = {}
+
+    def bind(self, distiller: nn.Module) -> None:
+        """Called once by the distiller that owns this strategy, after it is built.
+
+        A no-op by default. A strategy that needs more than the terms — MGDA differentiates each
+        term w.r.t. the student's parameters — keeps a reference here. Keep it out of the module
+        tree (``self.__dict__[...]``), or the student would be registered twice.
+        """
 
     def weights_for(self, step: int) -> Mapping[str, Tensor | float]:
         raise NotImplementedError

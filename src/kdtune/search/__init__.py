@@ -1,0 +1,1 @@
+"""Searches that produce distillation schemes a plain run replays (DistPro: :mod:`kdtune.search.distpro`)."""

@@ -1,0 +1,609 @@
+"""DistPro: learn a weight process α(t) over many pathways by bi-level meta-optimisation (search),
+then replay it (retrain). Deng et al. 2022, papers/distpro.txt §3, Alg. 1; SPEC.md § DistPro.
+
+Search, from Python::
+
+    pathways, infos = search_space(teacher, student, (1, 28, 28), connections="all")   # 9 x 3 = 27
+    distiller = Distiller(student, teacher, pathways, weighting="distpro",
+                          weighting_kwargs={"learned": [p.name for p in pathways]}, input_shape=(1, 28, 28))
+    search = DistProCallback(val_loader, infos)                 # 20 % held-out split for L_val
+    Trainer(distiller, train_loader, test_loader, cfg, run_dir, callbacks=[search]).fit()
+    # -> run_dir/process.json (α per pathway per step) and run_dir/process.png (Fig. 6)
+
+Retrain on the full training set, replaying the process stretched to any length::
+
+    process = Process.load("runs/search/process.json")
+    distiller = Distiller(student, teacher, pathways_from_process(process), weighting="process",
+                          weighting_kwargs={"process": process, "mode": "process"}, input_shape=(1, 28, 28))
+    Trainer(distiller, ..., callbacks=[ProcessReplay()]).fit()
+
+One search step (:meth:`DistProSearch.step`, run before the real step on the same batch):
+
+1. teacher outputs for the batch, once (reused by every look-ahead forward and the real step);
+2. virtual step θ' = θ − ξ ∇θ L_train(θ, α) (eq. 4), applying the *real* optimiser's rule
+   (momentum buffer, weight decay, Nesterov; or Adam/AdamW) to copies — :func:`virtual_step`;
+3. v = ∇θ' L_val(θ') on a held-out batch (task loss only, eq. 3);
+4. the hypergradient ∇α̃ L_val(θ'(α̃)) = −ξ ∇²α̃θ L_train · v, by central finite difference (eq. 5)
+   or exactly by double backward (``hypergradient="exact"``);
+5. α̃ ← α̃ − γ · AlphaOpt(hypergradient) with α's own optimiser (lr 0.05).
+
+Every look-ahead forward is functional (``torch.func.functional_call``) on the real parameters
+read-only and on *copies* of the buffers: the real student, its BatchNorm statistics and the
+teacher are untouched until the trainer's real step. (The released DistPro code "restored" weights
+from a ``state_dict()`` that shares storage with them, ran the teacher in train mode, let look-ahead
+forwards move BN statistics and rebuilt the validation iterator every step; none of that here.)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from kdtune.capture import find_stage_outputs
+from kdtune.data import BatchLoader
+from kdtune.distiller import Distiller, TeacherOutput
+from kdtune.pathways import Pathway, connect_stages
+from kdtune.trainer import Callback, Trainer
+from kdtune.weighting.process import (
+    DistProWeighting,
+    PathwayInfo,
+    Process,
+    ProcessMismatchError,
+    ProcessWeighting,
+)
+
+DEFAULT_TRANSFORMS: tuple[str, ...] = ("conv1x1", "conv3x3", "distpro")
+Hypergradient = Literal["finite_difference", "exact"]
+
+__all__ = [
+    "DEFAULT_TRANSFORMS",
+    "DistProCallback",
+    "DistProSearch",
+    "ProcessReplay",
+    "pathways_from_process",
+    "plot_process",
+    "search_space",
+    "virtual_step",
+]
+
+
+# ---------------------------------------------------------------------------------- search space
+
+
+def _stages(model: nn.Module, input_shape: Sequence[int], explicit: Sequence[str] | None) -> list[str]:
+    if explicit:
+        return list(explicit)
+    return find_stage_outputs(model, torch.zeros(2, *input_shape))
+
+
+def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[int],
+                 connections: Literal["all", "j>=i", "same"] = "all",
+                 transforms: Sequence[str] = DEFAULT_TRANSFORMS, distance: str = "hcl",
+                 teacher_stages: Sequence[str] | None = None,
+                 student_stages: Sequence[str] | None = None) -> tuple[list[Pathway], list[PathwayInfo]]:
+    """DistPro's search space (§3.1, Fig. 2): stage connections × N candidate transforms.
+
+    Each (teacher stage i, student stage j, transform k) is one pathway named ``t{i}-s{j}:{k}``
+    with its own weight process A_{i,j,k}; the paper's CIFAR setting is 3 × 3 connections × 3
+    transforms = 27 pathways with the HCL distance.
+
+    Args:
+        teacher, student: the two networks (stage outputs found by probing, SPEC "Stage outputs").
+        input_shape: (C, H, W) of one input.
+        connections: ``all`` (i, j) pairs, ``j>=i`` (ReviewKD-style: the student stage at least as
+            deep) or ``same`` (i -> i).
+        transforms: transform registry names (default: 1×1 adapter, 3×3 block, DistPro's Fig. 4 block).
+        distance: distance registry name (HCL by default; ``mse``, ``l1`` selectable).
+        teacher_stages, student_stages: explicit module paths overriding the automatic stages.
+
+    Returns:
+        The pathways (module paths resolved) and their :class:`PathwayInfo` (stage indices kept,
+        for process files and transfer).
+    """
+    if not transforms:
+        raise ValueError("search_space: give at least one candidate transform")
+    t_stages = _stages(teacher, input_shape, teacher_stages)
+    s_stages = _stages(student, input_shape, student_stages)
+    pairs = connect_stages(len(t_stages), len(s_stages), connections)
+    pathways, infos = [], []
+    for i, j in pairs:
+        for tf in transforms:
+            name = f"t{i}-s{j}:{tf}"
+            pathways.append(Pathway(teacher=t_stages[i], student=s_stages[j], transform=tf, distance=distance,
+                                    weight=1.0, name=name))
+            infos.append(PathwayInfo(name, t_stages[i], s_stages[j], i, j, tf, distance))
+    return pathways, infos
+
+
+def pathways_from_process(process: Process, teacher: nn.Module | None = None, student: nn.Module | None = None,
+                          input_shape: Sequence[int] | None = None) -> list[Pathway]:
+    """The process's pathways, rebuilt for a (possibly different) teacher/student pair.
+
+    Pathways recorded with stage indices are rebuilt as ``stage:<i>`` -> ``stage:<j>`` of the new
+    pair (transfer by stage index, Table 3); others use their recorded module paths. When models
+    and ``input_shape`` are given, a stage index the new pair lacks is a
+    :class:`~kdtune.weighting.process.ProcessMismatchError` listing both pathway sets.
+    """
+    if teacher is not None and student is not None and input_shape is not None:
+        n_t = len(find_stage_outputs(teacher, torch.zeros(2, *input_shape)))
+        n_s = len(find_stage_outputs(student, torch.zeros(2, *input_shape)))
+        bad = [p for p in process.pathways if p.teacher_stage is not None and p.student_stage is not None
+               and (p.teacher_stage >= n_t or p.student_stage >= n_s)]
+        if bad:
+            transforms = sorted({str(p.transform) for p in process.pathways})
+            available = ", ".join(f"t{i}-s{j}:{tf}" for i in range(n_t) for j in range(n_s) for tf in transforms)
+            raise ProcessMismatchError(
+                f"the process was searched on a pair with more stages than this one "
+                f"(teacher {n_t} stages, student {n_s} stages).\n"
+                f"  process ({len(process.pathways)}): {', '.join(process.names)}\n"
+                f"  this pair can have: {available}\n"
+                f"  missing here: {', '.join(p.name for p in bad)}")
+    out = []
+    for p in process.pathways:
+        staged = p.teacher_stage is not None and p.student_stage is not None
+        out.append(Pathway(teacher=f"stage:{p.teacher_stage}" if staged else p.teacher,
+                           student=f"stage:{p.student_stage}" if staged else p.student,
+                           transform=p.transform, distance=p.distance, weight=1.0, name=p.name))
+    return out
+
+
+# ---------------------------------------------------------------------------------- virtual step
+
+
+def _sgd_rule(theta: Tensor, grad: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
+    """torch.optim.SGD's update, out of place and differentiable in ``grad``.
+
+    ``d = g + λθ``; with momentum μ: ``b = μ b_prev + (1 − dampening) d`` (``b = d`` on the first
+    step), then ``d = d + μ b`` (Nesterov) or ``d = b``; ``θ' = θ − lr d``.
+    """
+    lr, mu, wd = float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+    d = grad + wd * theta if wd else grad
+    if mu:
+        buf = state.get("momentum_buffer")
+        buf = d if buf is None else mu * buf + (1.0 - float(group["dampening"])) * d
+        d = d + mu * buf if group["nesterov"] else buf
+    return theta - lr * d
+
+
+def _adam_rule(theta: Tensor, grad: Tensor, group: Mapping[str, Any], state: Mapping[str, Any]) -> Tensor:
+    """torch.optim.Adam / AdamW's update (no amsgrad), out of place and differentiable in ``grad``.
+
+    ``m = β1 m + (1−β1) g``, ``v = β2 v + (1−β2) g²``, ``θ' = θ − lr m̂ / (√v̂ + eps)`` with bias
+    corrections at step t+1; weight decay is decoupled (``θ(1 − lr λ)``, AdamW) or added to g (Adam).
+    √v is taken of ``max(v, 1e-30)`` so that a double backward through an exactly-zero gradient
+    entry stays finite (a change of at most 1e-15 in √v, far below eps).
+    """
+    lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+    b1, b2 = (float(b) for b in group["betas"])
+    t = int(state["step"]) + 1 if "step" in state else 1
+    if wd and group.get("decoupled_weight_decay", False):
+        theta = theta * (1.0 - lr * wd)
+    elif wd:
+        grad = grad + wd * theta
+    m = b1 * state["exp_avg"] + (1 - b1) * grad if "exp_avg" in state else (1 - b1) * grad
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * grad * grad if "exp_avg_sq" in state else (1 - b2) * grad * grad
+    denom = v.clamp_min(1e-30).sqrt() / math.sqrt(1 - b2 ** t) + eps
+    return theta - (lr / (1 - b1 ** t)) * m / denom
+
+
+def virtual_step(theta: Mapping[str, Tensor], grads: Mapping[str, Tensor], optimizer: torch.optim.Optimizer,
+                 params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+    """θ' = one step of ``optimizer``'s own rule from θ with gradient g, without touching it (eq. 4).
+
+    The paper writes the plain-SGD step ``θ − ξ ∇θ L_train`` and notes that with momentum "Eq. 4
+    has to be modified accordingly"; this applies the real optimiser's rule with its current
+    hyper-parameters (``param_groups``: lr after the scheduler, momentum, dampening, Nesterov,
+    weight decay, betas) and state (momentum buffers, Adam moments and step), out of place.
+
+    Args:
+        theta: name -> current value (N-d tensors), the parameters to step.
+        grads: name -> gradient; a parameter without one is left unchanged (as torch does).
+        optimizer: the real optimiser (SGD, Adam or AdamW).
+        params: name -> the real parameter (keys of ``optimizer.state`` and of its groups).
+
+    Returns:
+        name -> θ' for every name of ``grads``, differentiable in the gradients (and in θ).
+    """
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    if isinstance(optimizer, torch.optim.SGD):
+        rule = _sgd_rule
+    elif isinstance(optimizer, torch.optim.Adam):  # AdamW is a subclass
+        rule = _adam_rule
+    else:
+        raise ValueError(f"DistPro's virtual step follows the real optimiser and supports SGD (momentum, "
+                         f"dampening, Nesterov, weight decay), Adam and AdamW; got {type(optimizer).__name__}")
+    out = {}
+    for name, grad in grads.items():
+        p = params[name]
+        group = groups.get(id(p))
+        if group is None:
+            raise ValueError(f"parameter {name!r} is not in the optimiser; the look-ahead needs its update rule")
+        if group.get("maximize", False) or group.get("amsgrad", False):
+            raise ValueError("DistPro's virtual step does not support maximize=True or amsgrad=True")
+        out[name] = rule(theta[name], grad, group, optimizer.state.get(p, {}))
+    return out
+
+
+# ---------------------------------------------------------------------------------- the bi-level step
+
+
+class DistProSearch:
+    """DistPro's α update (eq. 2–5) for a distiller whose weighting is :class:`DistProWeighting`.
+
+    Args:
+        distiller: student + teacher + the search-space pathways, weighting ``distpro``.
+        hypergradient: ``finite_difference`` (eq. 5; 1 teacher forward, 4 student forwards and
+            2 backwards per step besides the real step) or ``exact`` (double backward; the
+            ground truth the finite difference is tested against).
+        radius: r of ε = r / ‖∇θ' L_val‖ (0.01 in the paper, after DARTS).
+    """
+
+    def __init__(self, distiller: Distiller, hypergradient: Hypergradient = "finite_difference",
+                 radius: float = 0.01) -> None:
+        if not isinstance(distiller.weighting, DistProWeighting):
+            raise TypeError(f"DistPro search needs weighting='distpro', got {type(distiller.weighting).__name__}")
+        if distiller.teacher is None:
+            raise ValueError("DistPro search needs a teacher")
+        if hypergradient not in ("finite_difference", "exact"):
+            raise ValueError(f"hypergradient must be 'finite_difference' or 'exact', got {hypergradient!r}")
+        if radius <= 0:
+            raise ValueError(f"radius must be > 0, got {radius}")
+        self.distiller, self.mode, self.radius = distiller, hypergradient, float(radius)
+        self.weighting: DistProWeighting = distiller.weighting
+        self.alpha_key = next(n for n, b in distiller.named_buffers() if b is self.weighting.alpha_tilde)
+
+    # ------------------------------------------------------------------ functional pieces
+
+    def _student_names(self, optimizer: torch.optim.Optimizer) -> list[str]:
+        """Student parameters the optimiser trains: θ of eq. 4 that L_val depends on.
+
+        (Adapter parameters are in θ too, but L_val = task loss does not depend on them, so their
+        virtual step is never needed.)"""
+        in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        return [n for n, p in self.distiller.named_parameters()
+                if n.startswith("student.") and p.requires_grad and id(p) in in_opt]
+
+    def _buffers(self, alpha: Tensor | None) -> dict[str, Tensor]:
+        """Copies of every buffer (look-ahead forwards move BN statistics of the copies only)."""
+        bufs = {n: b.clone() for n, b in self.distiller.named_buffers()}
+        if alpha is not None:
+            bufs[self.alpha_key] = alpha
+        return bufs
+
+    def _train_loss(self, params: Mapping[str, Tensor], alpha: Tensor | None, x: Tensor, y: Tensor, step: int,
+                    teacher: TeacherOutput) -> Tensor:
+        """L_train(θ, α) of eq. 2 on the training batch, with the given parameters and α̃."""
+        out = functional_call(self.distiller, (dict(params), self._buffers(alpha)), (x, y, step),
+                              {"teacher_output": teacher})
+        return out["loss"]
+
+    def _val_loss(self, student_params: Mapping[str, Tensor], xv: Tensor, yv: Tensor) -> Tensor:
+        """L_val(θ') (eq. 3): the task loss only, on a held-out batch, student in train mode (as the
+        real step's BN uses batch statistics; only copies of the running statistics move)."""
+        student = self.distiller.student
+        params = {n.removeprefix("student."): v for n, v in student_params.items()}
+        bufs = {n: b.clone() for n, b in student.named_buffers()}
+        return F.cross_entropy(functional_call(student, (params, bufs), (xv,)), yv)
+
+    def _alpha_grad(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int,
+                    teacher: TeacherOutput) -> Tensor:
+        """∇α̃ L_train(θ, α̃) at fixed θ: a forward only (θ carries no gradient), as §3.4 counts."""
+        alpha = self.weighting.alpha_tilde.detach().clone().requires_grad_(True)
+        loss = self._train_loss(params, alpha, x, y, step, teacher)
+        (grad,) = torch.autograd.grad(loss, alpha, allow_unused=True)
+        return torch.zeros_like(alpha) if grad is None else grad
+
+    # ------------------------------------------------------------------ hypergradients
+
+    def hypergradient(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
+                      step: int = 0, teacher_output: TeacherOutput | None = None) -> Tensor:
+        """∇α̃ L_val(θ'(α̃)), θ' the virtual step of eq. 4; (L,).
+
+        Args:
+            x, y: training batch (N, C, H, W), (N,); xv, yv: held-out batch.
+            optimizer: the real optimiser (its rule and state define the virtual step).
+            step: the global step (for strategies that depend on it).
+            teacher_output: the teacher's outputs on ``x`` (computed here if not given).
+        """
+        t = teacher_output if teacher_output is not None else self.distiller.teacher_forward(x)
+        if self.mode == "exact":
+            return self._exact(x, y, xv, yv, optimizer, step, t)
+        return self._finite_difference(x, y, xv, yv, optimizer, step, t)
+
+    def _exact(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
+               step: int, t: TeacherOutput) -> Tensor:
+        """Eq. 4 by double backward: differentiate L_val(θ'(α̃)) through the virtual step."""
+        params = dict(self.distiller.named_parameters())
+        names = self._student_names(optimizer)
+        alpha = self.weighting.alpha_tilde.detach().clone().requires_grad_(True)
+        loss = self._train_loss(params, alpha, x, y, step, t)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
+        g = {n: gr for n, gr in zip(names, grads, strict=True) if gr is not None}
+        theta1 = virtual_step(params, g, optimizer, params)  # θ'(α̃), with graph
+        student = {n: p for n, p in params.items() if n.startswith("student.")}
+        val = self._val_loss({**student, **theta1}, xv, yv)
+        (hyper,) = torch.autograd.grad(val, alpha, allow_unused=True)
+        return torch.zeros_like(alpha) if hyper is None else hyper.detach()
+
+    def _finite_difference(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
+                           step: int, t: TeacherOutput) -> Tensor:
+        """Eq. 5: ``−ξ ∇²α̃θ L_train · v ≈ (∇α̃ L_train(θ⁺) − ∇α̃ L_train(θ⁻)) / 2ε``.
+
+        For plain SGD, ∂θ'/∂α̃ = −ξ ∂g/∂α̃ and θ± = θ ± ε v with ε = r/‖v‖, v = ∇θ' L_val(θ').
+        For any other rule θ'(g) (momentum, Nesterov, Adam) ∂θ'/∂α̃ = J ∂g/∂α̃ with J = ∂θ'/∂g, so
+        the hypergradient is ``∇²α̃θ L_train · u`` with ``u = Jᵀ v`` (a cheap element-wise vjp:
+        u = −ξ(1 + μ)v for Nesterov SGD after its first step), and we difference along u:
+        ``θ± = θ ± r u/‖u‖``, hypergradient ``= ‖u‖ (∇α̃ L(θ⁺) − ∇α̃ L(θ⁻)) / 2r``. For plain SGD
+        this is exactly eq. 5 (the same θ±, ξ = lr).
+        """
+        params = dict(self.distiller.named_parameters())
+        fixed = {n: p.detach() for n, p in params.items()}
+        names = self._student_names(optimizer)
+        # 1. g = ∇θ L_train(θ, α) at the current α (one student forward + backward).
+        loss = self._train_loss(params, None, x, y, step, t)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        g = {n: gr.detach().requires_grad_(True) for n, gr in zip(names, grads, strict=True) if gr is not None}
+        # 2. θ' by the optimiser's rule, kept differentiable in g for the vjp of step 4.
+        with torch.enable_grad():
+            theta1 = virtual_step(fixed, g, optimizer, params)
+        # 3. v = ∇θ' L_val(θ') (one student forward + backward on the held-out batch).
+        leaf = {n: v.detach().requires_grad_(True) for n, v in theta1.items()}
+        student = {n: p for n, p in fixed.items() if n.startswith("student.")}
+        val = self._val_loss({**student, **leaf}, xv, yv)
+        v = torch.autograd.grad(val, list(leaf.values()), allow_unused=True)
+        used = [(n, vi) for n, vi in zip(leaf, v, strict=True) if vi is not None]
+        if not used:
+            return torch.zeros_like(self.weighting.alpha_tilde)
+        # 4. u = Jᵀ v.
+        u = torch.autograd.grad([theta1[n] for n, _ in used], [g[n] for n, _ in used],
+                                grad_outputs=[vi for _, vi in used])
+        norm = torch.sqrt(sum((ui.double() ** 2).sum() for ui in u)).item()
+        if norm == 0.0 or not math.isfinite(norm):
+            return torch.zeros_like(self.weighting.alpha_tilde)
+        # 5. two forwards at θ± (no backward through the network: only α̃ needs a gradient).
+        scale = self.radius / norm
+        plus = {**fixed, **{n: fixed[n] + scale * ui for (n, _), ui in zip(used, u, strict=True)}}
+        minus = {**fixed, **{n: fixed[n] - scale * ui for (n, _), ui in zip(used, u, strict=True)}}
+        g_plus = self._alpha_grad(plus, x, y, step, t)
+        g_minus = self._alpha_grad(minus, x, y, step, t)
+        return (g_plus - g_minus) * (norm / (2.0 * self.radius))
+
+    def step(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
+             step: int = 0) -> tuple[TeacherOutput, Tensor]:
+        """One α update (Alg. 1 line 4) before the real step on the same batch (line 5).
+
+        Returns:
+            The teacher's outputs on ``x`` (hand them to the real step) and the hypergradient (L,).
+        """
+        t = self.distiller.teacher_forward(x)
+        hyper = self.hypergradient(x, y, xv, yv, optimizer, step, t)
+        self.weighting.update_alpha(hyper)
+        return t, hyper
+
+
+# ---------------------------------------------------------------------------------- callbacks
+
+
+def _cycle(loader: BatchLoader, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Held-out batches forever, one per search step; batch k of the stream depends only on k, so
+    a resumed search sees the batches an uninterrupted one would. Built once, never per step."""
+    n = len(loader)
+    epoch, skip = divmod(start, n)
+    while True:
+        loader.set_epoch(epoch)
+        for batch in loader:
+            if skip:
+                skip -= 1
+                continue
+            yield batch
+        epoch += 1
+
+
+class DistProCallback(Callback):
+    """Runs DistPro's search inside :meth:`Trainer.fit`: an α update before every real step, the
+    process recorded every step, ``process.json`` + ``process.png`` written to the run directory.
+
+    Args:
+        val: the held-out split's batches (80/20 of the training set in the paper, §4.1).
+        pathways: :class:`PathwayInfo` of the learned pathways (from :func:`search_space`), in the
+            weighting's order; recorded in the process file for replay and transfer.
+        hypergradient, radius: see :class:`DistProSearch`.
+        meta: provenance stored in the process file (teacher, student, dataset ...).
+        export: also write the finished process file here (e.g. a stable path for retrain configs).
+    """
+
+    def __init__(self, val: BatchLoader, pathways: Sequence[PathwayInfo] | None = None,
+                 hypergradient: Hypergradient = "finite_difference", radius: float = 0.01,
+                 meta: Mapping[str, Any] | None = None, export: str | Path | None = None) -> None:
+        self.val, self.infos = val, list(pathways) if pathways is not None else None
+        self.export = Path(export) if export is not None else None
+        self.mode, self.radius, self.meta = hypergradient, radius, dict(meta or {})
+        self.search: DistProSearch | None = None
+        self._val_iter: Iterator[tuple[Tensor, Tensor]] | None = None
+        self.steps: list[int] = []
+        self.alpha: list[list[float]] = []
+        self.alpha_tilde: list[list[float]] = []
+        self.kept: list[float] = []
+        self.seconds = 0.0
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.search = DistProSearch(trainer.distiller, self.mode, self.radius)
+        w = self.search.weighting
+        if self.infos is None:
+            self.infos = [PathwayInfo(n, "", "") for n in w.learned]
+        if [p.name for p in self.infos] != w.learned:
+            raise ValueError(f"pathway infos {[p.name for p in self.infos]} differ from the weighting's {w.learned}")
+        self._val_iter = _cycle(self.val, trainer.global_step)
+        path = trainer.run_dir / "process.json" if trainer.run_dir else None
+        if trainer.global_step > 0 and path is not None and path.exists():
+            # Resumed: keep what was recorded before the checkpoint; the rest is about to be redone.
+            old = Process.load(path)
+            keep = [k for k, s in enumerate(old.steps) if s < trainer.global_step]
+            self.steps = [old.steps[k] for k in keep]
+            self.alpha = [old.alpha[k].tolist() for k in keep]
+            self.alpha_tilde = [old.alpha_tilde[k].tolist() for k in keep]
+            self.kept = [old.kept[k] for k in keep] if old.kept else []
+            self.seconds = float(old.meta.get("search_seconds", 0.0))
+
+    def on_batch_start(self, trainer: Trainer, x: Tensor, y: Tensor) -> None:
+        assert self.search is not None and self._val_iter is not None
+        t0 = time.perf_counter()
+        xv, yv = next(self._val_iter)
+        step = trainer.global_step
+        teacher, _ = self.search.step(x, y, xv, yv, trainer.optimizer, step)
+        trainer.distiller.reuse_teacher_output(x, teacher)  # the real step reuses it
+        self.seconds += time.perf_counter() - t0
+        w = self.search.weighting
+        if self.steps and self.steps[-1] == step:  # the last real step was skipped (non-finite loss)
+            for rows in (self.steps, self.alpha, self.alpha_tilde, self.kept):
+                rows.pop()
+        self.steps.append(step)
+        self.alpha.append(w.alpha().detach().tolist())
+        self.alpha_tilde.append(w.alpha_tilde.tolist())
+        self.kept.append(float(w.kept_mask().float().mean()))
+
+    def process(self) -> Process:
+        """The process recorded so far."""
+        assert self.search is not None and self.infos is not None
+        w = self.search.weighting
+        meta = {**self.meta, "search_steps": len(self.steps), "hypergradient": self.mode,
+                "alpha_optimizer": w.alpha_optimizer, "alpha_lr": w.alpha_lr, "search_seconds": round(self.seconds, 2)}
+        return Process(self.infos, self.steps, torch.tensor(self.alpha), torch.tensor(self.alpha_tilde),
+                       w.normalization, w.g, w.tau, self.kept, meta)
+
+    def _write(self, trainer: Trainer) -> None:
+        if trainer.run_dir is None or not trainer.dist.is_main or not self.steps:
+            return
+        process = self.process()
+        process.save(trainer.run_dir / "process.json")
+        plot_process(process, trainer.run_dir / "process.png")
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self._write(trainer)  # before the trainer's checkpoint: a resume finds both in step
+
+    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        self._write(trainer)
+        if self.export is not None and trainer.dist.is_main and self.steps:
+            process = self.process()
+            process.meta["run_dir"] = str(trainer.run_dir) if trainer.run_dir else None
+            process.save(self.export)
+        summary["search_seconds_in_alpha_updates"] = round(self.seconds, 2)
+
+
+class ProcessReplay(Callback):
+    """Tells a :class:`ProcessWeighting` the retrain length (epochs × batches per epoch), so the
+    process is stretched onto it (Alg. 1 line 8) before the first step."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        w = trainer.distiller.weighting
+        if not isinstance(w, ProcessWeighting):
+            raise TypeError(f"ProcessReplay needs weighting='process', got {type(w).__name__}")
+        w.set_total_steps(trainer.cfg.epochs * len(trainer.train_loader))
+
+
+# ---------------------------------------------------------------------------------- plot
+
+
+def plot_process(process: Process, path: str | Path) -> Path:
+    """α per pathway over steps, one panel per teacher stage (the paper's Fig. 6), as a PNG."""
+    from kdtune.report import plt
+
+    groups: dict[str, list[int]] = {}
+    for k, p in enumerate(process.pathways):
+        label = f"teacher stage {p.teacher_stage}" if p.teacher_stage is not None else f"teacher {p.teacher}"
+        groups.setdefault(label, []).append(k)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.8), squeeze=False, sharey=True)
+    steps = process.steps
+    for ax, (title, cols) in zip(axes[0], groups.items(), strict=True):
+        for k in cols:
+            p = process.pathways[k]
+            label = (f"s{p.student_stage} {p.transform}" if p.student_stage is not None else p.name)
+            ax.plot(steps, process.alpha[:, k].tolist(), label=label, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("α (normalised)")
+    fig.suptitle(f"DistPro process: {len(process.pathways)} pathways, {len(steps)} steps", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------- from a run config
+
+
+def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Distiller, list[Callback]]:
+    """Distiller + callbacks of a DistPro run config (what ``kdtune run`` builds).
+
+    * ``distpro:`` section -> the search: pathways of :func:`search_space`, weighting ``distpro``,
+      a :class:`DistProCallback` on the held-out split (``data.val_fraction``).
+    * ``distill.weighting.name: process`` -> the retrain: pathways from the process file (by stage
+      index on this teacher/student: transfer) unless ``distill.pathways`` lists them (with the
+      process's names), weighting ``process`` (kwargs ``file``, ``mode``: process | final | equal,
+      ``tau``), and :class:`ProcessReplay`.
+
+    Args:
+        cfg: a :class:`~kdtune.config.RunConfig`; splits: its :class:`~kdtune.recipe.Splits`.
+    """
+    from kdtune.distiller import LogitLoss
+    from kdtune.recipe import build_model
+
+    if cfg.teacher is None:
+        raise ValueError("DistPro needs a teacher: set teacher: {name: ..., checkpoint: ...}")
+    n_in, n_cls = splits.train.in_channels, splits.train.num_classes
+    student = build_model(cfg.student, n_in, n_cls)
+    teacher = build_model(cfg.teacher, n_in, n_cls)
+    dc = cfg.distill
+    logit_losses = [LogitLoss(ll.name, ll.weight, dict(ll.kwargs)) for ll in dc.logit_losses]
+    if cfg.distpro is not None:
+        dp = cfg.distpro
+        if dc.pathways:
+            raise ValueError("a DistPro search builds its own pathways (distpro.connections x distpro.transforms); "
+                             "remove distill.pathways, or give stage module paths in distpro.teacher_stages / "
+                             "distpro.student_stages")
+        if dc.weighting.name not in ("fixed", "distpro"):
+            raise ValueError(f"a DistPro search learns the pathway weights itself; remove distill.weighting "
+                             f"(got {dc.weighting.name!r})")
+        if splits.val is None:
+            raise ValueError("a DistPro search needs a held-out split for L_val: set data.val_fraction: 0.2 "
+                             "(the paper's 80/20 split of the training set)")
+        pathways, infos = search_space(teacher, student, input_shape, dp.connections, dp.transforms, dp.distance,
+                                       dp.teacher_stages, dp.student_stages)
+        kwargs = {"learned": [p.name for p in pathways], "normalization": dp.normalization, "g": dp.g,
+                  "init": dp.init, "tau": dp.tau, "alpha_optimizer": dp.alpha_optimizer, "alpha_lr": dp.alpha_lr,
+                  "alpha_betas": dp.alpha_betas, "alpha_weight_decay": dp.alpha_weight_decay}
+        distiller = Distiller(student, teacher, pathways, logit_losses, weighting="distpro", weighting_kwargs=kwargs,
+                              task_weight=dc.task_weight, input_shape=input_shape)
+        val = BatchLoader(splits.val, cfg.data.batch_size, shuffle=True, seed=cfg.seed + 1)
+        meta = {"teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint, "student": cfg.student.name,
+                "dataset": cfg.data.dataset, "train_per_class": cfg.data.train_per_class,
+                "val_fraction": cfg.data.val_fraction, "seed": cfg.seed, "epochs": cfg.train.epochs}
+        return distiller, [DistProCallback(val, infos, dp.hypergradient, dp.radius, meta, dp.export)]
+
+    kwargs = dict(dc.weighting.kwargs)
+    file = kwargs.pop("file", None)
+    if file is None:
+        raise ValueError("weighting 'process' needs the process file of a DistPro search: "
+                         "distill.weighting.kwargs.file, or `kdtune run <config> process=<run>/process.json`")
+    process = Process.load(file)
+    if dc.pathways:
+        pathways = [Pathway(teacher=p.teacher, student=p.student, method=p.method, transform=p.transform,
+                            distance=p.distance, weight=p.weight, name=p.name,
+                            transform_kwargs=dict(p.transform_kwargs), distance_kwargs=dict(p.distance_kwargs))
+                    for p in dc.pathways]
+    else:
+        pathways = pathways_from_process(process, teacher, student, input_shape)
+    distiller = Distiller(student, teacher, pathways, logit_losses, weighting="process",
+                          weighting_kwargs={**kwargs, "file": str(file), "process": process},
+                          task_weight=dc.task_weight, input_shape=input_shape)
+    return distiller, [ProcessReplay()]

@@ -1,0 +1,299 @@
+"""Search over the fixed path weights v as an Optuna study (Adaptive Distillation §3.3, Fig. 1b).
+
+    kdtune run configs/fmnist/adaptive_search.yaml              # grid over v, then retrain the best
+    kdtune run --resume runs/adaptive_search-s0-<stamp>         # continue: the study lives in the run dir
+    kdtune run configs/fmnist/adaptive_search.yaml search.storage=postgresql://host/db search.final=false
+                                                                # one more worker on a shared study
+
+The paper's "hand-tuned" baseline treats v of eq. 3 (``L_task + alpha v^T f_KD``) as a
+hyper-parameter chosen before training — by grid search, random search, or a model-based method
+(here TPE). Each trial trains the run's config with weighting ``fixed``, every pathway / logit loss
+of path p weighted v_p (a path is a method label — ``at`` is the AT loss of every stage — or a
+logit loss, as in :mod:`kdtune.weighting.paths`), alpha taken from the config's weighting kwargs.
+A trial's score is the final-epoch top-1 accuracy on the held-out validation split of the training
+data (``data.val_fraction``); the test set is never read for selection. With ``search.final`` the
+best v is then retrained on the whole training set (no split) in the run directory itself, which
+then reads like any run (``summary.json`` with test accuracy, plus a ``search`` entry).
+
+Run directory: ``config.yaml`` (the search config), ``study.db`` (default storage), ``trials/<v>/``
+(one plain run directory per distinct v, evaluated on validation), ``search.json`` (all trials,
+best v), ``best_config.yaml`` (a plain config reproducing the final run) and the final run's files.
+
+Resuming and sharing: the study is loaded whenever it exists, so running again continues it.
+Trials are keyed by their v, so a trial interrupted mid-training resumes from its checkpoint; a
+trial whose worker died is marked failed once its heartbeat is ``3 * search.heartbeat`` seconds
+old and retried (up to ``search.max_retry`` times) by the next worker to start a trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from kdtune.config import RunConfig, SearchConfig, WeightingConfig, save_config
+from kdtune.pathways import Pathway
+from kdtune.weighting.paths import path_of
+
+if TYPE_CHECKING:
+    from kdtune.trainer import Callback
+
+#: objective(trial, v) -> score to maximise; v maps path -> weight.
+Objective = Callable[[optuna.Trial, dict[str, float]], float]
+
+
+# --------------------------------------------------------------------------- v <-> config
+
+
+def config_paths(cfg: RunConfig) -> dict[str, list[str]]:
+    """Path -> the config items it weights (``logit_losses.0``, ``pathways.2`` ...), in order.
+
+    A pathway's path is the label of its term name (method, else distance, or its own ``name``
+    up to the first ``:``); a logit loss's path is its name.
+    """
+    out: dict[str, list[str]] = {}
+    for i, ll in enumerate(cfg.distill.logit_losses):
+        out.setdefault(path_of(ll.name), []).append(f"logit_losses.{i}")
+    for i, p in enumerate(cfg.distill.pathways):
+        name = Pathway(teacher=p.teacher, student=p.student, method=p.method, transform=p.transform,
+                       distance=p.distance, name=p.name).resolved().name
+        out.setdefault(path_of(name), []).append(f"pathways.{i}")
+    return out
+
+
+def apply_weights(cfg: RunConfig, v: Mapping[str, float]) -> RunConfig:
+    """A copy of ``cfg`` that trains with fixed weights v: weighting ``fixed`` (the config's alpha
+    kept), each pathway / logit loss of path p weighted v_p, others unchanged; no ``search``.
+
+    Raises:
+        ValueError: a path of v matches nothing in the config (lists the paths it has).
+    """
+    paths = config_paths(cfg)
+    unknown = sorted(set(v) - set(paths))
+    if unknown:
+        raise ValueError(f"search.space names paths {unknown} that the config does not have; "
+                         f"its paths are {sorted(paths)} (method labels of pathways, names of logit losses)")
+    out = copy.deepcopy(cfg)
+    out.search = None
+    for p, items in paths.items():
+        if p not in v:
+            continue
+        for item in items:
+            kind, index = item.split(".")
+            getattr(out.distill, kind)[int(index)].weight = float(v[p])
+    alpha = cfg.distill.weighting.kwargs.get("alpha", 1.0)
+    out.distill.weighting = WeightingConfig(name="fixed", kwargs={"alpha": float(alpha)})
+    return out
+
+
+def trial_key(v: Mapping[str, float]) -> str:
+    """Directory name of a trial: its v, exactly (``at=1000.0,kd=0.1``)."""
+    return ",".join(f"{p}={float(w)!r}" for p, w in sorted(v.items())).replace("/", "_")
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def grid_size(space: Mapping[str, Any]) -> int:
+    """Number of points of a grid space (every value a list)."""
+    return math.prod(len(values) for values in space.values())
+
+
+def suggest(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, float]:
+    """v for a trial: a list is a categorical choice (the grid's axes), a range a float."""
+    v = {}
+    for p, values in space.items():
+        if isinstance(values, list):
+            v[p] = float(trial.suggest_categorical(p, [float(x) for x in values]))
+        else:
+            v[p] = trial.suggest_float(p, float(values["low"]), float(values["high"]), log=bool(values.get("log")))
+    return v
+
+
+def make_sampler(spec: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """grid: every combination of the listed values; random; tpe (Bergstra et al. 2011). Seeded."""
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler({p: [float(x) for x in vs] for p, vs in spec.space.items()}, seed=seed)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def open_study(spec: SearchConfig, storage: str, study_name: str, seed: int) -> optuna.Study:
+    """Create the study, or load it if it exists (resume / another worker).
+
+    The storage is an RDB (SQLite file or server URL) with heartbeats, so trials of a dead worker
+    are failed after ``3 * spec.heartbeat`` seconds and retried with the same v.
+
+    Raises:
+        ValueError: the stored study was made with another sampler or space.
+    """
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they are what we need
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:  # Optuna >= 4.9
+            from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+            retry = {"heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry)}
+        except ImportError:
+            from optuna.storages import RetryFailedTrialCallback
+
+            retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=spec.max_retry)}
+        rdb = RDBStorage(storage, heartbeat_interval=spec.heartbeat, grace_period=3 * spec.heartbeat, **retry)
+    study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize",
+                                sampler=make_sampler(spec, seed), load_if_exists=True)
+    made_with = {"sampler": spec.sampler, "space": spec.space}
+    stored = study.user_attrs.get("search")
+    if stored is None:
+        study.set_user_attr("search", made_with)
+    elif stored != json.loads(json.dumps(made_with)):
+        raise ValueError(f"study {study_name!r} in {storage} was made with {stored}, not {made_with}; "
+                         f"give this search another search.study_name or storage")
+    return study
+
+
+def count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def run_study(spec: SearchConfig, objective: Objective, storage: str, study_name: str, seed: int = 0,
+              catch: tuple[type[Exception], ...] = ()) -> optuna.Study:
+    """Run (or continue) a study until it holds ``n_trials`` complete trials over all workers.
+
+    Args:
+        spec: the ``search`` section (sampler, space, n_trials, heartbeat ...).
+        objective: ``objective(trial, v) -> score`` to maximise.
+        storage: Optuna RDB URL (``sqlite:///path/study.db``, ``postgresql://...``).
+        study_name: name of the study in the storage.
+        seed: sampler seed.
+        catch: exceptions that fail a trial without stopping the search (e.g. a diverged run).
+
+    Returns:
+        The study (completed trials: ``study.best_trial``, ``study.trials``).
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdtune prints its own line per trial
+    study = open_study(spec, storage, study_name, seed)
+    # A worker that died left its trial RUNNING; past the grace period it is failed and re-queued.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    target = spec.n_trials if spec.n_trials is not None else grid_size(spec.space)
+    remaining = target - count(study, TrialState.COMPLETE)
+    if remaining > 0:
+        # Each worker runs at most the missing number; the callback stops every worker once the
+        # study (all workers together) holds enough complete trials.
+        study.optimize(lambda trial: objective(trial, suggest(trial, spec.space)), n_trials=remaining,
+                       catch=catch, callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE,))])
+    return study
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial: number, state, v, score and run directory (for ``search.json``)."""
+    return [{"number": t.number, "state": t.state.name, "v": t.params, "val_acc": t.value,
+             "run_dir": t.user_attrs.get("run_dir")} for t in study.get_trials(deepcopy=False)]
+
+
+# --------------------------------------------------------------------------- kdtune runs
+
+
+def train_trial(cfg: RunConfig, v: Mapping[str, float], trials_dir: Path) -> dict[str, Any]:
+    """Train ``cfg`` with fixed weights v in ``trials_dir/<v>``, evaluated on the validation split.
+
+    A finished trial directory is reused (the same v asked twice, or a retry of a trial whose
+    worker died after training); an interrupted one resumes from its checkpoint.
+
+    Returns:
+        The trial's summary, with ``val_acc`` / ``val_agreement_error`` (the trainer's test_* keys
+        are validation metrics here) and ``eval_split: "val"``.
+    """
+    from kdtune.recipe import prepare
+
+    run_dir = trials_dir / trial_key(v)
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary.get("eval_split") == "val":
+            return summary
+    trial_cfg = apply_weights(cfg, v)
+    trial_cfg.name = f"{cfg.name}-trial"
+    trainer = prepare(trial_cfg, run_dir, eval_split="val")
+    resume = (run_dir / "checkpoints" / "last.pt").exists()
+    if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(trial_cfg, run_dir / "config.yaml")
+    summary = trainer.fit(resume=resume)
+    summary.update(eval_split="val", val_acc=summary["test_acc"], val_agreement_error=summary.get("agreement_error"))
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_search(cfg: RunConfig, run_dir: Path,
+               callbacks: tuple[Callback, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """Search v on the validation split, then (``search.final``) retrain the best v on all training data.
+
+    Args:
+        cfg: a run config with a ``search`` section and ``data.val_fraction > 0``.
+        run_dir: the search's run directory (created, or continued if it exists).
+        callbacks: trainer callbacks of the final run.
+
+    Returns:
+        (run_dir, summary): the final run's summary with a ``search`` entry (best v, its validation
+        accuracy, trial counts), or only ``{"search": ...}`` without a final run.
+    """
+    from kdtune.recipe import prepare
+    from kdtune.trainer import NonFiniteLossError
+
+    spec = cfg.search
+    if spec is None:
+        raise ValueError("run_search needs a config with a search section")
+    if cfg.data.val_fraction <= 0:
+        raise ValueError("a weight search scores trials on a validation split carved from the training data: "
+                         "set data.val_fraction > 0 (e.g. 0.2); the test set is never used for selection")
+    apply_weights(cfg, {p: 1.0 for p in spec.space})  # fail now, not after a trial, on an unknown path
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        save_config(cfg, run_dir / "config.yaml")
+    storage = spec.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    study_name = spec.study_name or cfg.name
+
+    def objective(trial: optuna.Trial, v: dict[str, float]) -> float:
+        trial.set_user_attr("run_dir", str(run_dir / "trials" / trial_key(v)))
+        summary = train_trial(cfg, v, run_dir / "trials")
+        trial.set_user_attr("train_seconds", summary.get("train_seconds"))
+        print(f"trial {trial.number}: v = {v}  val acc {100 * summary['val_acc']:.2f}%", flush=True)
+        return float(summary["val_acc"])
+
+    study = run_study(spec, objective, storage, study_name, cfg.seed, catch=(NonFiniteLossError,))
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"no trial of study {study_name!r} completed; see the trial run directories in "
+                           f"{run_dir / 'trials'}")
+    best = study.best_trial
+    info = {"study_name": study_name, "storage": storage, "sampler": spec.sampler, "best_v": best.params,
+            "best_val_acc": best.value, "best_trial": best.number, "complete_trials": len(complete),
+            # The search's own cost (the final run's time is its summary's train_seconds).
+            "trials_train_seconds": sum(t.user_attrs.get("train_seconds") or 0.0 for t in complete),
+            "trials": trials_table(study)}
+    (run_dir / "search.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"best v = {best.params}  val acc {100 * best.value:.2f}% "
+          f"({len(complete)} trials; {run_dir / 'search.json'})", flush=True)
+    search_summary = {k: v for k, v in info.items() if k != "trials"}
+    if not spec.final:
+        return run_dir, {"search": search_summary}
+
+    final_cfg = apply_weights(cfg, best.params)
+    final_cfg.data.val_fraction = 0.0  # retrain on all the training data, evaluate on test
+    save_config(final_cfg, run_dir / "best_config.yaml")
+    trainer = prepare(final_cfg, run_dir, callbacks)
+    summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
+    summary["search"] = search_summary
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return run_dir, summary

@@ -1,0 +1,325 @@
+"""SelfDistiller: a model, exits on its early stages, and (for MetaDistiller) a label generator.
+
+Teacher-free self-boosting (MetaDistiller, Liu et al. 2020, §3.2–3.4). The model is divided into
+K stages; an exit (:class:`~kdtune.selfdistill.heads.ExitHead`) on each early stage k < K gives an
+intermediate output S_k, the model's own output is S_K, and the training loss is
+
+    L_S = CE(y, S_K) + Σ_{k<K} L_k                                                   (eq. 3)
+    L_k = a · CE(y, S_k) + (1 − a) · τ² · KL(T_k ‖ S_k)                              (eq. 4)
+
+with soft targets T_k = softmax(t_k / τ) (eq. 2) chosen by the variant:
+
+- ``dsn``  deeply-supervised net, hard labels only: L_k = CE(y, S_k) (eq. 4 with a = 1);
+- ``sd``   self-distillation ("Be Your Own Teacher"): t_k = S_K, the final output, detached;
+- ``md``   MetaDistiller: t_k from the top-down label generator (eq. 5), whose parameters θ_g are
+           learned by the meta-gradient of eq. 6–8 (:meth:`SelfDistiller.meta_gradient`).
+
+The stages are found by :func:`~kdtune.capture.find_stage_outputs` (or given as module paths) and
+read with forward hooks, so the model is not edited and needs no knowledge of kdtune. The plain
+model stays at ``self.student``: the exits and the generator are training-only (§3.5), and
+``kdtune export`` writes exactly the ``student.*`` weights.
+
+Example:
+    >>> model = create_model("resnet8", in_channels=1)
+    >>> sd = SelfDistiller(model, input_shape=(1, 28, 28), method="md")
+    >>> out = sd(x, y)          # {"loss", "logits", "task", "exit1_ce", "exit1_kl", ...}
+    >>> sd.meta_step(x_a, y_a, x_b, y_b, lr=0.1)   # one Adam step of the generator (Alg. 1, l. 10-19)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from kdtune.capture import FeatureCapture, find_stage_outputs, get_module, probe
+from kdtune.losses import kd
+from kdtune.selfdistill.generator import TopDownLabelGenerator
+from kdtune.selfdistill.heads import ExitHead
+
+__all__ = ["METHODS", "SelfDistiller"]
+
+Method = Literal["dsn", "sd", "md"]
+#: The variants of Table 4: hard labels only, final output as teacher, meta-learned generator.
+METHODS: tuple[str, ...] = ("dsn", "sd", "md")
+
+
+class SelfDistiller(nn.Module):
+    """A model trained with exits on its early stages (DSN / SD / MetaDistiller).
+
+    Has the contract :class:`~kdtune.trainer.Trainer` runs: ``forward(x, y, step)`` returns a loss
+    dict, ``student`` is the plain model, ``teacher`` is None, ``extra_parameters()`` lists exits
+    and generator, ``trainable_parameters()`` what the main SGD optimiser steps (model and exits,
+    not the generator: it has its own Adam, §4.1), and ``eval_logits(x)`` adds per-exit and
+    ensemble accuracy to evaluation.
+
+    Args:
+        student: any ``nn.Module`` mapping (N, C, H, W) to logits (N, num_classes).
+        input_shape: (C, H, W) of one input, to probe the stage shapes.
+        method: ``"dsn"``, ``"sd"`` or ``"md"`` (see the module docstring).
+        stages: module paths of the K stage outputs F_1..F_K, from the input side; the last one is
+            the map the model's own classifier reads. None finds them automatically (e.g. resnet:
+            ``["layer1", "layer2", "layer3"]``): exits go on all but the last.
+        alpha: a of eq. 4, the weight of the hard-label term of an exit (0.5 in the paper).
+        tau: τ of eq. 2 and 4 (1 in the paper).
+        generator_lr: initial Adam learning rate of the label generator (0.1 in the paper, §4.1); ``md``
+            only. :class:`~kdtune.selfdistill.meta.MetaStep` scales it with the main schedule.
+
+    Raises:
+        ValueError: unknown method, fewer than 2 stages, a stage that is not a 4-D map, or a
+            model whose output is not (N, num_classes) logits.
+    """
+
+    def __init__(self, student: nn.Module, input_shape: Sequence[int], method: Method = "md",
+                 stages: Sequence[str] | None = None, alpha: float = 0.5, tau: float = 1.0,
+                 generator_lr: float = 0.1) -> None:
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"unknown self-distillation method {method!r}; choose one of {list(METHODS)}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha (a of eq. 4) must be in [0, 1], got {alpha}")
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        if generator_lr <= 0:
+            raise ValueError(f"generator_lr must be > 0, got {generator_lr}")
+        self.student = student
+        self.teacher = None  # teacher-free; the Trainer checks this attribute
+        self.method, self.alpha, self.tau, self.generator_lr = method, float(alpha), float(tau), float(generator_lr)
+
+        example = torch.zeros(2, *input_shape)
+        self.stages = list(stages) if stages else find_stage_outputs(student, example)
+        channels, sizes, num_classes = self._stage_shapes(example)
+        self.exits = nn.ModuleList(ExitHead(channels[k], sizes[k], channels[-1], sizes[-1], num_classes)
+                                   for k in range(len(self.stages) - 1))
+        self.generator: TopDownLabelGenerator | None = None
+        self.generator_optimizer: torch.optim.Optimizer | None = None
+        if method == "md":
+            self.generator = TopDownLabelGenerator(channels, sizes, num_classes)
+            self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr)
+        self._eval_cache: tuple[Tensor, Tensor, list[Tensor]] | None = None
+        self._attach_hooks()
+
+    def _attach_hooks(self) -> None:
+        # Feature names F1..FK; hooks fire under torch.func.functional_call too (the look-ahead).
+        self._capture = FeatureCapture(self.student, {f"F{k + 1}": p for k, p in enumerate(self.stages)}).attach()
+        self._eval_hook = self.student.register_forward_hook(self._remember_eval_forward)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SelfDistiller:
+        """A copy whose hooks feed its own capture (copied hooks would write into this one's)."""
+        self._capture.remove()
+        self._capture.clear()  # features of the last forward are graph nodes, which cannot be deep-copied
+        self._eval_hook.remove()
+        self._eval_cache = None
+        try:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            for key, value in self.__dict__.items():
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        finally:
+            self._attach_hooks()
+        new._attach_hooks()
+        return new
+
+    def _stage_shapes(self, example: Tensor) -> tuple[list[int], list[tuple[int, int]], int]:
+        if len(self.stages) < 2:
+            raise ValueError(f"self-distillation needs at least 2 stages (exits go on all but the last), got "
+                             f"{self.stages}; pass stages=[...module paths...] (kdtune probe MODEL lists them)")
+        info = probe(self.student, example)
+        channels, sizes = [], []
+        for path in self.stages:
+            get_module(self.student, path)  # a wrong path fails here, listing the closest real ones
+            shape = info[path].shape
+            if shape is None or len(shape) != 4:
+                raise ValueError(f"stage {path!r} must output a (N, C, H, W) feature map, got shape {shape}; "
+                                 f"pick another module path (kdtune.capture.probe lists every output shape)")
+            channels.append(shape[1])
+            sizes.append((shape[2], shape[3]))
+        out = info[""].shape
+        if out is None or len(out) != 2:
+            raise ValueError(f"the model must return logits (N, num_classes), got {out}")
+        return channels, sizes, out[1]
+
+    # ------------------------------------------------------------------ parameters
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the Trainer's SGD steps: the model and its exits. The generator is excluded — it is
+        stepped by its own Adam on the meta-gradient (§3.4–3.5, §4.1)."""
+        gen = {id(p) for p in self.generator.parameters()} if self.generator is not None else set()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in gen]
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Training-only parameters: exits and label generator (dropped by ``kdtune export``)."""
+        student_ids = {id(p) for p in self.student.parameters()}
+        return [p for p in self.parameters() if id(p) not in student_ids]
+
+    # ------------------------------------------------------------------ forward
+
+    def features(self) -> list[Tensor]:
+        """F_1..F_K, (N, C_k, H_k, W_k) each, captured by the last forward of the student."""
+        return [self._capture[f"F{k + 1}"] for k in range(len(self.stages))]
+
+    def soft_target_logits(self, features: Sequence[Tensor], logits: Tensor,
+                           generator_grad: bool = False) -> list[Tensor] | None:
+        """t_k, k < K, such that T_k = softmax(t_k / τ); None for ``dsn`` (no soft targets).
+
+        The targets never pass a gradient to the model (they are teachers): ``sd`` detaches the
+        final output; ``md`` feeds the generator detached features. With ``generator_grad`` the
+        generator's graph is kept, so the loss is differentiable in θ_g (the meta step, eq. 7-8);
+        otherwise it runs without a graph (the real step does not train it).
+        """
+        if self.method == "dsn":
+            return None
+        if self.method == "sd":
+            return [logits.detach()] * len(self.exits)
+        with torch.set_grad_enabled(generator_grad and torch.is_grad_enabled()):
+            return self.generator([f.detach() for f in features])
+
+    def forward(self, x: Tensor, y: Tensor, step: int = 0, generator_grad: bool = False) -> dict[str, Tensor]:
+        """The loss of eq. 3–4 for a batch x (N, C, H, W), labels y (N,).
+
+        Args:
+            step: unused (the Trainer's signature).
+            generator_grad: keep the generator's graph (the meta step), see :meth:`soft_target_logits`.
+
+        Returns:
+            ``loss`` (L_S, eq. 3), ``logits`` (N, K) = S_K, ``task`` = CE(y, S_K), and per exit k:
+            ``exit<k>_ce`` = CE(y, S_k) and, for sd/md, ``exit<k>_kl`` = τ² KL(T_k ‖ S_k).
+        """
+        logits = self.student(x)
+        feats = self.features()
+        task = F.cross_entropy(logits, y)
+        out: dict[str, Tensor] = {"logits": logits, "task": task}
+        loss = task
+        targets = self.soft_target_logits(feats, logits, generator_grad)
+        for k, (head, f) in enumerate(zip(self.exits, feats, strict=False), start=1):
+            s_k = head(f)
+            ce = F.cross_entropy(s_k, y)
+            out[f"exit{k}_ce"] = ce
+            if targets is None:
+                loss = loss + ce  # DSN: eq. 4 with a = 1
+                continue
+            kl = kd(s_k, targets[k - 1], tau=self.tau)  # τ² KL(T_k ‖ S_k), batch mean
+            out[f"exit{k}_kl"] = kl
+            loss = loss + self.alpha * ce + (1.0 - self.alpha) * kl  # eq. 4
+        out["loss"] = loss
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _remember_eval_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        # Trainer.evaluate runs student(x) and then eval_logits(x) on the same batch: keep the
+        # no-grad forward's output and features so that eval_logits need not run the model again.
+        if torch.is_grad_enabled() or not args or not isinstance(output, Tensor):
+            self._eval_cache = None
+            return
+        self._eval_cache = (args[0], output, self.features())
+
+    @torch.no_grad()
+    def eval_logits(self, x: Tensor) -> dict[str, Tensor]:
+        """Logits of every exit and of the ensemble of all K outputs, in eval mode.
+
+        The ensemble (§3.5, Tables 1 and 4) averages the softmax probabilities of S_1..S_K; it is
+        returned as log-probabilities (their argmax is the ensemble's prediction).
+
+        Returns:
+            ``{"exit1": (N, classes), ..., "ensemble": (N, classes)}``.
+        """
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        try:
+            cache = self._eval_cache
+            if cache is not None and cache[0] is x:
+                logits, feats = cache[1], cache[2]
+            else:
+                logits = self.student(x)
+                feats = self.features()
+            outs = {f"exit{k}": head(f) for k, (head, f) in enumerate(zip(self.exits, feats, strict=False), 1)}
+        finally:
+            for m, training in modes:
+                m.train(training)
+        probs = torch.stack([F.softmax(s, dim=1) for s in (*outs.values(), logits)]).mean(0)
+        outs["ensemble"] = probs.clamp_min(1e-12).log()
+        return outs
+
+    # ------------------------------------------------------------------ meta step (eq. 6-8, Alg. 1)
+
+    def meta_gradient(self, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor,
+                      lr: float) -> tuple[Tensor, list[Tensor]]:
+        """∇θ_g L_val(θ_s⁺(θ_g)) by a functional one-step look-ahead (eq. 7–8; Alg. 1, lines 12–17).
+
+        ``θ_s⁺ = θ_s − ζ ∇θ_s L_S(x_train, y_train; θ_s, T(θ_g))`` (eq. 7) is computed with the graph
+        kept (``create_graph``), then ``L_val = CE(y_val, S_K(x_val; θ_s⁺))`` and its gradient in θ_g
+        (eq. 8), which flows through the second-order term ``−ζ ∂²L_S / ∂θ_g ∂θ_s``. θ_s is the
+        model's parameters; the exits enter L_S with their current values but are not stepped,
+        since S_K does not depend on them.
+
+        The look-ahead runs on stand-ins (``torch.func.functional_call``): parameter leaves that
+        share the real values, and *copies* of every BatchNorm buffer, so the real model's
+        parameters, their ``.grad`` and running statistics are left exactly as they were. Batch
+        statistics are used (training mode), as in the real step.
+
+        Args:
+            x_train, y_train: (N, C, H, W), (N,) a batch of D_train.
+            x_val, y_val: a batch of the disjoint half D_test (Alg. 1, line 15).
+            lr: ζ, the inner learning rate (the main model's current learning rate, §4.1).
+
+        Returns:
+            L_val (0-dim, detached) and one gradient per generator parameter.
+        """
+        if self.generator is None:
+            raise RuntimeError(f"method {self.method!r} has no label generator; the meta step is for method 'md'")
+        theta = {n: p.detach().requires_grad_(True) for n, p in self.student.named_parameters() if p.requires_grad}
+        buffers = {n: b.clone() for n, b in self.named_buffers()}  # running stats move on copies
+        params = {f"student.{n}": t for n, t in theta.items()}
+        out = functional_call(self, {**params, **buffers}, (x_train, y_train), {"generator_grad": True})
+        grads = torch.autograd.grad(out["loss"], list(theta.values()), create_graph=True, allow_unused=True)
+        theta_plus = {n: t if g is None else t - lr * g  # eq. 7
+                      for (n, t), g in zip(theta.items(), grads, strict=True)}
+        student_buffers = {n: b.clone() for n, b in self.student.named_buffers()}
+        val_logits = functional_call(self.student, {**theta_plus, **student_buffers}, (x_val,))
+        val_loss = F.cross_entropy(val_logits, y_val)  # L_val, the standard CE (eq. 6)
+        meta_grads = torch.autograd.grad(val_loss, list(self.generator.parameters()))  # eq. 8
+        self._eval_cache = None
+        return val_loss.detach(), list(meta_grads)
+
+    def meta_step(self, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, lr: float,
+                  generator_lr_factor: float = 1.0) -> float:
+        """One Adam step of the label generator on the meta-gradient (Alg. 1, lines 12–19).
+
+        Args:
+            x_train, y_train, x_val, y_val, lr: as for :meth:`meta_gradient` (``lr`` is ζ).
+            generator_lr_factor: the Adam step uses ``generator_lr * generator_lr_factor`` (the
+                main schedule's current factor, see :class:`~kdtune.selfdistill.meta.MetaStep`).
+
+        Returns:
+            L_val, the look-ahead model's cross-entropy on the validation batch (before the step).
+        """
+        val_loss, grads = self.meta_gradient(x_train, y_train, x_val, y_val, lr)
+        for group in self.generator_optimizer.param_groups:
+            group["lr"] = self.generator_lr * generator_lr_factor
+        params = list(self.generator.parameters())
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        self.generator_optimizer.step()
+        for p in params:
+            p.grad = None  # nothing else may step the generator on a stale gradient
+        return float(val_loss)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The generator's Adam state, so a resumed run continues exactly (saved in ``state_dict``)."""
+        return self.generator_optimizer.state_dict() if self.generator_optimizer is not None else {}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.generator_optimizer is not None and state:
+            self.generator_optimizer.load_state_dict(state)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, stages={self.stages}, alpha={self.alpha}, tau={self.tau}"
+

@@ -1,0 +1,103 @@
+"""Distillation *paths* (Adaptive Distillation §3.1): terms grouped into the units that get one weight.
+
+The distiller gives one term per logit loss and per pathway (``kd``, ``at:layer1->layer1``,
+``at:layer2->layer2`` ...). The paper's paths are coarser by default: "AT" is the attention loss
+summed over the backbone stages, one weight v_AT for all of them (its Fig. 3a); "layerwise"
+makes every stage's term its own path (Fig. 3b, Table 3 "Adaptive-layerwise").
+
+Grouping rule: a term's path is the text before its first ``:`` — the method label of a
+pathway (``at``, ``nst``, ``fitnets`` ...) or the name of a logit loss (``kd``, ``l2_logit``).
+``layerwise=True`` makes every term a path; ``groups`` names paths explicitly by glob patterns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+
+from kdtune.weighting.base import Weighting
+
+
+def path_of(term: str) -> str:
+    """The default path of a term: its method label (``"at:layer1->layer1"`` -> ``"at"``)."""
+    return term.split(":", 1)[0]
+
+
+def group_terms(names: Sequence[str], layerwise: bool = False,
+                groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """Map path name -> the term names it sums, in first-seen order.
+
+    Args:
+        names: the term names of the distiller.
+        layerwise: every term is its own path.
+        groups: explicit paths, ``{path: [glob patterns of term names]}``; every term must match
+            exactly one path. Overrides the default rule (and ``layerwise``).
+
+    Raises:
+        ValueError: a term matched by no path or by several, or an explicit path matching nothing.
+    """
+    if groups is not None:
+        out: dict[str, list[str]] = {g: [] for g in groups}
+        for name in names:
+            hits = [g for g, pats in groups.items() if any(fnmatch.fnmatchcase(name, p) for p in pats)]
+            if len(hits) != 1:
+                what = "no path" if not hits else f"several paths {hits}"
+                raise ValueError(f"term {name!r} matches {what}; groups={dict(groups)} must cover each term "
+                                 f"exactly once (terms: {list(names)})")
+            out[hits[0]].append(name)
+        empty = [g for g, members in out.items() if not members]
+        if empty:
+            raise ValueError(f"paths {empty} match no term; terms are {list(names)}")
+        return out
+    if layerwise:
+        return {n: [n] for n in names}
+    out = {}
+    for name in names:
+        out.setdefault(path_of(name), []).append(name)
+    return out
+
+
+class PathWeighting(Weighting):
+    """Base of strategies that weight *paths* (groups of terms) with one weight each.
+
+    The path loss is the plain sum of its terms, f_p = sum_{i in p} term_i: the configured
+    per-term weights (``base_weights``) are ignored, as in the paper, where v replaces them.
+
+    Args:
+        names, base_weights: as for :class:`~kdtune.weighting.base.Weighting`.
+        alpha: global distillation weight alpha of eq. 3 (``L_task + alpha v^T f_KD``).
+        layerwise: every term its own path (the "-layerwise" variants).
+        groups: explicit ``{path: [glob patterns]}``; see :func:`group_terms`.
+
+    Attributes:
+        paths: path name -> its term names; ``path_names`` their order (the index of z, w ...).
+    """
+
+    def __init__(self, names: Sequence[str], base_weights: Mapping[str, float], alpha: float = 1.0,
+                 layerwise: bool = False, groups: Mapping[str, Sequence[str]] | None = None) -> None:
+        super().__init__(names, base_weights)
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.alpha = float(alpha)
+        self.paths = group_terms(self.names, layerwise, groups)
+        self.path_names = list(self.paths)
+        self._path_of = {t: p for p, members in self.paths.items() for t in members}
+
+    def path_losses(self, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """f_p = sum of the present terms of each path; a path with no term present is absent."""
+        out: dict[str, Tensor] = {}
+        for name, value in terms.items():
+            if name not in self._path_of:
+                raise KeyError(f"unknown term {name!r}; this weighting was built for {self.names}")
+            p = self._path_of[name]
+            out[p] = out[p] + value if p in out else value
+        return {p: out[p] for p in self.path_names if p in out}  # stable order
+
+    def term_weights(self, path_weights: Mapping[str, float], terms: Mapping[str, Tensor]) -> dict[str, float]:
+        """Every present term gets its path's weight (for ``w/<term>`` logs and plots)."""
+        return {t: float(path_weights[self._path_of[t]]) for t in terms}
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, paths={self.paths}"

@@ -1,0 +1,102 @@
+"""``adaptive``: path weights v = exp(-z) learned by the main optimiser (Adaptive Distillation §3.5).
+
+Chennupati et al. 2021, "Adaptive Distillation: Aggregating Knowledge from Multiple Paths for
+Efficient Distillation", after the uncertainty weighting of multi-task learning (Kendall et al.
+2018). With path losses f_i (:mod:`kdtune.weighting.paths`) and proxy parameters z_i:
+
+    eq. 5:  min_{w, z}  L_task(w) + alpha * ( sum_i exp(-z_i) f_i(w) + sum_i z_i )
+    eq. 6:  d/dz_i = alpha * (1 - exp(-z_i) f_i)   ->   stationary at z_i = log f_i, v_i = 1 / f_i
+
+so each path is scaled, in expectation, by the inverse of its own loss; the sum of z keeps the
+weights from collapsing to 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdtune.weighting.gradients import cosine_matrix, path_gradients
+from kdtune.weighting.paths import PathWeighting
+
+
+class AdaptiveWeighting(PathWeighting):
+    """Learned path weights v_i = exp(-z_i), loss alpha (sum_i v_i f_i + sum_i z_i) (eq. 5-6).
+
+    z is an ``nn.Parameter`` of this module, so the distiller's optimiser trains it together
+    with the student (no extra optimiser, as the paper says) and checkpoints save it.
+
+    Args:
+        names, base_weights: term names; the configured weights are ignored (v is learned).
+        alpha: global distillation weight of eq. 3 / 5.
+        layerwise: every term its own path (paper's "Adaptive-layerwise", App. A.3).
+        groups: explicit ``{path: [glob patterns of term names]}``.
+        grad_cosine: also log the cosine similarity between the paths' student gradients each
+            training step (``cos/<p>|<q>``, paper Fig. 4c). Costs one extra backward pass per
+            path, so it is off by default; it changes nothing in the update.
+
+    Attributes:
+        z: (P,) proxy parameters, one per path in ``path_names`` order, initialised to 0 (v = 1,
+            as the paper's initial weights [1, 1]).
+
+    Note:
+        The trainer's optimiser applies its weight decay to z too, which adds ``wd * z_i`` to
+        eq. 6 and pulls z slightly towards 0 (v towards 1); with wd = 5e-4 the shift is
+        negligible next to the ``alpha (1 - v_i f_i)`` term.
+    """
+
+    def __init__(self, names: Sequence[str], base_weights: Mapping[str, float], alpha: float = 1.0,
+                 layerwise: bool = False, groups: Mapping[str, Sequence[str]] | None = None,
+                 grad_cosine: bool = False) -> None:
+        super().__init__(names, base_weights, alpha, layerwise, groups)
+        self.z = nn.Parameter(torch.zeros(len(self.path_names)))
+        self.grad_cosine = bool(grad_cosine)
+        self._student: nn.Module | None = None
+
+    def bind(self, distiller: nn.Module) -> None:
+        """Remember the student (only used by ``grad_cosine``); kept out of the module tree."""
+        self.__dict__["_student"] = getattr(distiller, "student", distiller)
+
+    def path_weights(self) -> dict[str, float]:
+        """Current v_i = exp(-z_i) per path (without alpha)."""
+        return dict(zip(self.path_names, torch.exp(-self.z.detach()).tolist(), strict=True))
+
+    def forward(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        """total = alpha * sum_p (exp(-z_p) f_p + z_p) over the paths present (eq. 5).
+
+        Returns:
+            (0-dim total, {term: alpha * exp(-z_p)} for each present term).
+        """
+        self.diagnostics = {}
+        losses = self.path_losses(terms)
+        if not losses:
+            return torch.zeros((), device=self.z.device), {}
+        index = torch.tensor([self.path_names.index(p) for p in losses], device=self.z.device)
+        z = self.z[index]                                   # (P',)
+        f = torch.stack(list(losses.values()))              # (P',)
+        total = self.alpha * (torch.exp(-z) * f + z).sum()  # eq. 5, distillation part f_d
+        if self.grad_cosine and torch.is_grad_enabled():
+            self._log_cosines(losses)
+        v = torch.exp(-z.detach()) * self.alpha
+        return total, self.term_weights(dict(zip(losses, v.tolist(), strict=True)), terms)
+
+    def _log_cosines(self, losses: Mapping[str, Tensor]) -> None:
+        if self._student is None:
+            raise RuntimeError("grad_cosine needs the student's parameters: the Distiller calls bind(); "
+                               "a standalone AdaptiveWeighting needs .bind(student)")
+        params = [p for p in self._student.parameters() if p.requires_grad]
+        if len(losses) < 2 or not any(f.requires_grad for f in losses.values()):
+            return
+        grads = path_gradients(list(losses.values()), params)  # (P', D)
+        self.diagnostics = cosine_diagnostics(list(losses), cosine_matrix((grads @ grads.T).double()))
+
+
+def cosine_diagnostics(paths: Sequence[str], cos: Tensor) -> dict[str, float]:
+    """``{"cos/<p>|<q>": cos_pq}`` for every pair p < q, plus their mean ``cos/mean`` (Fig. 4c)."""
+    out = {f"cos/{paths[i]}|{paths[j]}": float(cos[i, j])
+           for i in range(len(paths)) for j in range(i + 1, len(paths))}
+    if out:
+        out["cos/mean"] = sum(out.values()) / len(out)
+    return out

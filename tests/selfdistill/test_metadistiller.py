@@ -1,0 +1,417 @@
+"""Self-distillation (kdtune.selfdistill): exits, losses eq. 3-4, generator eq. 5, meta step eq. 6-8."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from helpers import TinyNet
+from kdtune.capture import LayerNotFoundError
+from kdtune.checkpoint import load_checkpoint, load_state_strict, save_atomic
+from kdtune.config import ConfigError, RunConfig, TrainConfig, from_dict, load_config
+from kdtune.data import BatchLoader, ImageDataset
+from kdtune.models import create_model
+from kdtune.selfdistill import MetaStep, SelfDistiller, TopDownLabelGenerator
+from kdtune.trainer import Trainer
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "fmnist"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ThreeStages(nn.Module):
+    """A user's model with three stages (8x8, 4x4, 2x2 maps), knowing nothing of kdtune."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(4, 6, 3, 2, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.last = nn.Sequential(nn.Conv2d(6, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.last(self.mid(self.stem(x))).mean((2, 3)))
+
+
+def make(method: str = "md", seed: int = 0, **kw) -> SelfDistiller:
+    torch.manual_seed(seed)
+    return SelfDistiller(ThreeStages(), (1, 8, 8), method=method, **kw)
+
+
+def batch(n: int = 8, seed: int = 1, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+
+
+def model_state(sd: SelfDistiller) -> dict[str, Tensor]:
+    """Everything of the model and its exits (not the generator), cloned."""
+    return {k: v.detach().clone() for k, v in sd.state_dict().items()
+            if isinstance(v, Tensor) and not k.startswith("generator.")}
+
+
+def assert_same(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------- exits on any model
+
+
+def test_exits_found_on_a_user_model() -> None:
+    sd = make("sd")
+    assert sd.stages == ["stem", "mid", "last"]
+    assert len(sd.exits) == 2 and sd.teacher is None and sd.generator is None
+    x, y = batch()
+    out = sd(x, y)
+    assert set(out) == {"loss", "logits", "task", "exit1_ce", "exit1_kl", "exit2_ce", "exit2_kl"}
+    assert out["logits"].shape == (8, 10) and all(v.ndim == 0 for k, v in out.items() if k != "logits")
+    out["loss"].backward()
+    assert all(p.grad is not None for p in sd.student.parameters())
+    assert all(p.grad is not None for p in sd.exits.parameters())
+
+
+def test_tiny_user_model_with_two_stages_and_explicit_paths() -> None:
+    sd = SelfDistiller(TinyNet(), (1, 8, 8), method="md", stages=["blocks.0", "blocks.1"])
+    x, y = batch()
+    assert torch.isfinite(sd(x, y)["loss"])
+    assert set(sd.eval_logits(x)) == {"exit1", "ensemble"}
+
+
+def test_bad_stage_path_lists_closest_real_ones() -> None:
+    with pytest.raises(LayerNotFoundError, match="blocks.1"):
+        SelfDistiller(TinyNet(), (1, 8, 8), stages=["blocks.0", "blocks.2"])
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        SelfDistiller(TinyNet(), (1, 8, 8), stages=["blocks.1"])
+    with pytest.raises(ValueError, match="feature map"):
+        SelfDistiller(TinyNet(), (1, 8, 8), stages=["blocks.0", "head"])
+    with pytest.raises(ValueError, match="one of"):
+        SelfDistiller(TinyNet(), (1, 8, 8), method="byot")
+
+
+@pytest.mark.parametrize("name,stages", [("resnet8", ["layer1", "layer2", "layer3"]),
+                                         ("wrn_16_1", ["block1", "block2", "relu"])])
+@pytest.mark.parametrize("method", ["dsn", "sd", "md"])
+def test_zoo_models(name: str, stages: list[str], method: str) -> None:
+    torch.manual_seed(0)
+    sd = SelfDistiller(create_model(name, in_channels=1), (1, 28, 28), method=method)
+    assert sd.stages == stages
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    out = sd(x, y)
+    out["loss"].backward()
+    assert sorted(k for k in out if k.startswith("exit")) == (
+        ["exit1_ce", "exit2_ce"] if method == "dsn" else ["exit1_ce", "exit1_kl", "exit2_ce", "exit2_kl"])
+    assert all(p.grad is not None for p in sd.exits.parameters())
+    sd.eval()
+    logits = sd.eval_logits(x)
+    assert {k: v.shape for k, v in logits.items()} == {k: (4, 10) for k in ("exit1", "exit2", "ensemble")}
+
+
+# --------------------------------------------------------------------------- losses (eq. 3-4)
+
+
+@pytest.mark.parametrize("method", ["dsn", "sd", "md"])
+def test_loss_is_eq3_eq4(method: str) -> None:
+    sd = make(method, alpha=0.3, tau=2.0)
+    x, y = batch()
+    out = sd(x, y)
+    logits = out["logits"].detach()
+    feats = [f.detach() for f in sd.features()]
+    exits = [head(f) for head, f in zip(sd.exits, feats, strict=False)]
+    if method == "md":
+        with torch.no_grad():
+            targets = sd.generator(feats)
+    expected = F.cross_entropy(logits, y)
+    for k, s_k in enumerate(exits):
+        ce = F.cross_entropy(s_k, y)
+        if method == "dsn":
+            expected = expected + ce
+            continue
+        t_k = logits if method == "sd" else targets[k]
+        p_t = F.softmax(t_k / 2.0, 1)
+        kl = (p_t * (p_t.log() - F.log_softmax(s_k / 2.0, 1))).sum(1).mean() * 4.0  # tau^2 KL(T || S)
+        expected = expected + 0.3 * ce + 0.7 * kl
+    torch.testing.assert_close(out["loss"], expected)
+
+
+@pytest.mark.parametrize("method", ["sd", "md"])
+def test_soft_targets_teach_without_being_taught(method: str) -> None:
+    """The KL terms train the exits (and, through them, the early stages) — never the target side."""
+    sd = make(method)
+    x, y = batch()
+    out = sd(x, y)
+    sum(v for k, v in out.items() if k.endswith("_kl")).backward()
+    assert sd.student.fc.weight.grad is None  # the final classifier is on the target side only
+    assert sd.student.last[0].weight.grad is None  # so is the last stage
+    assert sd.exits[0].fc.weight.grad is not None and sd.student.stem[0].weight.grad is not None
+    if sd.generator is not None:  # the real step does not train the generator
+        assert all(p.grad is None for p in sd.generator.parameters())
+
+
+def test_trainer_steps_model_and_exits_but_not_the_generator(tiny_data: ImageDataset) -> None:
+    sd = make("md")
+    trainer = Trainer(sd, tiny_data, config=TrainConfig(epochs=1, progress=False, channels_last=False))
+    stepped = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert stepped == {id(p) for p in [*sd.student.parameters(), *sd.exits.parameters()]}
+    assert not stepped & {id(p) for p in sd.generator.parameters()}
+    assert {id(p) for p in sd.extra_parameters()} == {id(p) for p in [*sd.exits.parameters(),
+                                                                       *sd.generator.parameters()]}
+
+
+# --------------------------------------------------------------------------- label generator (eq. 5)
+
+
+def test_generator_is_eq5() -> None:
+    torch.manual_seed(0)
+    gen = TopDownLabelGenerator([4, 6, 8], [(8, 8), (4, 4), (2, 2)], num_classes=10)
+    feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4), torch.randn(2, 8, 2, 2)]
+    f3 = gen.lateral[2](feats[2])  # F̂_3 = conv1x1(F_3)
+    f2 = gen.refine[1](F.interpolate(f3, scale_factor=2, mode="bilinear") + gen.lateral[1](feats[1]))
+    f1 = gen.refine[0](F.interpolate(f2, scale_factor=2, mode="bilinear") + gen.lateral[0](feats[0]))
+    assert f2.shape == feats[1].shape and f1.shape == feats[0].shape  # F̂_k has F_k's shape
+    t1, t2 = gen(feats)
+    torch.testing.assert_close(t1, gen.heads[0](f1))
+    torch.testing.assert_close(t2, gen.heads[1](f2))
+
+
+# --------------------------------------------------------------------------- meta step (eq. 6-8)
+
+
+def test_meta_gradient_equals_finite_differences() -> None:
+    """∇θ_g CE(S_K(x_val; θ_s⁺(θ_g))) from the functional look-ahead equals central differences of
+    the same quantity computed by an independent route: a real SGD step on a copy of the model."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        sd = make("md")
+    finally:
+        torch.set_default_dtype(torch.float32)
+    x_a, y_a = batch(8, seed=1, dtype=torch.float64)
+    x_b, y_b = batch(8, seed=2, dtype=torch.float64)
+    zeta = 0.5
+    val_loss, grads = sd.meta_gradient(x_a, y_a, x_b, y_b, zeta)
+    theta_g = [p.detach().clone() for p in sd.generator.parameters()]
+
+    def val_ce_after_one_real_step(gen_params: list[Tensor]) -> float:
+        m = copy.deepcopy(sd)
+        with torch.no_grad():
+            for p, v in zip(m.generator.parameters(), gen_params, strict=True):
+                p.copy_(v)
+        loss = m(x_a, y_a)["loss"]  # the training forward (generator without a graph)
+        params = list(m.student.parameters())
+        with torch.no_grad():
+            for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                p -= zeta * g  # θ_s⁺ = θ_s − ζ ∇θ_s L_S   (eq. 7)
+        return float(F.cross_entropy(m.student(x_b), y_b).detach())
+
+    assert val_loss.item() == pytest.approx(val_ce_after_one_real_step(theta_g), rel=1e-10)
+    flat = torch.cat([g.flatten() for g in grads])
+    assert flat.abs().sum() > 0
+    g = torch.Generator().manual_seed(0)
+    eps = 1e-6
+    for direction in [flat / flat.norm(), *(torch.randn(flat.numel(), generator=g, dtype=torch.float64)
+                                            for _ in range(3))]:
+        parts = direction.split([p.numel() for p in theta_g])
+        plus = [p + eps * d.view_as(p) for p, d in zip(theta_g, parts, strict=True)]
+        minus = [p - eps * d.view_as(p) for p, d in zip(theta_g, parts, strict=True)]
+        numeric = (val_ce_after_one_real_step(plus) - val_ce_after_one_real_step(minus)) / (2 * eps)
+        analytic = float(flat @ direction)
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def test_look_ahead_leaves_the_model_untouched() -> None:
+    sd = make("md")
+    x, y = batch()
+    sd(x, y)["loss"].backward()  # some .grad on the real parameters
+    grads = {n: p.grad.clone() for n, p in sd.named_parameters() if p.grad is not None}
+    before = model_state(sd)
+    gen_before = [p.detach().clone() for p in sd.generator.parameters()]
+    sd.meta_step(x, y, *batch(seed=2), lr=0.1)
+    assert_same(model_state(sd), before)  # parameters and BN running statistics
+    assert {n: p.grad for n, p in sd.named_parameters() if p.grad is not None}.keys() == grads.keys()
+    assert all(torch.equal(p.grad, grads[n]) for n, p in sd.named_parameters() if p.grad is not None)
+    assert any(not torch.equal(a, b) for a, b in zip(gen_before, sd.generator.parameters(), strict=True))
+
+
+def test_training_with_meta_steps_equals_one_real_step_alone(tiny_data: ImageDataset) -> None:
+    """A training epoch of one batch with a meta step after it leaves model, exits and optimiser
+    exactly as the same epoch without the meta step: only the generator moved."""
+    # A constant lr: at the end of a 1-epoch cosine schedule ζ = 0 and the meta-gradient vanishes.
+    cfg = from_dict(TrainConfig, {"epochs": 1, "progress": False, "channels_last": False, "log_every": 0,
+                                  "schedule": {"name": "constant"}})
+    trainers = []
+    for meta in (True, False):
+        sd = make("md")
+        loader = BatchLoader(tiny_data, batch_size=len(tiny_data), shuffle=True, seed=0)
+        callbacks = [MetaStep(sd, tiny_data, every=1, batch_size=8)] if meta else []
+        trainer = Trainer(sd, loader, config=cfg, callbacks=callbacks)
+        for cb in callbacks:
+            cb.on_epoch_start(trainer, 0)
+        trainer.train_epoch()
+        trainers.append(trainer)
+    with_meta, alone = trainers
+    assert len(with_meta.callbacks[0]._losses) == 1
+    assert_same(model_state(with_meta.distiller), model_state(alone.distiller))
+    for a, b in zip(with_meta.optimizer.state.values(), alone.optimizer.state.values(), strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    moved = [not torch.equal(a, b) for a, b in zip(with_meta.distiller.generator.parameters(),
+                                                    alone.distiller.generator.parameters(), strict=True)]
+    assert any(moved)
+
+
+def test_meta_steps_every_m_epochs(tiny_data: ImageDataset, tmp_path) -> None:
+    """Alg. 1: meta epochs are 0, M, 2M ... (0-based), with a meta step after every training step."""
+    sd = make("md")
+    calls: list[int] = []
+    real_meta_step = sd.meta_step
+
+    def counting_meta_step(x_a, y_a, x_b, y_b, zeta: float, factor: float) -> float:
+        calls.append(trainer.epoch)
+        assert zeta == trainer.optimizer.param_groups[0]["lr"]  # ζ = the current main lr
+        assert factor == pytest.approx(zeta / 0.1)  # the generator's lr follows the main schedule
+        loss = real_meta_step(x_a, y_a, x_b, y_b, zeta, factor)
+        assert sd.generator_optimizer.param_groups[0]["lr"] == pytest.approx(sd.generator_lr * factor)
+        return loss
+
+    sd.meta_step = counting_meta_step
+    loader = BatchLoader(tiny_data, batch_size=16, shuffle=True, seed=0)  # 3 batches per epoch
+    cfg = TrainConfig(epochs=5, progress=False, channels_last=False, log_every=0)
+    trainer = Trainer(sd, loader, config=cfg, run_dir=tmp_path, callbacks=[MetaStep(sd, tiny_data, every=2)])
+    trainer.fit()
+    assert calls == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    rows = [json.loads(line) for line in (tmp_path / "meta.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 3, 5] and all(r["meta_steps"] == 3 for r in rows)
+
+
+def test_meta_step_needs_md_and_sane_arguments(tiny_data: ImageDataset) -> None:
+    with pytest.raises(ValueError, match="method='md'"):
+        MetaStep(make("sd"), tiny_data)
+    with pytest.raises(RuntimeError, match="label generator"):
+        make("dsn").meta_gradient(*batch(), *batch(), lr=0.1)
+    with pytest.raises(ValueError, match="every"):
+        MetaStep(make("md"), tiny_data, every=0)
+
+
+# --------------------------------------------------------------------------- evaluation, checkpoints
+
+
+def test_eval_logits_reuse_the_evaluated_forward_and_keep_modes() -> None:
+    sd = make("md")
+    x, y = batch()
+    sd(x, y)  # BN running statistics move away from their init
+    sd.student.eval()  # what Trainer.evaluate does: student in eval, exits untouched
+    with torch.no_grad():
+        logits = sd.student(x)
+    cached = sd.eval_logits(x)
+    assert sd.exits.training and not sd.student.training
+    fresh = sd.eval_logits(x.clone())  # a new tensor: computed again
+    for k in cached:
+        torch.testing.assert_close(cached[k], fresh[k])
+    probs = torch.stack([F.softmax(v, 1) for v in (cached["exit1"], cached["exit2"], logits)]).mean(0)
+    torch.testing.assert_close(cached["ensemble"].exp(), probs)
+
+
+def test_checkpoint_keeps_the_generator_optimiser(tmp_path) -> None:
+    sd = make("md")
+    x, y = batch()
+    sd.meta_step(x, y, x, y, lr=0.1)
+    save_atomic({"distiller": sd.state_dict()}, tmp_path / "c.pt")
+    fresh = make("md", seed=5)
+    load_state_strict(fresh, load_checkpoint(tmp_path / "c.pt")["distiller"], "distiller")
+    for a, b in zip(sd.generator_optimizer.state.values(), fresh.generator_optimizer.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert fresh.generator_optimizer.state[fresh.generator.lateral[0].weight]  # keyed by the new parameters
+    # The next meta step is the same on both.
+    sd.meta_step(x, y, x, y, lr=0.1)
+    fresh.meta_step(x, y, x, y, lr=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(sd.generator.parameters(), fresh.generator.parameters(),
+                                                  strict=True))
+
+
+def test_resumed_run_continues_exactly(tiny_data: ImageDataset, tmp_path) -> None:
+    cfg = {"epochs": 2, "progress": False, "channels_last": False, "log_every": 0, "schedule": {"name": "constant"}}
+
+    def trainer(epochs: int, run_dir) -> Trainer:
+        sd = make("md")
+        loader = BatchLoader(tiny_data, batch_size=16, shuffle=True, seed=0)
+        return Trainer(sd, loader, config=from_dict(TrainConfig, {**cfg, "epochs": epochs}), run_dir=run_dir,
+                       callbacks=[MetaStep(sd, tiny_data, every=1, batch_size=8)])
+
+    straight = trainer(2, tmp_path / "a")
+    straight.fit()
+    first = trainer(1, tmp_path / "b")
+    first.fit()
+    resumed = trainer(2, tmp_path / "b")
+    resumed.fit(resume=True)
+    a, b = straight.distiller.state_dict(), resumed.distiller.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], Tensor))
+    assert len((tmp_path / "b" / "meta.jsonl").read_text().splitlines()) == 2
+
+
+# --------------------------------------------------------------------------- config, recipe, export
+
+
+def test_config_section_and_method_alias() -> None:
+    cfg = load_config(CONFIGS / "selfdistill.yaml", ["method=dsn"])
+    assert cfg.teacher is None and cfg.selfdistill.method == "dsn" and cfg.selfdistill.alpha == 0.5
+    assert load_config(CONFIGS / "selfdistill.yaml", ["selfdistill=null"]).selfdistill is None
+    with pytest.raises(ConfigError, match="method"):
+        load_config(CONFIGS / "selfdistill.yaml", ["method=byot"])
+    with pytest.raises(ConfigError, match="alpha"):
+        load_config(CONFIGS / "selfdistill.yaml", ["selfdistill.alpha=2"])
+
+
+def test_teacher_in_a_selfdistill_config_is_an_error() -> None:
+    from kdtune.selfdistill import from_config
+
+    cfg = load_config(CONFIGS / "kd.yaml", ["method=md"])
+    with pytest.raises(ConfigError, match="teacher-free"):
+        from_config(cfg, TinyNet(), None, (1, 8, 8))
+
+
+@pytest.mark.slow
+def test_run_and_export_give_the_plain_trained_model(tmp_path) -> None:
+    """`kdtune run` (md, real Fashion-MNIST, tiny) then `kdtune export`: a plain resnet8 whose
+    predictions are the trained model's final output and whose accuracy is the run's test_acc."""
+    from kdtune.cli import main as cli
+    from kdtune.recipe import load_splits, run
+    from kdtune.selfdistill import from_config
+
+    cfg = from_dict(RunConfig, {
+        "name": "md", "output_dir": str(tmp_path), "teacher": None,
+        "data": {"dataset": "fashion_mnist", "train_per_class": 4, "batch_size": 8},
+        "student": {"name": "resnet8"},
+        "selfdistill": {"method": "md", "meta_every": 1, "meta_steps": 2},
+        "train": {"epochs": 2, "progress": False, "log_every": 0},
+    })
+    run_dir, summary = run(cfg)
+    assert {"test_acc/exit1", "test_acc/exit2", "test_acc/ensemble"} <= set(summary["final"])
+    assert len((run_dir / "meta.jsonl").read_text().splitlines()) == 2
+    assert cli(["export", str(run_dir), str(tmp_path / "student.pt")]) == 0
+
+    plain = create_model("resnet8", in_channels=1, num_classes=10)
+    load_state_strict(plain, load_checkpoint(tmp_path / "student.pt"), "exported student")
+    splits = load_splits(cfg)
+    trained, _ = from_config(cfg, create_model("resnet8", in_channels=1), splits.train, (1, 28, 28))
+    load_state_strict(trained, load_checkpoint(run_dir / "checkpoints" / "last.pt")["distiller"], "distiller")
+    plain.eval()
+    trained.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in BatchLoader(splits.test, 1000, shuffle=False):
+            out = plain(x)
+            assert torch.equal(out, trained.student(x))
+            correct += int((out.argmax(1) == y).sum())
+    assert correct / len(splits.test) == pytest.approx(summary["test_acc"], abs=1e-4)

@@ -1,0 +1,253 @@
+"""DistPro search (kdtune.search.distpro): hypergradients, functional look-ahead, dropping, trainer run."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import TinyNet
+from kdtune.config import TrainConfig
+from kdtune.data import BatchLoader, train_val_split
+from kdtune.distiller import Distiller
+from kdtune.search.distpro import DistProCallback, DistProSearch, search_space, virtual_step
+from kdtune.trainer import Trainer
+from kdtune.weighting.process import DistProWeighting, Process, normalize
+
+SHAPE = (1, 8, 8)
+
+
+def make(tau=None, transforms=("conv1x1", "distpro"), double=False, alpha_init=None):
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=6), TinyNet(width=4)
+    pathways, infos = search_space(teacher, student, SHAPE, connections="all", transforms=transforms)
+    d = Distiller(student, teacher, pathways, weighting="distpro",
+                  weighting_kwargs={"learned": [p.name for p in pathways], "tau": tau}, input_shape=SHAPE)
+    if double:
+        d.double()
+    if alpha_init is not None:
+        d.weighting.alpha_tilde.copy_(torch.as_tensor(alpha_init, dtype=d.weighting.alpha_tilde.dtype))
+    return d, infos
+
+
+def make_optimizer(d, kind):
+    params = [p for p in d.parameters() if p.requires_grad]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    if kind == "sgd_plain":
+        return torch.optim.SGD(params, lr=0.1)
+    return torch.optim.AdamW(params, lr=0.01, weight_decay=0.05)
+
+
+def batches(double=False, n=6):
+    g = torch.Generator().manual_seed(1)
+    dtype = torch.float64 if double else torch.float32
+    x = torch.randn(n, *SHAPE, generator=g, dtype=dtype)
+    xv = torch.randn(n, *SHAPE, generator=g, dtype=dtype)
+    return x, torch.arange(n) % 10, xv, (torch.arange(n) + 3) % 10
+
+
+def real_step(d, opt, x, y, step=0):
+    opt.zero_grad(set_to_none=True)
+    d(x, y, step)["loss"].backward()
+    opt.step()
+
+
+def twin(d, opt, kind, **kw):
+    """An identical, independent distiller + optimiser (deepcopy would share the capture hooks)."""
+    d2, _ = make(double=next(d.parameters()).dtype == torch.float64, **kw)
+    d2.load_state_dict(d.state_dict())
+    opt2 = make_optimizer(d2, kind)
+    # deepcopy: Optimizer.load_state_dict keeps the very tensors of the momentum buffers, which
+    # opt2.step() would then update in place under opt's feet.
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return d2, opt2
+
+
+def warmed(kind, double=False, **kw):
+    """A distiller with non-trivial α̃ and an optimiser that already holds momentum / moments."""
+    g = torch.Generator().manual_seed(3)
+    d, infos = make(double=double, **kw)
+    n = len(d.weighting.learned)
+    d.weighting.alpha_tilde.copy_(1.0 + torch.randn(n, generator=g, dtype=torch.float64).to(d.weighting.alpha_tilde))
+    opt = make_optimizer(d, kind)
+    d.train()
+    x, y, _, _ = batches(double, n=8)
+    real_step(d, opt, x, y)
+    return d, opt
+
+
+def cosine(a, b):
+    return float(F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0))
+
+
+def test_search_space_names_stages_and_count():
+    d, infos = make(transforms=("conv1x1", "conv3x3", "distpro"))
+    assert len(d.pathways) == 2 * 2 * 3  # TinyNet: 2 stages each; all pairs x 3 transforms
+    assert infos[0].name == "t0-s0:conv1x1" and infos[0].teacher == "blocks.0" and infos[0].distance == "hcl"
+    _, infos_j = search_space(TinyNet(6), TinyNet(4), SHAPE, connections="j>=i", transforms=("conv1x1",))
+    assert [p.name for p in infos_j] == ["t0-s0:conv1x1", "t0-s1:conv1x1", "t1-s1:conv1x1"]
+
+
+def test_normalizations_of_table_7():
+    a = torch.tensor([0.5, 1.0, -2.0])
+    assert torch.allclose(normalize(a), torch.softmax(torch.cat([a, torch.ones(1)]), 0)[:3])
+    assert normalize(a).sum() < 1  # the bias term keeps some mass back
+    assert torch.allclose(normalize(a, "softmax").sum(), torch.tensor(1.0))
+    assert torch.allclose(normalize(a, "l1_biased"), a.abs() / (a.abs().sum() + 1))
+    assert torch.allclose(normalize(a, "l1"), a.abs() / a.abs().sum())
+    assert torch.equal(normalize(a, "raw"), torch.tensor([0.5, 1.0, 0.0]))
+    assert torch.allclose(normalize(a, "sigmoid"), torch.sigmoid(a))
+    with pytest.raises(ValueError, match="biased_softmax"):
+        normalize(a, "softmx")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_virtual_step_equals_real_optimiser_step(kind):
+    d, opt = warmed(kind)
+    x, y, _, _ = batches()
+    params = dict(d.named_parameters())
+    loss = d(x, y)["loss"]
+    names = [n for n, p in params.items() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    g = {n: gr for n, gr in zip(names, grads, strict=True) if gr is not None}
+    theta1 = virtual_step({n: p.detach() for n, p in params.items()}, g, opt, params)
+    for n, p in params.items():  # the real step with the same gradients
+        p.grad = g.get(n)
+    opt.step()
+    for n in g:
+        assert torch.allclose(theta1[n], params[n].detach(), atol=1e-6, rtol=1e-5), n
+
+
+def test_finite_difference_agrees_with_exact():
+    """Eq. 5 against double backward on a small network (cosine >= 0.99)."""
+    d, opt = warmed("sgd")
+    x, y, xv, yv = batches()
+    fd = DistProSearch(d, "finite_difference").hypergradient(x, y, xv, yv, opt)
+    exact = DistProSearch(d, "exact").hypergradient(x, y, xv, yv, opt)
+    assert exact.abs().max() > 0
+    assert cosine(fd, exact) >= 0.99, (fd, exact)
+    assert torch.allclose(fd, exact, rtol=0.1, atol=0.05 * float(exact.abs().max()))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw", "sgd_plain"])
+def test_exact_agrees_with_brute_force_derivative(kind):
+    """∂/∂α̃_k L_val(θ'(α̃)), θ' made by the *real* optimiser, by central differences (float64)."""
+    d, opt = warmed(kind, double=True)
+    x, y, xv, yv = batches(double=True)
+    exact = DistProSearch(d, "exact").hypergradient(x, y, xv, yv, opt)
+
+    def l_val(alpha):
+        d2, opt2 = twin(d, opt, kind)
+        d2.weighting.alpha_tilde.copy_(alpha)
+        d2.train()
+        real_step(d2, opt2, x, y)
+        return float(F.cross_entropy(d2.student(xv), yv).detach())
+
+    h = 1e-4
+    base = d.weighting.alpha_tilde.clone()
+    numeric = torch.zeros_like(base)
+    for k in range(len(base)):
+        e = torch.zeros_like(base)
+        e[k] = h
+        numeric[k] = (l_val(base + e) - l_val(base - e)) / (2 * h)
+    assert numeric.abs().max() > 0
+    assert torch.allclose(exact, numeric, rtol=1e-4, atol=1e-6 * float(numeric.abs().max()) + 1e-10), (exact, numeric)
+
+
+@pytest.mark.parametrize("mode", ["finite_difference", "exact"])
+def test_lookahead_leaves_no_trace(mode):
+    """After a search step + real step, parameters and BN buffers equal one real step alone."""
+    d, opt = warmed("sgd")
+    d_ref, opt_ref = twin(d, opt, "sgd")
+    teacher_before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    x, y, xv, yv = batches()
+    d.train()
+    d_ref.train()
+    search = DistProSearch(d, mode)
+    t, hyper = search.step(x, y, xv, yv, opt, step=1)
+    assert not torch.equal(d.weighting.alpha_tilde, d_ref.weighting.alpha_tilde)  # α moved
+    d.reuse_teacher_output(x, t)
+    real_step(d, opt, x, y, step=1)
+    d_ref.weighting.alpha_tilde.copy_(d.weighting.alpha_tilde)  # the reference uses the same α_t
+    d_ref.weighting.alpha_exp_avg.copy_(d.weighting.alpha_exp_avg)
+    d_ref.weighting.alpha_exp_avg_sq.copy_(d.weighting.alpha_exp_avg_sq)
+    d_ref.weighting.alpha_updates.copy_(d.weighting.alpha_updates)
+    real_step(d_ref, opt_ref, x, y, step=1)
+    mine, ref = d.state_dict(), d_ref.state_dict()
+    assert mine.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(mine[k], ref[k]), k  # params, BN running stats, num_batches_tracked
+    for k, v in d.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    for p, q in zip(opt.param_groups[0]["params"], opt_ref.param_groups[0]["params"], strict=True):
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+
+
+def test_teacher_runs_once_per_search_step_and_alpha_is_not_trained_by_main_optimiser():
+    d, opt = warmed("sgd")
+    assert all(p is not d.weighting.alpha_tilde for p in d.parameters())  # a buffer: no optimiser sees it
+    assert "weighting.alpha_tilde" in d.state_dict()
+    calls = []
+    d.teacher.register_forward_hook(lambda *a: calls.append(1))
+    x, y, xv, yv = batches()
+    t, _ = DistProSearch(d).step(x, y, xv, yv, opt)
+    d.reuse_teacher_output(x, t)
+    real_step(d, opt, x, y)
+    assert len(calls) == 1
+
+
+def test_dropping_skips_pathway_computation_and_logs_kept_fraction():
+    d, _ = make(tau=0.5)
+    n = len(d.weighting.learned)
+    alpha = torch.full((n,), 1.0)
+    alpha[: n // 2] = 0.2  # half at or below tau
+    d.weighting.alpha_tilde.copy_(alpha)
+    ran = []
+    for p in d.pathways:
+        p.transform.register_forward_hook(lambda m, a, o, name=p.name: ran.append(name))
+    x, y, xv, yv = batches()
+    out = d(x, y)
+    assert sorted(ran) == sorted(d.weighting.learned[n // 2:])
+    assert out["pathways_kept"].item() == pytest.approx(0.5)
+    assert not any(name in out for name in d.weighting.learned[: n // 2])
+    # A dropped pathway's α̃ still gets a hypergradient (through the normaliser), so it can come back.
+    opt = make_optimizer(d, "sgd")
+    hyper = DistProSearch(d, "exact").hypergradient(x, y, xv, yv, opt)
+    assert hyper[: n // 2].abs().max() > 0
+
+
+def test_alpha_optimiser_adam_and_sgd():
+    w = DistProWeighting(["a", "b"], {}, alpha_optimizer="sgd", alpha_lr=0.05, tau=None)
+    w.update_alpha(torch.tensor([1.0, -2.0]))
+    assert torch.allclose(w.alpha_tilde, torch.tensor([0.95, 1.10]))
+    w = DistProWeighting(["a", "b"], {}, alpha_lr=0.05)
+    w.update_alpha(torch.tensor([1e-3, -3.0]))
+    assert torch.allclose(w.alpha_tilde, torch.tensor([0.95, 1.05]), atol=1e-4)  # Adam: first step ≈ lr·sign
+    with pytest.raises(FloatingPointError):
+        w.update_alpha(torch.tensor([float("nan"), 0.0]))
+
+
+def test_search_in_trainer_writes_process_and_logs(tmp_path, tiny_data):
+    torch.manual_seed(0)
+    train, val = train_val_split(tiny_data, 0.2, seed=0)
+    d, infos = make(tau=0.5)
+    cb = DistProCallback(BatchLoader(val, 4, shuffle=True, seed=0), infos, meta={"dataset": "tiny"})
+    cfg = TrainConfig(epochs=2, progress=False, log_every=1, channels_last=False)
+    trainer = Trainer(d, BatchLoader(train, 8, seed=0), None, cfg, run_dir=tmp_path, callbacks=[cb])
+    assert all(p is not d.weighting.alpha_tilde for g in trainer.optimizer.param_groups for p in g["params"])
+    trainer.fit()
+    proc = Process.load(tmp_path / "process.json")
+    assert proc.steps == list(range(2 * len(trainer.train_loader)))
+    assert proc.names == d.weighting.learned and proc.pathways[0].teacher_stage == 0
+    assert proc.alpha.shape == (len(proc.steps), len(infos)) and len(proc.kept) == len(proc.steps)
+    assert not torch.allclose(proc.alpha_tilde[-1], torch.ones(len(infos)))  # α̃ moved from α₀ = 1
+    assert torch.allclose(proc.alpha[-1], normalize(d.weighting.alpha_tilde))
+    assert (tmp_path / "process.png").stat().st_size > 0
+    rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert all("pathways_kept" in r for r in rows)
+    raw = json.loads((tmp_path / "process.json").read_text())  # inspectable: names, grid, values
+    assert {"pathways", "steps", "alpha", "alpha_tilde"} <= raw.keys()

@@ -1,0 +1,119 @@
+"""``adaptive`` (Adaptive Distillation eq. 5-6) and the path grouping shared with ``mgda``."""
+
+import math
+
+import pytest
+import torch
+
+from helpers import TinyNet
+from kdtune.distiller import Distiller
+from kdtune.pathways import Pathway
+from kdtune.weighting import AdaptiveWeighting, build_weighting
+from kdtune.weighting.paths import group_terms
+
+TERMS = ["kd", "l2_logit", "at:layer1->layer1", "at:layer2->layer2"]
+
+
+def test_loss_and_gradient_of_z_follow_eq_5_and_6():
+    w = AdaptiveWeighting(TERMS, {}, alpha=0.5)
+    with torch.no_grad():
+        w.z.copy_(torch.tensor([0.3, -1.0, 2.0]))
+    f = {"kd": torch.tensor(2.0), "l2_logit": torch.tensor(5.0),
+         "at:layer1->layer1": torch.tensor(0.01), "at:layer2->layer2": torch.tensor(0.03)}
+    total, used = w(f)
+    z = [0.3, -1.0, 2.0]
+    paths = [2.0, 5.0, 0.04]  # AT summed over layers: one path
+    expected = 0.5 * sum(math.exp(-zi) * fi + zi for zi, fi in zip(z, paths, strict=True))
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    total.backward()
+    eq6 = [0.5 * (1 - math.exp(-zi) * fi) for zi, fi in zip(z, paths, strict=True)]
+    assert w.z.grad.tolist() == pytest.approx(eq6, rel=1e-5)
+    assert used["at:layer1->layer1"] == used["at:layer2->layer2"] == pytest.approx(0.5 * math.exp(-2.0))
+    assert used["kd"] == pytest.approx(0.5 * math.exp(-0.3))
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_z_converges_to_log_f_at_a_fixed_point(layerwise):
+    # Constant path losses: the stationary point of eq. 6 is z_i = log f_i (v_i = 1 / f_i).
+    values = {"kd": 3.0, "l2_logit": 0.2, "at:layer1->layer1": 0.004, "at:layer2->layer2": 0.016}
+    w = AdaptiveWeighting(TERMS, {}, alpha=1.0, layerwise=layerwise)
+    opt = torch.optim.SGD(w.parameters(), lr=0.1, momentum=0.9)  # the paper's main optimiser
+    for _ in range(600):
+        total, _ = w({k: torch.tensor(v) for k, v in values.items()})
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    grouped = group_terms(TERMS, layerwise)
+    target = [math.log(sum(values[t] for t in grouped[p])) for p in w.path_names]
+    assert w.z.detach().tolist() == pytest.approx(target, abs=1e-3)
+
+
+def test_z_tracks_log_mean_loss_with_noisy_losses():
+    # Stochastic eq. 6: with f_i drawn around m_i every step, z_i settles near log E[f_i].
+    torch.manual_seed(0)
+    means = torch.tensor([4.0, 0.05])
+    w = AdaptiveWeighting(["kd", "at:l1->l1"], {})
+    opt = torch.optim.SGD(w.parameters(), lr=0.02)
+    tail = []
+    for step in range(4000):
+        f = means * torch.empty(2).uniform_(0.5, 1.5)
+        total, _ = w({"kd": f[0], "at:l1->l1": f[1]})
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        if step >= 3000:
+            tail.append(w.z.detach().clone())
+    assert torch.stack(tail).mean(0).tolist() == pytest.approx(means.log().tolist(), abs=0.05)
+
+
+def test_z_is_trained_by_the_main_optimiser_and_checkpointed():
+    torch.manual_seed(0)
+    distiller = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
+                          logit_losses=["kd"], weighting="adaptive", input_shape=(1, 8, 8))
+    z = distiller.weighting.z
+    assert any(p is z for p in distiller.extra_parameters())
+    assert "weighting.z" in distiller.state_dict() and z.tolist() == [0.0, 0.0]
+    opt = torch.optim.SGD(distiller.parameters(), lr=0.1)
+    out = distiller(torch.randn(8, 1, 8, 8), torch.arange(8) % 10)
+    assert out["w/kd"].item() == 1.0  # v = exp(0)
+    out["loss"].backward()
+    opt.step()
+    assert z.grad is not None and z.abs().min() > 0
+
+
+def test_grad_cosine_logs_fig_4c_similarity():
+    torch.manual_seed(0)
+    distiller = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
+                          logit_losses=["kd"], weighting="adaptive", weighting_kwargs={"grad_cosine": True},
+                          input_shape=(1, 8, 8))
+    out = distiller(torch.randn(8, 1, 8, 8), torch.arange(8) % 10)
+    cos = out["cos/kd|at"].item()
+    assert -1.0 <= cos <= 1.0 and cos != 0.0 and out["cos/mean"].item() == cos
+    out["loss"].backward()  # the graph survived the extra per-path gradients
+    plain = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
+                      logit_losses=["kd"], weighting="adaptive", input_shape=(1, 8, 8))
+    assert not any(k.startswith("cos/") for k in plain(torch.randn(8, 1, 8, 8), torch.arange(8) % 10))
+
+
+def test_grouping_rules():
+    assert group_terms(TERMS) == {"kd": ["kd"], "l2_logit": ["l2_logit"],
+                                  "at": ["at:layer1->layer1", "at:layer2->layer2"]}
+    assert list(group_terms(TERMS, layerwise=True)) == TERMS
+    logits_vs_features = group_terms(TERMS, groups={"logits": ["kd", "l2_*"], "features": ["at:*"]})
+    assert logits_vs_features == {"logits": ["kd", "l2_logit"], "features": TERMS[2:]}
+    with pytest.raises(ValueError, match="matches no path"):
+        group_terms(TERMS, groups={"logits": ["kd"], "features": ["at:*"]})
+    with pytest.raises(ValueError, match="several paths"):
+        group_terms(TERMS, groups={"a": ["*"], "b": ["kd"], "c": ["l2_logit"]})
+
+
+def test_absent_terms_and_bad_arguments():
+    w = build_weighting("adaptive", TERMS, {})
+    total, used = w({"kd": torch.tensor(2.0)})  # other paths dropped this step
+    assert total.item() == pytest.approx(2.0) and list(used) == ["kd"]
+    with pytest.raises(KeyError, match="unknown term"):
+        w({"fitnets": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="alpha"):
+        build_weighting("adaptive", TERMS, {}, alpha=-1)
+    with pytest.raises(TypeError, match="adaptive"):
+        build_weighting("adaptive", TERMS, {}, alhpa=1)
