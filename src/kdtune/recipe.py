@@ -19,6 +19,7 @@ from kdtune.checkpoint import load_checkpoint, load_state_strict
 from kdtune.config import ModelConfig, RunConfig, load_config, save_config
 from kdtune.data import Augment, BatchLoader, ImageDataset, balanced_subset, load_dataset, train_val_split
 from kdtune.distiller import Distiller, LogitLoss
+from kdtune.distributed import init_distributed
 from kdtune.models import create_model
 from kdtune.pathways import Pathway
 from kdtune.trainer import Callback, Trainer
@@ -127,6 +128,18 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
                    seed=cfg.seed)
 
 
+def _shared_run_dir(cfg: RunConfig) -> Path:
+    """A new run directory, named once by rank 0 under torchrun so every rank uses the same one
+    (the timestamp could differ between processes)."""
+    info = init_distributed()
+    name = [str(new_run_dir(cfg)) if info.is_main else ""]
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
 def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
         callbacks: tuple[Callback, ...] = ()) -> tuple[Path, dict[str, Any]]:
     """Train a config in a run directory (new, or an existing one with ``resume=True``).
@@ -134,7 +147,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
     Returns the run directory and the summary dict. A config with a ``search`` section runs that
     search instead (:func:`kdtune.search.weights.run_search`), which is always resumable.
     """
-    path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    path = Path(run_dir) if run_dir is not None else _shared_run_dir(cfg)
     if cfg.search is not None:
         from kdtune.search.weights import run_search
 
