@@ -4,6 +4,7 @@
     python benchmarks/run.py core --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/run.py core --write-only     # rebuild the table from finished runs
     python benchmarks/run.py adaptive              # Adaptive Distillation: equal, hand-tuned, mgda, adaptive ...
+    python benchmarks/run.py autokd                # Auto-KD: random search, MCTS, + logits, multi-layer TF
 
 Each run is ``kdtune run <config> seed=<s>`` in ``runs/bench/<table>/``; a run with a
 ``summary.json`` is not trained again, so an interrupted benchmark continues where it stopped.
@@ -94,6 +95,19 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          ["distill.weighting.kwargs.alpha=0.75"]),
         ("adaptive-layerwise, 8 paths", "configs/fmnist/adaptive_all.yaml",
          ["distill.weighting.kwargs.layerwise=true"]),
+    ]),
+    # Auto-KD (issue 6) Tables 3, 8 and 10 on FMNIST-5k. A search row runs the search (proxy trials on
+    # an 80/20 split, reward eq. 3) and then distils the best spec for 30 epochs on all 5,000 images.
+    "autokd": ("FMNIST-5k, Auto-KD: searched distillers (40 proxy trials each), final 30-epoch distillation", [
+        ("student alone", "configs/fmnist/student.yaml", []),
+        ("KD", "configs/fmnist/kd.yaml", []),
+        ("best of random search (features + logits)", "configs/fmnist/autokd_search.yaml",
+         ["autokd.algorithm=random"]),
+        ("MCTS best, features only (Auto-KD_f)", "configs/fmnist/autokd_search.yaml", ["autokd.logits=false"]),
+        ("MCTS best + logits (Auto-KD)", "configs/fmnist/autokd_search.yaml", []),
+        ("MCTS, 3 stages, train-free weights (Auto-KD + TF)", "configs/fmnist/autokd_search.yaml",
+         ["autokd.teacher_layers=[stage:0, stage:1, stage:2]", "autokd.student_layers=[stage:0, stage:1, stage:2]",
+          "autokd.layer_weights=train_free"]),
     ]),
 }
 

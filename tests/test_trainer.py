@@ -201,3 +201,11 @@ def test_extra_eval_logits_are_scored(tiny_data):
     x = (tiny_data.images.float() / 255 - tiny_data.mean[0]) / tiny_data.std[0]
     flipped = ((-d.student(x)).argmax(1) == tiny_data.labels).float().mean().item()
     assert m["test_acc/same"] == pytest.approx(m["test_acc"]) and m["test_acc/flipped"] == pytest.approx(flipped)
+
+
+def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path, tiny_data):
+    tr = Trainer(distiller(), BatchLoader(tiny_data, 20), BatchLoader(tiny_data, 20, shuffle=False),
+                 cfg(epochs=5, eval_every=2), run_dir=tmp_path)
+    summary = tr.fit()
+    assert [("test_acc" in r) for r in tr.history] == [False, True, False, True, True]
+    assert summary["test_acc"] == tr.history[-1]["test_acc"] and (tmp_path / "curves.png").exists()

@@ -28,6 +28,7 @@ CASES: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[
     "token_mlp": ((3, 5, 4), (3, 5, 7), (3, 5, 7), (3, 5, 7)),
     "attention_map": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 16), (3, 16)),
     "flatten_pool": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 4), (3, 6)),
+    "autokd": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 6, 4, 4), (3, 6, 4, 4)),  # Auto-KD: adapter, then original ops
 }
 PARAMETER_FREE = {"identity", "attention_map", "flatten_pool"}
 

@@ -74,6 +74,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
         weights = plot_weights(run)
         if weights is not None:
             print(f"weights: {weights}")
+        if (Path(run) / "autokd.json").exists():  # an Auto-KD search: explored tree and reward per trial
+            import json
+
+            from kdtune.search.autokd import plot_search
+
+            info = json.loads((Path(run) / "autokd.json").read_text())
+            tree, rewards = plot_search(run)
+            print(f"Auto-KD best spec (reward {info['best_reward']:.4f}): {Path(run) / 'best.yaml'}\n"
+                  f"  tree: {tree}\n  rewards: {rewards}")
         if (Path(run) / "process.json").exists():  # a DistPro search: α per pathway, one panel per teacher stage
             from kdtune.search.distpro import plot_process
             from kdtune.weighting.process import Process

@@ -36,6 +36,7 @@ from kdtune.registry import closest
 
 __all__ = [
     "ALIASES",
+    "AutoKDConfig",
     "ConfigError",
     "DataConfig",
     "DistProConfig",
@@ -277,6 +278,9 @@ class TrainConfig:
     """torch intra-op threads; None keeps torch's default."""
     checkpoint_every: int = 1
     """Save a resumable checkpoint every this many epochs."""
+    eval_every: int = 1
+    """Evaluate every this many epochs (and always after the last); the final-epoch metrics are
+    what tables report, so a benchmark may evaluate less often to save time."""
     progress: bool = True
     """Show a progress bar."""
     max_nan_steps: int = 0
@@ -290,6 +294,7 @@ class TrainConfig:
             self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}"
         )
         _require(self.checkpoint_every >= 1, "checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
+        _require(self.eval_every >= 1, "eval_every", f"must be >= 1, got {self.eval_every}")
         _require(self.max_nan_steps >= 0, "max_nan_steps", f"must be >= 0, got {self.max_nan_steps}")
         _require(self.log_every >= 0, "log_every", f"must be >= 0, got {self.log_every}")
 
@@ -371,6 +376,71 @@ class SearchConfig:
         _require(self.max_retry >= 0, "max_retry", f"must be >= 0, got {self.max_retry}")
 
 
+@dataclass
+class AutoKDConfig:
+    """Auto-KD (``kdtune.search.autokd``; papers/auto-kd.txt §2, Table 1): MCTS over distiller designs.
+
+    With ``spec`` set, the run trains the student with that distiller spec (a leaf of the space,
+    e.g. a search's ``best.yaml``) like any plain run; without it, the run searches the space on the
+    validation split (``data.val_fraction``), then (``final``) trains the best spec on all the data.
+    """
+
+    spec: str | None = None
+    """Distiller spec YAML to train with (no search); null: search."""
+    algorithm: Literal["mcts", "random", "tpe"] = "mcts"
+    """Search strategy: Monte-Carlo tree search (§2.2), or the random / TPE baselines over the same space."""
+    trials: int = 40
+    """Finished trials the study needs, over all workers (paper: 100 MCTS iterations)."""
+    exploration: float = 1.0
+    """C of the UCB rule (eq. 2)."""
+    logits: bool = True
+    """Search the logit levels too (Auto-KD); false searches the feature distiller only (Auto-KD_f)."""
+    reward: Literal["ce_cka", "acc", "ce", "ce_l1"] = "ce_cka"
+    """Trial reward on the validation split: eq. 3 ``1 - (CE + 1 - CKA)``, or Table 9's alternatives."""
+    teacher_layers: list[str] = field(default_factory=lambda: ["stage:-1"])
+    """Teacher module paths (or stage:<i>) of the distilled features; several = multi-layer (eq. 5)."""
+    student_layers: list[str] = field(default_factory=lambda: ["stage:-1"])
+    """Student module paths, paired one-to-one with teacher_layers."""
+    layer_weights: Literal["equal", "train_free"] = "equal"
+    """Per-layer factor mu_q: 1, or the train-free ``H(f_T) * CKA(f_S, f_T)`` of eq. 6."""
+    cache: bool = True
+    """Proxy: teacher logits + features computed once and read from disk (§2.3, offline processing)."""
+    sparsity: float = 0.5
+    """Proxy: fraction of the student's conv/linear weights held at zero (§2.3); 0 = dense."""
+    regrow_every: int = 50
+    """Sparse proxy: steps between magnitude prune + random regrow of the mask."""
+    regrow_fraction: float = 0.2
+    """Sparse proxy: share of the active weights pruned and regrown each time."""
+    subset: float = 0.2
+    """Proxy: share of the (post-split) training data a trial trains on (§2.3); 1 = all."""
+    epoch_fraction: float = 0.2
+    """Proxy: share of ``train.epochs`` a trial trains for (early stop, §2.3); 1 = all."""
+    storage: str | None = None
+    """Optuna storage URL; null: ``sqlite:///<run_dir>/study.db``. Workers given one URL share the study."""
+    study_name: str | None = None
+    """Name of the study in the storage; null: the run name."""
+    final: bool = True
+    """After the search, train the best spec on all training data and evaluate on test (one worker)."""
+    heartbeat: int = 60
+    """Seconds between a running trial's heartbeats; one silent for 3x as long is failed and retried."""
+    max_retry: int = 2
+    """Retries of a trial whose worker died."""
+
+    def __post_init__(self) -> None:
+        _require(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
+        _require(self.exploration >= 0, "exploration", f"must be >= 0, got {self.exploration}")
+        _require(bool(self.teacher_layers) and len(self.teacher_layers) == len(self.student_layers),
+                 "student_layers", f"must pair one-to-one with teacher_layers, got {self.teacher_layers} "
+                 f"and {self.student_layers}")
+        _require(0 <= self.sparsity < 1, "sparsity", f"must be in [0, 1), got {self.sparsity}")
+        _require(self.regrow_every >= 1, "regrow_every", f"must be >= 1, got {self.regrow_every}")
+        _require(0 <= self.regrow_fraction < 1, "regrow_fraction", f"must be in [0, 1), got {self.regrow_fraction}")
+        _require(0 < self.subset <= 1, "subset", f"must be in (0, 1], got {self.subset}")
+        _require(0 < self.epoch_fraction <= 1, "epoch_fraction", f"must be in (0, 1], got {self.epoch_fraction}")
+        _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
+        _require(self.max_retry >= 0, "max_retry", f"must be >= 0, got {self.max_retry}")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """Everything a run needs. Keyword-only, because ``student`` is required but not first."""
@@ -397,6 +467,8 @@ class RunConfig:
     """Search the fixed path weights v on the validation split, then retrain the best; None: a plain run."""
     distpro: DistProConfig | None = None
     """DistPro search of a weight process over stage pathways x transforms; None: not used."""
+    autokd: AutoKDConfig | None = None
+    """Auto-KD: search a distiller design by MCTS, or train with a found spec (``autokd.spec``); None: not used."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -694,6 +766,7 @@ ALIASES: dict[str, str] = {
     "method": "selfdistill.method",
     "process": "distill.weighting.kwargs.file",
     "baseline": "distill.weighting.kwargs.mode",
+    "spec": "autokd.spec",  # kdtune run autokd_final.yaml spec=runs/<search>/best.yaml
 }
 
 

@@ -187,12 +187,16 @@ def pearson(s: Tensor, t: Tensor, softmax: bool = False, tau: float = 1.0, beta:
 
 
 @register_distance("gram_l2", same_shape=True)
-def gram_l2(s: Tensor, t: Tensor) -> Tensor:
+def gram_l2(s: Tensor, t: Tensor, normalize: bool = False, eps: float = 1e-12) -> Tensor:
     """Auto-KD's G-L2 (Li et al. 2023, Table 1): mean squared difference of Gram matrices.
 
     Maps (N, C, H, W) or (N, C, L): per sample ``G = F F^T / (H W)`` with F the (C, H*W) matrix,
     so G is (N, C, C); matrices (R, D) (e.g. after Auto-KD's sample-wise (N, CHW) or channel-wise
     (C, NHW) reshape): ``G = X X^T / D``, (R, R). ``L = mean((G_s - G_t)^2)``.
+
+    ``normalize=True`` is Table 1's written form ``|| G_t / ||G_t|| - G_s / ||G_s|| ||^2``: each Gram
+    matrix divided by its Frobenius norm, the squared Frobenius distance (in [0, 4]) averaged over
+    the batch of per-sample Grams; scale-free, so the searched weights 1..50 act on a bounded term.
     """
     _require_dims("gram_l2", s, t, (2, 3, 4), "(R, D) matrices, (N, C, L) or (N, C, H, W) features")
 
@@ -202,7 +206,13 @@ def gram_l2(s: Tensor, t: Tensor) -> Tensor:
         f = f.flatten(2)  # (N, C, L)
         return f @ f.transpose(1, 2) / f.shape[2]
 
-    return F.mse_loss(gram(s), gram(t))
+    gs, gt = gram(s), gram(t)
+    if not normalize:
+        return F.mse_loss(gs, gt)
+    gs, gt = gs.reshape(-1, *gs.shape[-2:]), gt.reshape(-1, *gt.shape[-2:])  # (B, R, R), B = 1 for matrices
+    gs = gs / gs.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None]
+    gt = gt / gt.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None]
+    return (gs - gt).pow(2).sum(dim=(1, 2)).mean()
 
 
 @register_distance("hcl", same_shape=True)

@@ -58,7 +58,7 @@ def base_config(name: str, epochs: int, per_class: int, out: str) -> dict[str, A
         "data": {"dataset": "fashion_mnist", "train_per_class": per_class},
         "student": {"name": "resnet8"},
         "teacher": {"name": "resnet56", "checkpoint": f"zoo:{TEACHER}"},
-        "train": {"epochs": epochs, "progress": False, "log_every": 0},
+        "train": {"epochs": epochs, "progress": False, "log_every": 0, "eval_every": epochs},  # test once, at the end
     }
 
 

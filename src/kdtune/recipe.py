@@ -145,9 +145,17 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
     """Train a config in a run directory (new, or an existing one with ``resume=True``).
 
     Returns the run directory and the summary dict. A config with a ``search`` section runs that
-    search instead (:func:`kdtune.search.weights.run_search`), which is always resumable.
+    search instead (:func:`kdtune.search.weights.run_search`), which is always resumable; one with an
+    ``autokd`` section runs the Auto-KD search (:func:`kdtune.search.autokd.run_autokd`), or trains
+    with the distiller spec file ``autokd.spec``.
     """
     path = Path(run_dir) if run_dir is not None else _shared_run_dir(cfg)
+    if cfg.autokd is not None:  # Auto-KD: search distiller designs, or (autokd.spec) train with one
+        from kdtune.search.autokd import run_autokd, spec_config
+
+        if cfg.autokd.spec is None:
+            return run_autokd(cfg, path, callbacks)
+        cfg = spec_config(cfg)  # a plain config; its saved config.yaml resumes without the spec file
     if cfg.search is not None:
         from kdtune.search.weights import run_search
 

@@ -44,16 +44,19 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path) -> None:
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train loss")
     if history and "train_task" in history[0]:
         ax_loss.plot(epochs, [r["train_task"] for r in history], label="train CE")
-    if history and "test_loss" in history[0]:
-        ax_loss.plot(epochs, [r["test_loss"] for r in history], label="test CE")
+    if any("test_loss" in r for r in history):
+        tested = [r for r in history if "test_loss" in r]
+        ax_loss.plot([r["epoch"] for r in tested], [r["test_loss"] for r in tested], "o-", label="test CE")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_title("loss")
     ax_loss.legend()
     ax_acc.plot(epochs, [r["train_acc"] for r in history], label="train acc")
-    if history and "test_acc" in history[0]:
-        ax_acc.plot(epochs, [r["test_acc"] for r in history], label="test acc")
-    if history and "agreement_error" in history[0]:
-        ax_acc.plot(epochs, [1 - r["agreement_error"] for r in history], label="agreement with teacher")
+    evaluated = [r for r in history if "test_acc" in r]  # train.eval_every may skip epochs
+    if evaluated:
+        ax_acc.plot([r["epoch"] for r in evaluated], [r["test_acc"] for r in evaluated], "o-", label="test acc")
+    if evaluated and "agreement_error" in evaluated[0]:
+        ax_acc.plot([r["epoch"] for r in evaluated], [1 - r["agreement_error"] for r in evaluated],
+                    "o-", label="agreement with teacher")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_title("accuracy")
     ax_acc.legend()
@@ -91,8 +94,9 @@ def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for d in run_dirs:
         rows = read_metrics(d)
-        if rows and "test_acc" in rows[0]:
-            ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], label=Path(d).name)
+        rows = [r for r in rows if "test_acc" in r]
+        if rows:
+            ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], "o-", label=Path(d).name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 accuracy")
     ax.legend(fontsize=8)

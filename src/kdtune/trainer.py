@@ -357,7 +357,8 @@ class Trainer:
             row: dict[str, Any] = {"epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
             row.update(self.train_epoch())
             self._sync_buffers()
-            row.update(self.evaluate())
+            if (self.epoch + 1) % self.cfg.eval_every == 0 or self.epoch + 1 == self.cfg.epochs:
+                row.update(self.evaluate())
             self.epoch += 1
             self.history.append(row)
             self._write("metrics.jsonl", json.dumps(row) + "\n")

@@ -32,8 +32,12 @@ from torch import Tensor, nn
 from kdtune.registry import Registry
 
 __all__ = [
+    "AUTOKD_GLOBAL",
+    "AUTOKD_INTER",
+    "AUTOKD_INTRA",
     "TRANSFORMS",
     "AttentionMap",
+    "AutoKDTransform",
     "Conv1x1Adapter",
     "Conv3x3Adapter",
     "DistProBlock",
@@ -44,6 +48,11 @@ __all__ = [
     "ShapeMismatchError",
     "SpatialSelfAttention",
     "TokenMLP",
+    "autokd_attention",
+    "autokd_inter",
+    "autokd_local",
+    "autokd_mask",
+    "autokd_multi_scale",
     "build_transform",
     "resize_spatial",
 ]
@@ -414,3 +423,160 @@ def build_transform(
     if not (isinstance(cls, type) and issubclass(cls, FeatureTransform)):
         raise TypeError(f"expected a FeatureTransform name, class or instance, got {name_or_module!r}")
     return cls(s_shape, t_shape, **kwargs)
+
+
+# --------------------------------------------------------------------------- Auto-KD operations
+# Auto-KD (Li et al. 2023, §2.1, Table 1) decomposes a feature distiller into three parameter-free
+# transform levels applied to *both* sides after the channel adapter: global (original / attention /
+# mask), intra-spatial (original / multi-scale / local) and inter-spatial (original / sample-wise /
+# channel-wise). The ops are plain functions so they can be tested one by one; :class:`AutoKDTransform`
+# chains adapter -> global -> intra -> inter.
+
+#: The options of each Auto-KD transform level (Table 1), in the search tree's order.
+AUTOKD_GLOBAL = ("original", "attention", "mask")
+AUTOKD_INTRA = ("original", "multi_scale", "local")
+AUTOKD_INTER = ("original", "sample", "channel")
+
+
+def autokd_attention(f: Tensor, tau: float = 1.0) -> Tensor:
+    """Auto-KD global "attention" (Table 1: ``alpha x f``, alpha from the feature itself; AT-style).
+
+    ``alpha = H W * softmax_{hw}(mean_c |f| / tau)``: a spatial attention map of the feature's own
+    channel-mean magnitude, scaled so it averages 1 over the H*W positions; ``f' = alpha * f``.
+    The paper gives only ``alpha ~ (f_S, f_T)``: each side is weighted by its own attention.
+
+    Shapes: (N, C, H, W) -> (N, C, H, W).
+    """
+    n, _, h, w = f.shape
+    a = torch.softmax(f.abs().mean(dim=1).flatten(1) / tau, dim=1).view(n, 1, h, w)
+    return f * (a * (h * w))
+
+
+def autokd_mask(s: Tensor, t: Tensor, ratio: float = 0.5, generator: torch.Generator | None = None,
+                dims: str = "spatial") -> tuple[Tensor, Tensor]:
+    """Auto-KD global "mask" (Table 1: ``M x f_S, M x f_T``, M in {0, 1}; MGD-style random mask).
+
+    One random binary mask M, shared by student and teacher, keeps each spatial position
+    (``dims="spatial"``, M of shape (N, 1, H, W)) or each channel (``dims="channel"``, (N, C, 1, 1))
+    with probability ``1 - ratio``; a new mask is drawn on every call (``generator`` for tests).
+
+    Shapes: (N, C, H, W) both -> (N, C, H, W) both.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"autokd mask: ratio must be in [0, 1), got {ratio}")
+    n, c, h, w = t.shape
+    shape = (n, 1, h, w) if dims == "spatial" else (n, c, 1, 1)
+    if dims not in ("spatial", "channel"):
+        raise ValueError(f"autokd mask: dims must be 'spatial' or 'channel', got {dims!r}")
+    m = (torch.rand(shape, generator=generator) >= ratio).to(t.dtype).to(t.device)
+    return s * m, t * m
+
+
+def autokd_multi_scale(f: Tensor, factors: Sequence[int] = (2, 4)) -> Tensor:
+    """Auto-KD intra-spatial "multi-scale" (Table 1: ``f^{N,C,H/2,4,W/2,4}``; ReviewKD/LR pooling).
+
+    Average-pools the map to ``(ceil(H/k), ceil(W/k))`` for every factor k (adaptive pooling, so
+    odd sizes such as 7x7 work) and concatenates the flattened pyramids along the position axis.
+
+    Shapes: (N, C, H, W) -> (N, C, sum_k ceil(H/k) * ceil(W/k)).
+    """
+    h, w = f.shape[-2:]
+    levels = [F.adaptive_avg_pool2d(f, (-(-h // k), -(-w // k))).flatten(2) for k in factors]
+    return torch.cat(levels, dim=2)
+
+
+def autokd_local(f: Tensor, n: int = 2) -> Tensor:
+    """Auto-KD intra-spatial "local" (Table 1: ``f^n`` of shape ``n^2 N, C, H/n, W/n``).
+
+    Splits each map into an n x n grid of local windows and stacks them as samples, so a later
+    distance compares windows, not whole maps. Maps whose H or W is not a multiple of n are
+    zero-padded at the bottom/right (the same on both sides, so the padding adds no distance).
+
+    Shapes: (N, C, H, W) -> (n^2 N, C, ceil(H/n), ceil(W/n)); window (i, j) of sample b is row
+    ``(i * n + j) * N + b``.
+    """
+    b, c, h, w = f.shape
+    ph, pw = (-h) % n, (-w) % n
+    if ph or pw:
+        f = F.pad(f, (0, pw, 0, ph))
+    hh, ww = f.shape[2] // n, f.shape[3] // n
+    x = f.view(b, c, n, hh, n, ww).permute(2, 4, 0, 1, 3, 5)  # (n, n, N, C, hh, ww)
+    return x.reshape(n * n * b, c, hh, ww)
+
+
+def autokd_inter(f: Tensor, mode: str) -> Tensor:
+    """Auto-KD inter-spatial reshape (Table 1): ``sample`` -> (N, C*L), ``channel`` -> (C, N*L).
+
+    ``original`` returns ``f`` unchanged. ``f`` is (N, C, H, W) or (N, C, L) (after multi-scale);
+    L = H*W. A row of the result is what row-wise distances (KL, Gram) treat as one item:
+    a sample (SP-style relations) or a channel over the batch (ICKD/CWD-style).
+    """
+    if mode == "original":
+        return f
+    if mode == "sample":
+        return f.flatten(1)
+    if mode == "channel":
+        return f.transpose(0, 1).flatten(1)
+    raise ValueError(f"autokd inter-spatial mode must be one of {AUTOKD_INTER}, got {mode!r}")
+
+
+@_register("autokd")
+class AutoKDTransform(FeatureTransform):
+    """Auto-KD's feature transform T_f (Li et al. 2023, eq. 1, Table 1): adapter, then three levels.
+
+    ``s' , t' = inter(intra(global(adapter(s), t)))``: the student is first aligned to the teacher's
+    channels and size by ``adapter`` (§2.1: "a pooling layer to align feature scales and 1x1 conv to
+    align filter numbers"; ``conv1x1`` default, ``identity`` when the shapes already match), then
+    the parameter-free ops of :func:`autokd_attention` / :func:`autokd_mask` (global),
+    :func:`autokd_multi_scale` / :func:`autokd_local` (intra-spatial) and :func:`autokd_inter`
+    (inter-spatial) are applied to both sides.
+
+    Shapes: (N, Cs, Hs, Ws), (N, Ct, Ht, Wt) -> two equal shapes: (N, Ct, Ht, Wt) for
+    original/original/original, (N, Ct, L) after multi-scale, (n^2 N, Ct, ...) after local,
+    (N, -1) after sample-wise, (Ct, -1) after channel-wise.
+
+    Args:
+        global_op: ``original`` | ``attention`` | ``mask``.
+        intra: ``original`` | ``multi_scale`` | ``local``.
+        inter: ``original`` | ``sample`` | ``channel``.
+        adapter: registry name of the student adapter (``conv1x1``, ``conv3x3``, ``identity``).
+        mask_ratio: share of positions masked by ``mask`` (0.5).
+        scales: pooling factors of ``multi_scale`` ((2, 4), Table 1).
+        local_n: grid size n of ``local`` (2).
+        attention_tau: temperature of ``attention``'s spatial softmax (1).
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], global_op: str = "original",
+                 intra: str = "original", inter: str = "original", adapter: str = "conv1x1",
+                 mask_ratio: float = 0.5, scales: Sequence[int] = (2, 4), local_n: int = 2,
+                 attention_tau: float = 1.0) -> None:
+        super().__init__(s_shape, t_shape)
+        self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
+        for value, options, what in ((global_op, AUTOKD_GLOBAL, "global_op"), (intra, AUTOKD_INTRA, "intra"),
+                                     (inter, AUTOKD_INTER, "inter")):
+            if value not in options:
+                raise ValueError(f"autokd transform: {what}={value!r}; choose one of {options}")
+        if local_n < 1 or not scales or any(int(k) < 1 for k in scales):
+            raise ValueError(f"autokd transform: need local_n >= 1 and scales >= 1, got {local_n}, {scales}")
+        self.adapter = build_transform(adapter, s_shape, t_shape)
+        if adapter == "identity" and tuple(s_shape[1:]) != tuple(t_shape[1:]):
+            raise self._mismatch("an adapter (conv1x1) because the shapes differ; "
+                                 "adapter='identity' needs equal shapes")
+        self.global_op, self.intra, self.inter = global_op, intra, inter
+        self.mask_ratio, self.scales, self.local_n = float(mask_ratio), tuple(int(k) for k in scales), int(local_n)
+        self.attention_tau = float(attention_tau)
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        s, t = self.adapter(s, t)  # (N, Ct, Ht, Wt) both
+        if self.global_op == "attention":
+            s, t = autokd_attention(s, self.attention_tau), autokd_attention(t, self.attention_tau)
+        elif self.global_op == "mask" and self.training:  # a random mask is a training-time op
+            s, t = autokd_mask(s, t, self.mask_ratio)
+        if self.intra == "multi_scale":
+            s, t = autokd_multi_scale(s, self.scales), autokd_multi_scale(t, self.scales)
+        elif self.intra == "local":
+            s, t = autokd_local(s, self.local_n), autokd_local(t, self.local_n)
+        return autokd_inter(s, self.inter), autokd_inter(t, self.inter)
+
+    def extra_repr(self) -> str:
+        return f"global={self.global_op}, intra={self.intra}, inter={self.inter}"

@@ -127,40 +127,74 @@ def make_sampler(spec: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
-def open_study(spec: SearchConfig, storage: str, study_name: str, seed: int) -> optuna.Study:
-    """Create the study, or load it if it exists (resume / another worker).
+def open_rdb_study(storage: str, study_name: str, sampler: optuna.samplers.BaseSampler,
+                   made_with: Mapping[str, Any], heartbeat: int, max_retry: int) -> optuna.Study:
+    """Create a maximising study in an RDB storage, or load it if it exists (resume / another worker).
 
-    The storage is an RDB (SQLite file or server URL) with heartbeats, so trials of a dead worker
-    are failed after ``3 * spec.heartbeat`` seconds and retried with the same v.
+    Shared by every kdtune search (this weight search, Auto-KD's tree search). The storage is an
+    RDB (SQLite file or server URL) with heartbeats, so trials of a dead worker are failed after
+    ``3 * heartbeat`` seconds and retried (up to ``max_retry`` times) with the same parameters.
+    ``made_with`` (plain data: sampler, space ...) is stored on the study; loading it with different
+    settings is an error, so two searches never mix in one study.
 
     Raises:
-        ValueError: the stored study was made with another sampler or space.
+        ValueError: the stored study was made with other settings.
     """
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they are what we need
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:  # Optuna >= 4.9
             from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-            retry = {"heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retry)}
+            retry = {"heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=max_retry)}
         except ImportError:
             from optuna.storages import RetryFailedTrialCallback
 
-            retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=spec.max_retry)}
-        rdb = RDBStorage(storage, heartbeat_interval=spec.heartbeat, grace_period=3 * spec.heartbeat, **retry)
+            retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=max_retry)}
+        rdb = RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **retry)
     study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize",
-                                sampler=make_sampler(spec, seed), load_if_exists=True)
-    made_with = {"sampler": spec.sampler, "space": spec.space}
+                                sampler=sampler, load_if_exists=True)
+    made_with = json.loads(json.dumps(made_with))
     stored = study.user_attrs.get("search")
     if stored is None:
         study.set_user_attr("search", made_with)
-    elif stored != json.loads(json.dumps(made_with)):
+    elif stored != made_with:
         raise ValueError(f"study {study_name!r} in {storage} was made with {stored}, not {made_with}; "
-                         f"give this search another search.study_name or storage")
+                         f"give this search another study_name or storage")
     return study
+
+
+def open_study(spec: SearchConfig, storage: str, study_name: str, seed: int) -> optuna.Study:
+    """The weight search's study (:func:`open_rdb_study` with its sampler and space).
+
+    Raises:
+        ValueError: the stored study was made with another sampler or space.
+    """
+    return open_rdb_study(storage, study_name, make_sampler(spec, seed), {"sampler": spec.sampler, "space": spec.space},
+                          spec.heartbeat, spec.max_retry)
 
 
 def count(study: optuna.Study, state: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def optimize_until(study: optuna.Study, func: Callable[[optuna.Trial], float], target: int,
+                   catch: tuple[type[Exception], ...] = ()) -> optuna.Study:
+    """Run ``func`` trials until the study holds ``target`` complete trials over all workers.
+
+    Stale trials of dead workers are failed first (and re-queued by the retry callback).
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdtune prints its own line per trial
+    # A worker that died left its trial RUNNING; past the grace period it is failed and re-queued.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    remaining = target - count(study, TrialState.COMPLETE)
+    if remaining > 0:
+        # Each worker runs at most the missing number; the callback stops every worker once the
+        # study (all workers together) holds enough complete trials.
+        study.optimize(func, n_trials=remaining, catch=catch,
+                       callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE,))])
+    return study
 
 
 def run_study(spec: SearchConfig, objective: Objective, storage: str, study_name: str, seed: int = 0,
@@ -178,20 +212,10 @@ def run_study(spec: SearchConfig, objective: Objective, storage: str, study_name
     Returns:
         The study (completed trials: ``study.best_trial``, ``study.trials``).
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdtune prints its own line per trial
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(spec, storage, study_name, seed)
-    # A worker that died left its trial RUNNING; past the grace period it is failed and re-queued.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
     target = spec.n_trials if spec.n_trials is not None else grid_size(spec.space)
-    remaining = target - count(study, TrialState.COMPLETE)
-    if remaining > 0:
-        # Each worker runs at most the missing number; the callback stops every worker once the
-        # study (all workers together) holds enough complete trials.
-        study.optimize(lambda trial: objective(trial, suggest(trial, spec.space)), n_trials=remaining,
-                       catch=catch, callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE,))])
-    return study
+    return optimize_until(study, lambda trial: objective(trial, suggest(trial, spec.space)), target, catch)
 
 
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:

@@ -1,0 +1,441 @@
+"""Auto-KD: search a distiller design by MCTS with cheap proxies, then distill with it (papers/auto-kd.txt §2).
+
+    kdtune run configs/fmnist/autokd_search.yaml autokd.trials=40          # MCTS over Table 1's space
+    kdtune run configs/fmnist/autokd_search.yaml autokd.algorithm=random   # the baseline, same budget
+    kdtune run --resume runs/autokd_search-s0-<stamp>                     # continue after an interruption
+    kdtune run configs/fmnist/autokd_final.yaml spec=runs/<search>/best.yaml   # full distillation
+
+(The weight search of Adaptive Distillation owns the ``search:`` section, so Auto-KD's settings are
+under ``autokd:``.)
+
+A trial trains the student with one leaf of :mod:`kdtune.search.space` under the proxies of
+:mod:`kdtune.search.proxies` on a ``autokd.subset`` share of the training split, for
+``autokd.epoch_fraction`` of the epochs, and is scored on the held-out validation split
+(``data.val_fraction``; never the test set) by the reward of eq. 3,
+``R = 1 - (CE_val + L_CKA)``, ``L_CKA = 1 - linear-CKA(f_S, f_T)`` (or Table 9's alternatives).
+The study (SQLite in the run directory by default, or ``autokd.storage``) holds the trials; the
+tree is rebuilt from them (:mod:`kdtune.search.mcts`), so the search resumes and is shared.
+
+Run directory: ``config.yaml``, ``study.db``, ``teacher_cache/`` (offline teacher), ``trials/<spec>/``
+(one run per distinct leaf), ``autokd.json`` (trials, rewards, best spec, costs), ``best.yaml``
+(the best leaf: a distiller spec), ``tree.png`` and ``rewards.png``; with ``autokd.final`` the run
+directory then also holds the final distillation (``best_config.yaml``, ``summary.json`` ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+import torch.nn.functional as F
+from optuna.trial import TrialState
+from torch import Tensor, nn
+
+from kdtune.capture import FeatureCapture, find_stage_outputs
+from kdtune.config import RunConfig, save_config
+from kdtune.data import Augment, BatchLoader
+from kdtune.distances import cka
+from kdtune.pathways import resolve_stage
+from kdtune.search.mcts import run_tree_search, tree_statistics
+from kdtune.search.proxies import CachedTeacher, SparseStudent, TeacherCache, proxy_epochs, proxy_subset
+from kdtune.search.space import DistillerSpec, Level, levels
+from kdtune.trainer import Callback, NonFiniteLossError, Trainer
+
+# --------------------------------------------------------------------------- train-free weights (eq. 5-6)
+
+
+def feature_entropy(f: Tensor) -> Tensor:
+    """``D_entropy`` of eq. 6: Shannon entropy (nats) of the softmax-normalised feature, batch mean.
+
+    ``H = -mean_n sum_i p_ni log p_ni``, ``p_n = softmax(vec f_n)`` over the C*H*W values of a sample.
+
+    Shapes: (N, ...) -> 0-dim.
+    """
+    log_p = F.log_softmax(f.flatten(1), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def train_free_weights(student: nn.Module, teacher: nn.Module, x: Tensor, student_layers: Sequence[str],
+                       teacher_layers: Sequence[str]) -> list[float]:
+    """Train-free factors ``mu_q = H(f_T^q) * CKA(f_S^q, f_T^q)`` (Auto-KD eq. 6), one per layer pair.
+
+    Computed once, before training, from the (initial) student and the teacher on the batch ``x``
+    (N, C, H, W); CKA is linear CKA (Kornblith et al. 2019), 1 - :func:`kdtune.distances.cka`.
+    Works for pairs from different teachers too: call it per teacher and concatenate. The paper
+    does not normalise mu; neither do we (the searched W_f multiplies it, eq. 5).
+
+    Args:
+        student, teacher: the models (put in eval mode for the probe, then restored).
+        x: a batch of training inputs.
+        student_layers, teacher_layers: paired module paths (``stage:<i>`` allowed).
+    """
+    s_paths = _resolve(student, x, student_layers, "student")
+    t_paths = _resolve(teacher, x, teacher_layers, "teacher")
+    s_feats, t_feats = _features(student, x, s_paths), _features(teacher, x, t_paths)
+    return [float(feature_entropy(t_feats[t]) * (1.0 - cka(s_feats[s], t_feats[t])))
+            for s, t in zip(s_paths, t_paths, strict=True)]
+
+
+def _resolve(model: nn.Module, x: Tensor, paths: Sequence[str], role: str) -> list[str]:
+    stages = find_stage_outputs(model, x[:2]) if any(p.startswith("stage:") for p in paths) else []
+    return [resolve_stage(p, stages, role) for p in paths]
+
+
+def _features(model: nn.Module, x: Tensor, paths: Sequence[str]) -> dict[str, Tensor]:
+    was = model.training
+    model.eval()
+    with FeatureCapture(model, list(dict.fromkeys(paths)), detach=True) as cap:
+        model(x)
+        out = {p: cap[p] for p in paths}
+    model.train(was)
+    return out
+
+
+# --------------------------------------------------------------------------- reward (eq. 3, Table 9)
+
+#: Reward of a diverged trial (non-finite loss or reward), and the lowest reward a trial can get:
+#: eq. 3 is unbounded below when CE explodes, and one such trial would swamp a node's mean reward.
+#: (A student that predicts uniformly over 10 classes scores about 1 - (2.3 + 1) = -2.3.)
+REWARD_FLOOR = -5.0
+
+
+
+@torch.no_grad()
+def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader, student_layers: Sequence[str],
+                   teacher_layers: Sequence[str], max_cka_samples: int = 1000) -> dict[str, float]:
+    """Validation metrics a reward is made of.
+
+    Returns ``ce`` (mean CE), ``acc``, ``cka`` (linear CKA of the raw features, mean over the layer
+    pairs, on the first ``max_cka_samples`` samples), ``l1`` (``mean_n ||softmax(p_S) - softmax(p_T)||_1``,
+    Table 9's L1 to the teacher; the paper does not say on what, we use the outputs).
+    """
+    x0 = next(iter(loader))[0]
+    s_paths = _resolve(student, x0, student_layers, "student")
+    t_paths = _resolve(teacher, x0, teacher_layers, "teacher")
+    was = student.training
+    student.eval()
+    ce_sum, correct, l1_sum, n = 0.0, 0, 0.0, 0
+    s_keep: dict[str, list[Tensor]] = {p: [] for p in s_paths}
+    t_keep: dict[str, list[Tensor]] = {p: [] for p in t_paths}
+    with FeatureCapture(student, list(dict.fromkeys(s_paths)), detach=True) as s_cap, \
+            FeatureCapture(teacher, list(dict.fromkeys(t_paths)), detach=True) as t_cap:
+        for x, y in loader:
+            ps, pt = student(x), teacher(x)
+            ce_sum += float(F.cross_entropy(ps, y, reduction="sum"))
+            correct += int((ps.argmax(1) == y).sum())
+            l1_sum += float((ps.softmax(1) - pt.softmax(1)).abs().sum())
+            if n < max_cka_samples:
+                for p in s_paths:
+                    s_keep[p].append(s_cap[p].float().flatten(1))
+                for p in t_paths:
+                    t_keep[p].append(t_cap[p].float().flatten(1))
+            n += len(y)
+    student.train(was)
+    ckas = [1.0 - float(cka(torch.cat(s_keep[s])[:max_cka_samples], torch.cat(t_keep[t])[:max_cka_samples]))
+            for s, t in zip(s_paths, t_paths, strict=True)]
+    return {"ce": ce_sum / n, "acc": correct / n, "cka": sum(ckas) / len(ckas), "l1": l1_sum / n}
+
+
+def reward_from(metrics: dict[str, float], kind: str) -> float:
+    """Eq. 3 ``1 - (CE + (1 - CKA))`` (``ce_cka``), or ``acc``, ``ce`` (1 - CE), ``ce_l1`` (1 - (CE + L1)).
+
+    A non-finite or lower value becomes :data:`REWARD_FLOOR`.
+    """
+    if kind == "ce_cka":
+        r = 1.0 - (metrics["ce"] + (1.0 - metrics["cka"]))
+    elif kind == "ce":
+        r = 1.0 - metrics["ce"]
+    elif kind == "ce_l1":
+        r = 1.0 - (metrics["ce"] + metrics["l1"])
+    elif kind == "acc":
+        r = metrics["acc"]
+    else:
+        raise ValueError(f"unknown reward {kind!r}; choose ce_cka, acc, ce or ce_l1")
+    return max(REWARD_FLOOR, r) if math.isfinite(r) else REWARD_FLOOR
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _autokd(cfg: RunConfig):
+    if cfg.autokd is None:
+        raise ValueError("this needs a config with an autokd section")
+    return cfg.autokd
+
+
+def spec_config(cfg: RunConfig, spec: DistillerSpec | None = None, mu: Sequence[float] | None = None) -> RunConfig:
+    """The plain run config that distils with ``spec`` (default: the file ``autokd.spec``).
+
+    With ``autokd.layer_weights: train_free`` and no ``mu`` given, mu (eq. 6) is computed from the
+    seeded initial student and the teacher on the first training batch. The result has no
+    ``autokd`` section: it is a plain run (its ``config.yaml`` resumes without the spec file).
+    """
+    ak = _autokd(cfg)
+    if spec is None:
+        if ak.spec is None:
+            raise ValueError("autokd.spec is not set: give spec=<path to a distiller spec YAML, e.g. best.yaml>")
+        spec = DistillerSpec.load(ak.spec)
+    if cfg.teacher is None:
+        raise ValueError("Auto-KD distils from a teacher: the config has none")
+    if mu is None and ak.layer_weights == "train_free":
+        mu = compute_mu(cfg)
+    out = spec.apply(copy.deepcopy(cfg), ak.teacher_layers, ak.student_layers, mu)
+    out.autokd = None
+    return out
+
+
+def compute_mu(cfg: RunConfig) -> list[float]:
+    """Eq. 6 factors for the config's layer pairs, from its seeded student, teacher and first batch."""
+    from kdtune.recipe import build_model, load_splits, seed_everything
+
+    ak = _autokd(cfg)
+    seed_everything(cfg.seed)
+    splits = load_splits(cfg)
+    student = build_model(cfg.student, splits.train.in_channels, splits.train.num_classes)
+    assert cfg.teacher is not None
+    teacher = build_model(cfg.teacher, splits.train.in_channels, splits.train.num_classes)
+    x, _ = next(iter(BatchLoader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)))
+    return train_free_weights(student, teacher, x, ak.student_layers, ak.teacher_layers)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+class TrialContext:
+    """What every trial of one search shares: data, proxy loaders, teacher cache, mu."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
+        from kdtune.recipe import build_distiller, load_splits
+
+        ak = _autokd(cfg)
+        if cfg.data.val_fraction <= 0:
+            raise ValueError("Auto-KD scores trials on a validation split carved from the training data: set "
+                             "data.val_fraction > 0 (e.g. 0.2); the test set is never used for selection")
+        if cfg.teacher is None:
+            raise ValueError("Auto-KD distils from a teacher: the config has none")
+        self.cfg, self.run_dir = cfg, run_dir
+        splits = load_splits(cfg)
+        assert splits.val is not None
+        self.train = proxy_subset(splits.train, ak.subset, cfg.data.split_seed)
+        self.val = splits.val
+        self.input_shape = tuple(self.train.images.shape[1:])
+        self.epochs = proxy_epochs(cfg.train.epochs, ak.epoch_fraction)
+        self.mu = compute_mu(cfg) if ak.layer_weights == "train_free" else None
+        self.cache: TeacherCache | None = None
+        self.cache_seconds = 0.0
+        if ak.cache:
+            probe_cfg = spec_config(cfg, DistillerSpec(), self.mu)
+            distiller = build_distiller(probe_cfg, self.train.in_channels, self.train.num_classes, self.input_shape)
+            self.cache = TeacherCache(run_dir / "teacher_cache", self.train_loader(), self.epochs)
+            self.cache_seconds = self.cache.build(distiller)
+
+    def train_loader(self) -> BatchLoader:
+        d = self.cfg.data
+        return BatchLoader(self.train, d.batch_size, shuffle=True, augment=Augment(d.crop_padding, d.flip),
+                           seed=self.cfg.seed)
+
+    def val_loader(self) -> BatchLoader:
+        return BatchLoader(self.val, self.cfg.data.eval_batch_size, shuffle=False)
+
+    def trainer(self, spec: DistillerSpec, run_dir: Path | None, proxies: bool = True) -> Trainer:
+        """A trainer of the proxy run of ``spec`` (``proxies=False``: no cache, dense student)."""
+        from kdtune.recipe import build_distiller, seed_everything
+
+        ak = _autokd(self.cfg)
+        trial_cfg = spec_config(self.cfg, spec, self.mu)
+        trial_cfg.train.epochs = self.epochs
+        trial_cfg.train.progress = False
+        seed_everything(self.cfg.seed)
+        distiller = build_distiller(trial_cfg, self.train.in_channels, self.train.num_classes, self.input_shape)
+        callbacks: list[Callback] = []
+        if proxies and self.cache is not None:
+            callbacks.append(CachedTeacher(self.cache))
+        if proxies and ak.sparsity > 0:
+            callbacks.append(SparseStudent(ak.sparsity, ak.regrow_every, ak.regrow_fraction, seed=self.cfg.seed))
+        return Trainer(distiller, self.train_loader(), self.val_loader(), trial_cfg.train, run_dir=run_dir,
+                       callbacks=callbacks, seed=self.cfg.seed)
+
+    def evaluate(self, spec: DistillerSpec, run_dir: Path | None = None) -> dict[str, Any]:
+        """Train the proxy of ``spec`` and score it on validation; a finished trial dir is reused."""
+        ak = _autokd(self.cfg)
+        summary_path = run_dir / "summary.json" if run_dir is not None else None
+        if summary_path is not None and summary_path.exists():
+            summary = json.loads(summary_path.read_text())
+            if "reward_metrics" in summary:
+                summary["reward"] = reward_from(summary["reward_metrics"], ak.reward)
+                return summary
+        trainer = self.trainer(spec, run_dir)
+        if run_dir is not None:
+            spec.save(run_dir / "spec.yaml")
+        summary = trainer.fit()
+        d = trainer.distiller
+        assert d.teacher is not None
+        summary["reward_metrics"] = reward_metrics(d.student, d.teacher, self.val_loader(), ak.student_layers,
+                                                   ak.teacher_layers)
+        summary["reward"] = reward_from(summary["reward_metrics"], ak.reward)
+        summary["eval_split"] = "val"
+        if summary_path is not None:
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> tuple[Path, dict[str, Any]]:
+    """Search the distiller space (or continue the search), write the best spec, then (``final``) distil.
+
+    Returns:
+        (run_dir, summary): the final run's summary with an ``autokd`` entry, or only ``{"autokd": ...}``.
+    """
+    from kdtune.recipe import prepare
+
+    ak = _autokd(cfg)
+    if ak.spec is not None:
+        raise ValueError("autokd.spec is set: this config trains with a spec; run it with `kdtune run` "
+                         "(recipe.run), not run_autokd")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        save_config(cfg, run_dir / "config.yaml")
+    storage = ak.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    study_name = ak.study_name or cfg.name
+    ctx = TrialContext(cfg, run_dir)
+    space = levels(ak.logits)
+
+    def objective(trial: optuna.Trial, choices: dict[str, Any]) -> float:
+        spec = DistillerSpec.from_choices(choices)
+        trial_dir = run_dir / "trials" / spec.key()
+        trial.set_user_attr("run_dir", str(trial_dir))
+        try:
+            summary = ctx.evaluate(spec, trial_dir)
+        except NonFiniteLossError as err:
+            # A distiller that diverges is a bad leaf, not a broken trial: it gets the floor reward, so
+            # the tree learns to avoid its branch (a failed trial would leave the leaf untried forever).
+            print(f"trial {trial.number}: {spec.key()} diverged ({err}); reward {REWARD_FLOOR}", flush=True)
+            trial.set_user_attr("diverged", True)
+            return REWARD_FLOOR
+        reward = summary["reward"]  # floored by reward_from
+        trial.set_user_attr("train_seconds", summary.get("train_seconds"))
+        trial.set_user_attr("val_acc", summary["reward_metrics"]["acc"])
+        print(f"trial {trial.number}: {spec.key()}  reward {reward:.4f}  "
+              f"val acc {100 * summary['reward_metrics']['acc']:.2f}%", flush=True)
+        return float(reward)
+
+    study = run_tree_search(objective, space, storage, study_name, ak.trials, ak.algorithm, ak.exploration,
+                            cfg.seed, ak.heartbeat, ak.max_retry)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise RuntimeError(f"no trial of study {study_name!r} completed; see {run_dir / 'trials'}")
+    best = study.best_trial
+    best_spec = DistillerSpec.from_choices(best.params)
+    best_spec.save(run_dir / "best.yaml")
+    info = {"study_name": study_name, "storage": storage, "algorithm": ak.algorithm, "reward": ak.reward,
+            "best_spec": best_spec.to_dict(), "best_reward": best.value, "best_trial": best.number,
+            "complete_trials": len(complete), "proxy_epochs": ctx.epochs, "proxy_train_images": len(ctx.train),
+            "cache_build_seconds": ctx.cache_seconds, "mu": ctx.mu,
+            "trials_train_seconds": sum(t.user_attrs.get("train_seconds") or 0.0 for t in complete),
+            "trials": trials_table(study)}
+    (run_dir / "autokd.json").write_text(json.dumps(info, indent=2) + "\n")
+    plot_search(run_dir, space)
+    print(f"best spec {best_spec.key()}  reward {best.value:.4f} ({len(complete)} trials; {run_dir / 'best.yaml'})",
+          flush=True)
+    search_summary = {k: v for k, v in info.items() if k != "trials"}
+    if not ak.final:
+        return run_dir, {"autokd": search_summary}
+    final_cfg = spec_config(cfg, best_spec, ctx.mu)
+    final_cfg.data.val_fraction = 0.0  # distil on all the training data, evaluate on test
+    save_config(final_cfg, run_dir / "best_config.yaml")
+    trainer = prepare(final_cfg, run_dir, callbacks)
+    summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
+    summary["autokd"] = search_summary
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return run_dir, summary
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial: number, state, choices, reward, validation accuracy, seconds, run directory."""
+    return [{"number": t.number, "state": t.state.name, "choices": t.params, "reward": t.value,
+             "val_acc": t.user_attrs.get("val_acc"), "train_seconds": t.user_attrs.get("train_seconds"),
+             "mcts_depth": t.system_attrs.get("mcts:depth"), "run_dir": t.user_attrs.get("run_dir")}
+            for t in study.get_trials(deepcopy=False)]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot_search(run_dir: str | Path, space: Sequence[Level] | None = None, max_depth: int = 3) -> list[Path]:
+    """``tree.png`` (explored tree: visits and mean reward per node) and ``rewards.png`` (reward per trial).
+
+    The tree is rebuilt from ``autokd.json`` exactly as MCTS sees it (back-propagation to each
+    trial's expansion depth); nodes deeper than ``max_depth`` are left out to keep it readable.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.trial import create_trial
+
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "autokd.json").read_text())
+    done = [t for t in info["trials"] if t["state"] == "COMPLETE" and t["reward"] is not None]
+    if space is None:
+        space = levels("logit_distance" in (done[0]["choices"] if done else {"logit_distance": 1}))
+    frozen = [create_trial(params=t["choices"], value=t["reward"], system_attrs=(
+        {"mcts:depth": t["mcts_depth"]} if t.get("mcts_depth") is not None else {}),
+        distributions={lv.name: optuna.distributions.CategoricalDistribution(list(lv.choices)) for lv in space})
+        for t in done]
+    stats = tree_statistics(frozen, space, virtual_loss=False)
+
+    # Tree: nodes placed by depth (rows) and order of their leaf ranges (columns).
+    depth = min(max_depth, len(space))
+    nodes = sorted((p for p in stats if len(p) <= depth), key=lambda p: (len(p), p))
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * sum(1 for p in nodes if len(p) == depth)), 1.8 * (depth + 1)))
+    pos: dict[tuple[int, ...], tuple[float, float]] = {}
+    for d in range(depth + 1):
+        row = [p for p in nodes if len(p) == d]
+        for i, p in enumerate(row):
+            pos[p] = ((i + 0.5) / max(len(row), 1), -d)
+    means = [stats[p].mean for p in nodes]
+    lo, hi = (min(means), max(means)) if means else (0.0, 1.0)
+    cmap = plt.get_cmap("viridis")
+    for p in nodes:
+        x, y = pos[p]
+        if len(p) > 0:
+            px, py = pos[p[:-1]]
+            ax.plot([px, x], [py, y], color="0.7", lw=0.8, zorder=1)
+        st = stats[p]
+        c = cmap((st.mean - lo) / (hi - lo) if hi > lo else 0.5)
+        ax.scatter([x], [y], s=60 + 25 * math.sqrt(st.visits), color=c, zorder=2)
+        label = "root" if not p else str(space[len(p) - 1].choices[p[-1]])
+        ax.annotate(f"{label}\nN={st.visits} R={st.mean:.3f}", (x, y), fontsize=6, ha="center", va="top",
+                    xytext=(0, -7), textcoords="offset points")
+    ax.set_yticks([-d for d in range(depth + 1)], ["root"] + [space[d].name for d in range(depth)])
+    ax.set_xticks([])
+    ax.set_title(f"Auto-KD search tree ({info['algorithm']}, {len(done)} trials): visits N, mean reward R")
+    fig.tight_layout()
+    tree_png = run_dir / "tree.png"
+    fig.savefig(tree_png, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [t["number"] for t in done]
+    ys = [t["reward"] for t in done]
+    best = [max(ys[: i + 1]) for i in range(len(ys))]
+    ax.scatter(xs, ys, s=12, label="trial reward")
+    ax.plot(xs, best, color="C1", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"reward ({info['reward']})")
+    ax.legend()
+    fig.tight_layout()
+    rewards_png = run_dir / "rewards.png"
+    fig.savefig(rewards_png, dpi=120)
+    plt.close(fig)
+    return [tree_png, rewards_png]
