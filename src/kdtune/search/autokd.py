@@ -295,7 +295,7 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     Returns:
         (run_dir, summary): the final run's summary with an ``autokd`` entry, or only ``{"autokd": ...}``.
     """
-    from kdtune.recipe import prepare
+    from kdtune.search.weights import retrain_best
 
     ak = _autokd(cfg)
     if ak.spec is not None:
@@ -350,14 +350,7 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     search_summary = {k: v for k, v in info.items() if k != "trials"}
     if not ak.final:
         return run_dir, {"autokd": search_summary}
-    final_cfg = spec_config(cfg, best_spec, ctx.mu)
-    final_cfg.data.val_fraction = 0.0  # distil on all the training data, evaluate on test
-    save_config(final_cfg, run_dir / "best_config.yaml")
-    trainer = prepare(final_cfg, run_dir, callbacks)
-    summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
-    summary["autokd"] = search_summary
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return run_dir, summary
+    return retrain_best(spec_config(cfg, best_spec, ctx.mu), run_dir, callbacks, "autokd", search_summary)
 
 
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:

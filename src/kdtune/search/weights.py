@@ -271,7 +271,6 @@ def run_search(cfg: RunConfig, run_dir: Path,
         (run_dir, summary): the final run's summary with a ``search`` entry (best v, its validation
         accuracy, trial counts), or only ``{"search": ...}`` without a final run.
     """
-    from kdtune.recipe import prepare
     from kdtune.trainer import NonFiniteLossError
 
     spec = cfg.search
@@ -313,11 +312,19 @@ def run_search(cfg: RunConfig, run_dir: Path,
     if not spec.final:
         return run_dir, {"search": search_summary}
 
-    final_cfg = apply_weights(cfg, best.params)
+    return retrain_best(apply_weights(cfg, best.params), run_dir, callbacks, "search", search_summary)
+
+
+def retrain_best(final_cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...], key: str,
+                 search_summary: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """Train a search's winning config on all the training data (no validation split) in the
+    search's run directory, resuming if it was interrupted; the summary keeps the search's under ``key``."""
+    from kdtune.recipe import prepare  # recipe imports this module: import at call time
+
     final_cfg.data.val_fraction = 0.0  # retrain on all the training data, evaluate on test
     save_config(final_cfg, run_dir / "best_config.yaml")
     trainer = prepare(final_cfg, run_dir, callbacks)
     summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
-    summary["search"] = search_summary
+    summary[key] = search_summary
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir, summary
