@@ -348,6 +348,9 @@ class SearchConfig:
     """Name of the study in the storage; null: the run name."""
     final: bool = True
     """Retrain the best v on the whole training set and evaluate on the test set (one worker only)."""
+    trial_epochs: int | None = None
+    """Epochs of each trial (a shorter schedule as a cheap proxy); null: ``train.epochs``. The final run
+    always trains ``train.epochs``."""
     heartbeat: int = 60
     """Seconds between a running trial's heartbeats; one silent for 3x as long is failed and retried."""
     max_retry: int = 2
@@ -373,6 +376,8 @@ class SearchConfig:
         _require(self.n_trials is not None or self.sampler == "grid", "n_trials",
                  f"must be set for the {self.sampler!r} sampler (only grid defaults to its size)")
         _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
+        _require(self.trial_epochs is None or self.trial_epochs >= 1, "trial_epochs",
+                 f"must be >= 1 or null, got {self.trial_epochs}")
         _require(self.max_retry >= 0, "max_retry", f"must be >= 0, got {self.max_retry}")
 
 

@@ -162,3 +162,19 @@ def test_search_needs_a_validation_split(tmp_path):
     cfg = from_dict(RunConfig, {**TINY, "data": {**TINY["data"], "val_fraction": 0.0}})
     with pytest.raises(ValueError, match="val_fraction"):
         run(cfg, tmp_path / "r")
+
+
+def test_trial_epochs_shortens_trials_but_not_the_final_run(tmp_path):
+    from kdtune.recipe import run
+
+    spec = {**TINY, "train": {**TINY["train"], "epochs": 2},
+            "search": {"sampler": "grid", "space": {"at": [10], "kd": [1]}, "trial_epochs": 1}}
+    cfg = from_dict(RunConfig, spec)
+    run_dir, summary = run(cfg, tmp_path / "r")
+    (trial_dir,) = (run_dir / "trials").iterdir()
+    assert load_config(trial_dir / "config.yaml").train.epochs == 1
+    assert len((trial_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert load_config(run_dir / "best_config.yaml").train.epochs == 2
+    with pytest.raises(ConfigError, match="trial_epochs"):
+        from_dict(SearchConfig, {"space": {"at": [1]}, "trial_epochs": 0})

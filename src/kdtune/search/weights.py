@@ -247,6 +247,8 @@ def train_trial(cfg: RunConfig, v: Mapping[str, float], trials_dir: Path) -> dic
             return summary
     trial_cfg = apply_weights(cfg, v)
     trial_cfg.name = f"{cfg.name}-trial"
+    if cfg.search is not None and cfg.search.trial_epochs is not None:
+        trial_cfg.train.epochs = cfg.search.trial_epochs
     trainer = prepare(trial_cfg, run_dir, eval_split="val")
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     if not resume:
