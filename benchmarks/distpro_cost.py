@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import seconds_per_call
 
 from kdtune.data import BatchLoader, balanced_subset, load_fashion_mnist, train_val_split
 from kdtune.distiller import Distiller
@@ -78,13 +79,6 @@ def batches(ds, batch: int, seed: int):
         loader.set_epoch(epoch)
         yield from loader
         epoch += 1
-
-
-def time_block(fn, steps: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
 
 
 def main() -> None:
@@ -152,9 +146,9 @@ def main() -> None:
         search_step(drop_d, drop_opt, drop_search)
     t_plain, t_search, t_search_drop = [], [], []
     for _ in range(args.reps):
-        t_plain.append(time_block(plain_step, args.steps))
-        t_search.append(time_block(lambda: search_step(search_d, search_opt, search), args.steps))
-        t_search_drop.append(time_block(lambda: search_step(drop_d, drop_opt, drop_search), args.steps))
+        t_plain.append(seconds_per_call(plain_step, args.steps))
+        t_search.append(seconds_per_call(lambda: search_step(search_d, search_opt, search), args.steps))
+        t_search_drop.append(seconds_per_call(lambda: search_step(drop_d, drop_opt, drop_search), args.steps))
     plain_s, search_s = statistics.median(t_plain), statistics.median(t_search)
     search_drop_s = statistics.median(t_search_drop)
 

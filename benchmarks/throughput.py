@@ -19,10 +19,10 @@ import datetime
 import json
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import seconds_per_call
 from torch import nn
 
 from kdtune.config import TrainConfig
@@ -93,10 +93,7 @@ def main() -> None:
         trainer.train_step(x, y)
 
     def timed(step) -> float:
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        return (time.perf_counter() - t0) / args.steps
+        return seconds_per_call(step, args.steps)
 
     for step in (hand_step, kdtune_step):  # warm-up (allocator, oneDNN primitive caches)
         timed(step)

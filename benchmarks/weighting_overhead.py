@@ -28,10 +28,10 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import seconds_per_call
 
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, from_arrays
@@ -57,10 +57,7 @@ def path_sets() -> dict[int, tuple[list[LogitLoss], list[Pathway]]]:
 
 def timed(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     """Seconds per iteration over ``steps`` training steps on the same batch."""
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(x, y)
-    return (time.perf_counter() - t0) / steps
+    return seconds_per_call(lambda: trainer.train_step(x, y), steps)
 
 
 def main() -> None:
