@@ -3,6 +3,7 @@
     python benchmarks/run.py core                  # FMNIST-5k: student alone, KD, FitNets+KD, AT+KD
     python benchmarks/run.py core --seeds 0 1 2 --jobs 2 --threads 1
     python benchmarks/run.py core --write-only     # rebuild the table from finished runs
+    python benchmarks/run.py adaptive --rows "single AT" mgda   # train only these rows, in this order
     python benchmarks/run.py adaptive              # Adaptive Distillation: equal, hand-tuned, mgda, adaptive ...
     python benchmarks/run.py autokd                # Auto-KD: random search, MCTS, + logits, multi-layer TF
 
@@ -215,12 +216,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per run")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--write-only", action="store_true", help="only rebuild the table from finished runs")
+    p.add_argument("--rows", nargs="+", metavar="LABEL",
+                   help="train only these rows, in this order (the table still shows every row)")
     args = p.parse_args()
 
     out = Path(args.out) / args.table
     _title, rows = TABLES[args.table]
+    if args.rows:
+        known = [row[0] for row in rows]
+        unknown = [label for label in args.rows if label not in known]
+        if unknown:
+            p.error(f"table {args.table!r} has no rows {unknown}; its rows: {known}")
+        train_rows = [row for label in args.rows for row in rows if row[0] == label]
+    else:
+        train_rows = rows
     if not args.write_only:
-        jobs = [(label, cfg, ov, s) for s in args.seeds for label, cfg, ov in rows]
+        # Row by row (all seeds of a row before the next): a table cut short has complete rows.
+        jobs = [(label, cfg, ov, s) for label, cfg, ov in train_rows for s in args.seeds]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda j: train(out, *j, threads=args.threads), jobs))
     command = f"python benchmarks/run.py {args.table} --seeds {' '.join(map(str, args.seeds))}"
