@@ -8,7 +8,8 @@
     python benchmarks/run.py autokd                # Auto-KD: random search, MCTS, + logits, multi-layer TF
 
 Each run is ``kdtune run <config> seed=<s>`` in ``runs/bench/<table>/``; a run with a
-``summary.json`` is not trained again, so an interrupted benchmark continues where it stopped.
+``summary.json`` is not trained again and one stopped mid-way resumes from its last checkpoint,
+so an interrupted benchmark continues where it stopped.
 A row whose config is ``@<table>/<label>`` reuses (or, if missing, trains) that row of another
 table, so e.g. "student alone" and "KD" are trained once for every table that shows them.
 ``--jobs 2 --threads 1`` (two single-threaded runs side by side) uses 2 cores better than one
@@ -133,6 +134,13 @@ def finished_run(out: Path, name: str, seed: int) -> Path | None:
     return done[-1] if done else None
 
 
+def interrupted_run(out: Path, name: str, seed: int) -> Path | None:
+    """The newest run of (name, seed) stopped before its summary but after a checkpoint."""
+    started = sorted(p for p in out.glob(f"{name}-s{seed}-*")
+                     if not (p / "summary.json").exists() and (p / "checkpoints" / "last.pt").exists())
+    return started[-1] if started else None
+
+
 def resolve_row(out: Path, label: str, config: str, overrides: list[str]) -> tuple[Path, str, str, list[str]]:
     """Follow an ``@<table>/<label>`` reference to the row it names (its table's run directory)."""
     if not config.startswith("@"):
@@ -153,6 +161,9 @@ def train(out: Path, label: str, config: str, overrides: list[str], seed: int, t
         return done
     cmd = [sys.executable, "-m", "kdtune.cli", "run", str(ROOT / config), f"seed={seed}", f"name={name}",
            f"output_dir={out}", "train.progress=false", *overrides]
+    interrupted = interrupted_run(out, name, seed)
+    if interrupted is not None:  # a benchmark stopped mid-run continues that run from its checkpoint
+        cmd = [sys.executable, "-m", "kdtune.cli", "run", "--resume", str(interrupted)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
