@@ -124,7 +124,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from kdtune.quickstart import main as quickstart
 
-    return quickstart(args.out, args.epochs, args.per_class)
+    return quickstart(args.out, args.epochs, args.per_class, args.jobs, args.test_images)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--epochs", type=int, default=8)
     s.add_argument("--per-class", type=int, default=200)
+    s.add_argument("--jobs", type=int, default=2, help="worker processes training rows side by side (1 thread each)")
+    s.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default: all)")
     s.set_defaults(func=_cmd_quickstart)
     return p
 

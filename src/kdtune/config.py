@@ -111,6 +111,8 @@ class DataConfig:
     """Zero padding before the random crop augmentation; 0 disables cropping."""
     flip: bool = True
     """Random horizontal flip augmentation."""
+    test_limit: int | None = None
+    """Evaluate on the first N test images only (quick looks, tests); None: the whole test set."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
@@ -122,6 +124,8 @@ class DataConfig:
             f"must be >= 1 or null (all), got {self.train_per_class}",
         )
         _require(self.crop_padding >= 0, "crop_padding", f"must be >= 0, got {self.crop_padding}")
+        _require(self.test_limit is None or self.test_limit >= 1, "test_limit",
+                 f"must be >= 1 or null (all), got {self.test_limit}")
 
 
 @dataclass

@@ -7,7 +7,9 @@ teacher, and wall time. Each row is a config dict, so a new method is one more e
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,39 +54,80 @@ def _merge(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def base_config(name: str, epochs: int, per_class: int, out: str) -> dict[str, Any]:
+def base_config(name: str, epochs: int, per_class: int, out: str, test_images: int | None = None) -> dict[str, Any]:
     return {
         "name": name, "seed": 0, "output_dir": out,
-        "data": {"dataset": "fashion_mnist", "train_per_class": per_class},
+        "data": {"dataset": "fashion_mnist", "train_per_class": per_class, "test_limit": test_images},
         "student": {"name": "resnet8"},
         "teacher": {"name": "resnet56", "checkpoint": f"zoo:{TEACHER}"},
         "train": {"epochs": epochs, "progress": False, "log_every": 0, "eval_every": epochs},  # test once, at the end
     }
 
 
-def main(out: str = "runs/quickstart", epochs: int = 8, per_class: int = 200) -> int:
-    from kdtune.zoo import teacher_record
+def row_name(label: str) -> str:
+    return label.lower().replace(" + ", "_").replace(" ", "_")
 
-    record = teacher_record(TEACHER)
-    print(f"teacher: {TEACHER} (test accuracy {100 * record['test_acc']:.2f}%, shipped in kdtune.zoo)")
-    print(f"student: resnet8, Fashion-MNIST {per_class * 10} training images, {epochs} epochs, "
-          f"evaluated on the 10,000 test images\n")
+
+Chain = list[tuple[str, dict[str, Any]]]
+
+
+def chains(out: str) -> list[Chain]:
+    """The rows as independent chains (a chain's rows run in order: DistPro's retrain reads its
+    search's process file), longest first so two workers finish together."""
+    return [distpro_rows(out), *([row] for row in ROWS)]
+
+
+def run_chain(chain: Chain, base: dict[str, Any], threads: int) -> list[tuple[str, dict[str, Any], float, str]]:
+    """Train a chain's rows one after the other (in a worker process with ``threads`` torch threads)."""
+    import torch
+
+    torch.set_num_threads(threads)
     results = []
-    for label, part in [*ROWS, *distpro_rows(out)]:
-        name = label.lower().replace(" + ", "_").replace(" ", "_")
-        cfg_dict = _merge(base_config(name, epochs, per_class, out), part)
-        cfg = from_dict(RunConfig, cfg_dict)
+    for label, part in chain:
+        cfg = from_dict(RunConfig, _merge({**base, "name": row_name(label)}, part))
         t0 = time.perf_counter()
         run_dir, summary = run(cfg)
         seconds = time.perf_counter() - t0
-        results.append((label, summary, seconds, run_dir))
         print(f"  {label:16s} test acc {100 * summary['test_acc']:.2f}%  ({seconds:.0f} s)", flush=True)
+        results.append((label, summary, seconds, str(run_dir)))
+    return results
+
+
+def main(out: str = "runs/quickstart", epochs: int = 8, per_class: int = 200, jobs: int = 2,
+         test_images: int | None = None) -> int:
+    """Train every row and print the table.
+
+    ``jobs`` single-threaded worker processes train the rows side by side: on 2 cores two
+    one-thread trainings of a small student finish sooner than one after the other with two
+    threads each (see benchmarks/RESULTS.md); ``jobs=1`` trains in this process with torch's threads.
+    """
+    from kdtune.zoo import teacher_record
+
+    record = teacher_record(TEACHER)
+    n_test = "10,000" if test_images is None else f"first {test_images}"
+    print(f"teacher: {TEACHER} (test accuracy {100 * record['test_acc']:.2f}%, shipped in kdtune.zoo)")
+    print(f"student: resnet8, Fashion-MNIST {per_class * 10} training images, {epochs} epochs, "
+          f"evaluated on the {n_test} test images; {jobs} worker(s)\n")
+    base = base_config("", epochs, per_class, out, test_images)
+    t0 = time.perf_counter()
+    if jobs <= 1:
+        import torch
+
+        done = [run_chain(chain, base, torch.get_num_threads()) for chain in chains(out)]
+    else:
+        context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            todo = chains(out)
+            done = list(pool.map(run_chain, todo, [base] * len(todo), [1] * len(todo)))
+    total = time.perf_counter() - t0
+    by_label = {row[0]: row for chain_rows in done for row in chain_rows}
     print()
     print("| method | test acc % | agreement err % | time s | run |")
     print("|---|---:|---:|---:|---|")
-    for label, s, seconds, run_dir in results:
+    for label, _ in [*ROWS, *distpro_rows(out)]:
+        _, s, seconds, run_dir = by_label[label]
         agree = "—" if s.get("agreement_error") is None else f"{100 * s['agreement_error']:.2f}"
         print(f"| {label} | {100 * s['test_acc']:.2f} | {agree} | {seconds:.0f} | {Path(run_dir)} |")
-    print("\nOne seed on a small subset: differences of a point or two are within seed noise here "
-          "(benchmarks/RESULTS.md has mean ± std over 3 seeds).")
+    print(f"\nAll rows: {total:.0f} s wall. One seed on a small subset: differences of a point or two are "
+          "within seed noise here (benchmarks/RESULTS.md has mean ± std over 3 seeds).")
     return 0

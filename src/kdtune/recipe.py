@@ -45,6 +45,8 @@ def load_splits(cfg: RunConfig) -> Splits:
     test = load_dataset(d.dataset, "test", d.root)
     if d.train_per_class is not None:
         train = balanced_subset(train, d.train_per_class, d.subset_seed)
+    if d.test_limit is not None:
+        test = test.subset(torch.arange(min(d.test_limit, len(test))))
     val = None
     if d.val_fraction > 0:
         train, val = train_val_split(train, d.val_fraction, d.split_seed)
