@@ -245,6 +245,15 @@ def test_override_aliases() -> None:
     assert cfg.distill.weighting.name == "equal"
 
 
+def test_search_overrides_reach_the_autokd_section_of_an_autokd_config() -> None:
+    autokd = apply_overrides({**MINIMAL, "autokd": {"trials": 40}}, ["search.trials=12", "search.algorithm=random"])
+    assert autokd["autokd"] == {"trials": 12, "algorithm": "random"} and "search" not in autokd
+    # A weight-search config (or one without either section) keeps search.* as written.
+    weights = apply_overrides({**MINIMAL, "search": {"sampler": "grid"}}, ["search.n_trials=3"])
+    assert weights["search"] == {"sampler": "grid", "n_trials": 3}
+    assert apply_overrides(MINIMAL, ["search.n_trials=3"])["search"] == {"n_trials": 3}
+
+
 def test_register_alias(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("kdtune.config.ALIASES", dict(ALIASES))
     register_alias("temp", "distill.logit_losses.0.kwargs.temperature")

@@ -790,6 +790,15 @@ def register_alias(short: str, dotted: str) -> None:
     ALIASES[short] = dotted
 
 
+def _search_section(key: str, data: Mapping[str, Any]) -> str:
+    """``search.<k>`` means ``autokd.<k>`` in an Auto-KD config (one with an ``autokd`` section and no
+    ``search`` section), so ``kdtune run autokd_search.yaml search.trials=40`` works as for a weight
+    search: "the search" of a config is whichever search it runs."""
+    if key.startswith("search.") and "autokd" in data and "search" not in data:
+        return "autokd." + key.removeprefix("search.")
+    return key
+
+
 _OVERRIDE_FORM = "expected dotted.key=value, e.g. train.epochs=10 or distill.pathways.0.weight=2"
 
 
@@ -809,8 +818,9 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
     Values are parsed with ``yaml.safe_load`` (``3``, ``0.1``, ``true``, ``null``, ``[1, 2]``,
     ``{a: 1}``; quote for a string: ``name="'3'"``; an empty value is null). Keys may use
     :data:`ALIASES` and list indices (``distill.pathways.0.weight=2``); index ``len(list)``
-    appends a new item. Missing sections are created, and keys are not checked here: run the
-    result through :func:`from_dict`, which rejects unknown keys with the allowed ones.
+    appends a new item; in an Auto-KD config ``search.<key>`` stands for ``autokd.<key>``.
+    Missing sections are created, and keys are not checked here: run the result through
+    :func:`from_dict`, which rejects unknown keys with the allowed ones.
 
     Args:
         data: Raw config, e.g. from :func:`load_raw`; not modified.
@@ -829,7 +839,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
         key = key.strip()
         if not sep or not key or any(not p for p in key.split(".")):
             raise ConfigError(f"malformed override {override!r}: {_OVERRIDE_FORM}")
-        key = ALIASES.get(key, key)
+        key = _search_section(ALIASES.get(key, key), out)
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as e:
