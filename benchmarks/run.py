@@ -121,8 +121,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
 
 #: table name -> extra columns (header, key of the final epoch's metrics), e.g. the ensemble accuracy.
 EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "selfdistill": [("ensemble acc %", "test_acc/ensemble")],
-    "selfdistill_lr": [("ensemble acc %", "test_acc/ensemble")],
+    "selfdistill": [("ensemble acc %", "test_acc/ensemble"), ("exit 1 acc %", "test_acc/exit1"),
+                    ("exit 2 acc %", "test_acc/exit2")],
+    "selfdistill_lr": [("ensemble acc %", "test_acc/ensemble"), ("exit 1 acc %", "test_acc/exit1"),
+                       ("exit 2 acc %", "test_acc/exit2")],
 }
 
 
