@@ -12,6 +12,13 @@ from kdtune.distances import DISTANCES, register_distance
 from kdtune.transforms import ShapeMismatchError
 
 RELATION = {"sp", "rkd", "pkt", "nst", "cc", "cka"}
+#: Distances on logits (N, K) (Auto-KD's per-teacher logit pathways, kdtune.losses), not on feature maps.
+LOGIT = {"logit_kd", "logit_dist"}
+
+
+def example_shapes(name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A student shape and a different teacher shape of the kind the distance takes."""
+    return ((4, 12), (4, 5)) if name in LOGIT else ((4, 3, 4, 4), (4, 5, 4, 4))
 
 
 def f64(x: torch.Tensor) -> np.ndarray:
@@ -37,9 +44,10 @@ def test_relation_flags():
 def test_every_distance_scalar_finite_gradient_and_zero_on_equal(name):
     fn = DISTANCES.get(name)
     torch.manual_seed(0)
-    s = torch.randn(4, 3, 4, 4, requires_grad=True)
+    s_shape, other_shape = example_shapes(name)
+    s = torch.randn(*s_shape, requires_grad=True)
     # relation-based distances must accept a different width
-    t = torch.randn(4, 5, 4, 4) if name in RELATION else torch.randn(4, 3, 4, 4)
+    t = torch.randn(*other_shape) if name in RELATION else torch.randn(*s_shape)
     d = fn(s, t)
     assert d.dim() == 0 and torch.isfinite(d)
     assert d.item() > 0
@@ -51,10 +59,10 @@ def test_every_distance_scalar_finite_gradient_and_zero_on_equal(name):
 
 @pytest.mark.parametrize("name", [n for n in DISTANCES.names() if n not in RELATION])
 def test_same_shape_distances_reject_other_shapes(name):
-    s, t = torch.randn(4, 3, 4, 4), torch.randn(4, 5, 4, 4)
+    s_shape, t_shape = example_shapes(name)
     with pytest.raises(ShapeMismatchError) as err:
-        DISTANCES.get(name)(s, t)
-    assert "(4, 3, 4, 4)" in str(err.value) and "(4, 5, 4, 4)" in str(err.value)
+        DISTANCES.get(name)(torch.randn(*s_shape), torch.randn(*t_shape))
+    assert str(s_shape) in str(err.value) and str(t_shape) in str(err.value)
 
 
 @pytest.mark.parametrize("name", sorted(RELATION))

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import TinyNet
+from kdtune.checkpoint import load_checkpoint
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, train_val_split
 from kdtune.distiller import Distiller
 from kdtune.search.distpro import DistProCallback, DistProSearch, search_space, virtual_step
-from kdtune.trainer import Trainer
+from kdtune.trainer import Callback, Trainer
 from kdtune.weighting.process import DistProWeighting, Process, normalize
 
 SHAPE = (1, 8, 8)
@@ -251,3 +257,119 @@ def test_search_in_trainer_writes_process_and_logs(tmp_path, tiny_data):
     assert all("pathways_kept" in r for r in rows)
     raw = json.loads((tmp_path / "process.json").read_text())  # inspectable: names, grid, values
     assert {"pathways", "steps", "alpha", "alpha_tilde"} <= raw.keys()
+
+
+
+def write_tiny_fashion_mnist(root, n_train=50, n_test=20):
+    """The first images of the real Fashion-MNIST as a dataset directory of its own (IDX files), so
+    a `kdtune run` config can point data.root at it and evaluate on 20 test images, not 10 000."""
+    from kdtune.data import load_fashion_mnist
+
+    root.mkdir()
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        data = load_fashion_mnist(split)
+        for kind, arr in (("images-idx3", data.images[:n, 0]), ("labels-idx1", data.labels[:n])):
+            dims = b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+            header = bytes([0, 0, 0x08, arr.ndim]) + dims
+            with gzip.open(root / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(header + arr.to(torch.uint8).numpy().tobytes())
+    return root
+
+
+SEARCH_CONFIG = {
+    "seed": 0,
+    "data": {"dataset": "fashion_mnist", "val_fraction": 0.2, "batch_size": 8, "eval_batch_size": 20},
+    "student": {"name": "resnet8"},
+    "teacher": {"name": "resnet8"},  # untrained: enough to move α̃
+    "distpro": {"connections": "same", "transforms": ["conv1x1", "distpro"], "alpha_lr": 0.1},
+    "train": {"epochs": 2, "progress": False, "threads": 1, "channels_last": False, "log_every": 1},
+}
+
+KILL_SEARCH_SCRIPT = textwrap.dedent('''
+    import json, os, signal, sys
+    from kdtune.config import RunConfig, from_dict
+    from kdtune.recipe import run
+    from kdtune.trainer import Callback
+
+    cfg, run_dir, kill_at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+
+    class Kill(Callback):  # runs before DistPro's α update of the same step
+        def on_batch_start(self, trainer, x, y):
+            if trainer.global_step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    run(from_dict(RunConfig, cfg), run_dir, callbacks=(Kill(),))
+''')
+
+
+def test_search_sigkilled_mid_epoch_resumes_to_the_same_process_and_student(tmp_path):
+    """`kdtune run --resume` after a SIGKILL in epoch 2 ends exactly where an uninterrupted search
+    does: the same α̃ and α at every recorded step, bit-identical student weights and α̃ moments."""
+    script = tmp_path / "search.py"
+    script.write_text(KILL_SEARCH_SCRIPT)
+    root = write_tiny_fashion_mnist(tmp_path / "fmnist")
+    cfg = json.dumps({**SEARCH_CONFIG, "data": {**SEARCH_CONFIG["data"], "root": str(root)}})
+
+    def search(run_dir, kill_at):
+        return subprocess.run([sys.executable, str(script), cfg, str(run_dir), str(kill_at)],
+                              capture_output=True, text=True, timeout=300)
+
+    straight = search(tmp_path / "a", -1)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = search(tmp_path / "b", 7)  # 40 training images, batch 8: 5 steps per epoch, killed in epoch 2
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["global_step"] == 5
+    (tmp_path / "b" / "process.json").unlink()  # the checkpoint alone must carry the process so far
+    kdtune = Path(sys.executable).with_name("kdtune")
+    resumed = subprocess.run([str(kdtune), "run", "--resume", str(tmp_path / "b")], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    pa, pb = (Process.load(tmp_path / r / "process.json") for r in ("a", "b"))
+    assert pa.steps == pb.steps == list(range(10))
+    assert torch.equal(pa.alpha_tilde, pb.alpha_tilde) and torch.equal(pa.alpha, pb.alpha) and pa.kept == pb.kept
+    assert not torch.equal(pa.alpha_tilde[-1], pa.alpha_tilde[0])  # the search did move α̃
+    ca, cb = (load_checkpoint(tmp_path / r / "checkpoints" / "last.pt") for r in ("a", "b"))
+    assert ca["distiller"].keys() == cb["distiller"].keys()
+    for k in ca["distiller"]:  # student, adapters, BN statistics, α̃ and its Adam moments
+        assert torch.equal(ca["distiller"][k], cb["distiller"][k]), k
+    recorded_a, recorded_b = ca["callbacks"]["DistProCallback"], cb["callbacks"]["DistProCallback"]
+    for k in ("steps", "alpha", "alpha_tilde", "kept"):  # the full-precision process in the checkpoint
+        assert torch.equal(recorded_a[k], recorded_b[k]), k
+
+
+def test_checkpoint_carries_the_recorded_process(tmp_path, tiny_data):
+    """In-process twin of the SIGKILL test: interrupted after epoch 1, resumed by a fresh trainer
+    and callback, the search continues the process of the checkpoint (process.json deleted)."""
+    train, val = train_val_split(tiny_data, 0.2, seed=0)
+
+    class Interrupt(Callback):
+        def on_epoch_start(self, trainer, epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    def search(run_dir, extra=(), resume=False):
+        d, infos = make(tau=0.5)
+        cb = DistProCallback(BatchLoader(val, 4, seed=1), infos)
+        cfg = TrainConfig(epochs=2, progress=False, channels_last=False)
+        Trainer(d, BatchLoader(train, 8, seed=0), None, cfg, run_dir=run_dir, callbacks=[*extra, cb]).fit(resume)
+        return cb, d
+
+    straight, d_straight = search(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        search(tmp_path / "b", [Interrupt()])
+    (tmp_path / "b" / "process.json").unlink()
+    resumed, d_resumed = search(tmp_path / "b", resume=True)
+    assert resumed.steps == straight.steps == list(range(8))
+    assert resumed.alpha_tilde == straight.alpha_tilde and resumed.alpha == straight.alpha
+    assert torch.equal(d_resumed.weighting.alpha_tilde, d_straight.weighting.alpha_tilde)
+
+    # A checkpoint without the recorded process (older kdtune) and no process.json: a clear error.
+    ckpt_path = tmp_path / "b" / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    del ckpt["callbacks"]
+    ckpt["epoch"], ckpt["global_step"] = 1, 4
+    torch.save(ckpt, ckpt_path)
+    (tmp_path / "b" / "process.json").unlink()
+    with pytest.raises(RuntimeError, match="no recorded process.*process.json"):
+        search(tmp_path / "b", resume=True)

@@ -404,6 +404,10 @@ class AutoKDConfig:
     """C of the UCB rule (eq. 2)."""
     logits: bool = True
     """Search the logit levels too (Auto-KD); false searches the feature distiller only (Auto-KD_f)."""
+    space: Literal["table1", "extended"] = "table1"
+    """Search space: Table 1's, or §2.1's extended one (+ Rényi distance, logit norm, weight warm-up / early stop)."""
+    teachers: list[ModelConfig] = field(default_factory=list)
+    """Extra teachers besides ``teacher`` (multi-teacher, eq. 5-6): each teacher's terms weighted by its mu."""
     reward: Literal["ce_cka", "acc", "ce", "ce_l1"] = "ce_cka"
     """Trial reward on the validation split: eq. 3 ``1 - (CE + 1 - CKA)``, or Table 9's alternatives."""
     teacher_layers: list[str] = field(default_factory=lambda: ["stage:-1"])
@@ -446,6 +450,7 @@ class AutoKDConfig:
         _require(0 <= self.regrow_fraction < 1, "regrow_fraction", f"must be in [0, 1), got {self.regrow_fraction}")
         _require(0 < self.subset <= 1, "subset", f"must be in (0, 1], got {self.subset}")
         _require(0 < self.epoch_fraction <= 1, "epoch_fraction", f"must be in (0, 1], got {self.epoch_fraction}")
+        _require(self.space in ("table1", "extended"), "space", f"must be table1 or extended, got {self.space!r}")
         _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
         _require(self.max_retry >= 0, "max_retry", f"must be >= 0, got {self.max_retry}")
 

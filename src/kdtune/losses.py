@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdtune.distances import DISTANCES, pearson
+from kdtune.distances import DISTANCES, pearson, register_distance
 from kdtune.registry import Registry
 from kdtune.transforms import TRANSFORMS, ShapeMismatchError
 
-__all__ = ["LOSSES", "LossSpec", "dist", "dkd", "get_loss", "kd", "l2_logit"]
+__all__ = ["LOGIT_NORMS", "LOSSES", "LossSpec", "dist", "dkd", "get_loss", "kd", "l2_logit", "normalize_logits"]
 
 
 # --------------------------------------------------------------------------- logit losses
@@ -46,16 +46,44 @@ def _check_logits(name: str, s_logits: Tensor, t_logits: Tensor) -> None:
         )
 
 
-def kd(s_logits: Tensor, t_logits: Tensor, targets: Tensor | None = None, tau: float = 4.0) -> Tensor:
+#: Logit normalisations before the temperature softmax (Auto-KD §2.1 extended space, item 2).
+LOGIT_NORMS = ("none", "std", "l2")
+
+
+def normalize_logits(z: Tensor, mode: str = "none", eps: float = 1e-7) -> Tensor:
+    """Per-sample logit normalisation, applied before ``softmax(z / tau)`` (Auto-KD §2.1, extended space).
+
+    Auto-KD adds "logits normalization with a scaling factor for KL divergence"; the paper gives
+    no formula. ``std``: ``(z - mean_k z) / std_k z`` (logit standardisation, Sun et al. 2024);
+    ``l2``: ``sqrt(K) * z / ||z||_2``. Both leave every row with unit root-mean-square, so the
+    temperature that follows is the scaling factor and the searched tau in {1, 2, 4, 8} means the
+    same for both; teacher and student logits of different magnitude then compare by shape only.
+    ``none``: z unchanged.
+
+    Shapes: (N, K) -> (N, K).
+    """
+    if mode == "none":
+        return z
+    if mode == "std":
+        return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, unbiased=False, keepdim=True) + eps)
+    if mode == "l2":
+        return z * (z.shape[1] ** 0.5) / (z.norm(dim=1, keepdim=True) + eps)
+    raise ValueError(f"unknown logit normalisation {mode!r}; choose one of {list(LOGIT_NORMS)}")
+
+
+def kd(s_logits: Tensor, t_logits: Tensor, targets: Tensor | None = None, tau: float = 4.0,
+       normalize: str = "none") -> Tensor:
     """Soft-target KD (Hinton et al. 2015, §2): ``tau^2 * KL(softmax(t/tau) || softmax(s/tau))``.
 
     ``L = tau^2 / N * sum_n sum_k p^t_nk log(p^t_nk / p^s_nk)`` -- reduction ``batchmean``
     (sum over classes, mean over samples), *not* ``mean``, which would also divide by the class
     count K. The ``tau^2`` keeps gradient magnitudes comparable across temperatures.
+    ``normalize`` (:func:`normalize_logits`) rescales both logits first (Auto-KD's extended space).
 
     Shapes: (N, K), (N, K) -> 0-dim. ``targets`` is unused (uniform signature).
     """
     _check_logits("kd", s_logits, t_logits)
+    s_logits, t_logits = normalize_logits(s_logits, normalize), normalize_logits(t_logits, normalize)
     log_ps = F.log_softmax(s_logits / tau, dim=1)
     log_pt = F.log_softmax(t_logits / tau, dim=1)
     return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * tau**2
@@ -121,16 +149,18 @@ def dkd(s_logits: Tensor, t_logits: Tensor, targets: Tensor, alpha: float = 1.0,
 
 
 def dist(s_logits: Tensor, t_logits: Tensor, targets: Tensor | None = None, beta: float = 1.0,
-         gamma: float = 1.0, tau: float = 1.0) -> Tensor:
+         gamma: float = 1.0, tau: float = 1.0, normalize: str = "none") -> Tensor:
     """DIST on logits (Huang et al. 2022, eq. 10): Pearson relations of softmax(z / tau).
 
     ``tau^2 [beta (1 - mean_n rho(y^s_n, y^t_n)) + gamma (1 - mean_k rho(y^s_:k, y^t_:k))]`` with
     ``y = softmax(z / tau)``: inter-class (per sample) plus intra-class (per class) correlation.
     Defaults beta = gamma = tau = 1 (DIST's ImageNet setting). See ``distances.pearson``.
+    ``normalize`` (:func:`normalize_logits`) rescales both logits first (Auto-KD's extended space).
 
     Shapes: (N, K), (N, K) -> 0-dim. ``targets`` is unused.
     """
     _check_logits("dist", s_logits, t_logits)
+    s_logits, t_logits = normalize_logits(s_logits, normalize), normalize_logits(t_logits, normalize)
     return pearson(s_logits, t_logits, softmax=True, tau=tau, beta=beta, gamma=gamma)
 
 
@@ -283,3 +313,21 @@ _add(LossSpec(
     "cka", "feature", transform="identity", distance="cka", weight=1.0,
     doc="1 - linear CKA (Kornblith et al. 2019) between flattened features; no usual weight.",
 ))
+
+
+# --------------------------------------------------------------------------- logit losses as distances
+# A pathway whose two ends are logit modules (a student's classifier, one member of a teacher
+# ensemble) compares logits with these: Auto-KD's per-teacher logit terms (eq. 5 over teachers).
+
+
+@register_distance("logit_kd", same_shape=True)
+def logit_kd(s: Tensor, t: Tensor, tau: float = 4.0, normalize: str = "none") -> Tensor:
+    """:func:`kd` between captured logits (N, K) -- for pathways; see :func:`kd`."""
+    return kd(s, t, None, tau=tau, normalize=normalize)
+
+
+@register_distance("logit_dist", same_shape=True)
+def logit_dist(s: Tensor, t: Tensor, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0,
+               normalize: str = "none") -> Tensor:
+    """:func:`dist` between captured logits (N, K) -- for pathways; see :func:`dist`."""
+    return dist(s, t, None, beta=beta, gamma=gamma, tau=tau, normalize=normalize)

@@ -55,6 +55,10 @@ def load_splits(cfg: RunConfig) -> Splits:
 
 def build_model(mc: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     """A zoo model, optionally with weights from a path or a shipped teacher (``zoo:<name>``)."""
+    if mc.name == "teacher_ensemble":  # several teachers (Auto-KD multi-teacher), built member by member
+        from kdtune.search.multiteacher import build_ensemble
+
+        return build_ensemble(mc, in_channels, num_classes)
     if mc.checkpoint and mc.checkpoint.startswith(ZOO_PREFIX):
         return load_teacher(mc.checkpoint)
     model = create_model(mc.name, in_channels=in_channels, num_classes=num_classes, **mc.kwargs)

@@ -34,6 +34,7 @@ from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, ImageDataset
 from kdtune.distiller import Distiller
 from kdtune.distributed import DistInfo, barrier, init_distributed
+from kdtune.weighting.schedule import ScheduledWeighting
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,7 +46,17 @@ class Callback:
 
     ``on_batch_start`` runs before the real step on the same batch — DistPro updates its
     pathway weights there; ``on_batch_end`` sees the step's output dict.
+
+    A callback with state that a resumed run needs (e.g. DistPro's recorded process) returns it
+    from :meth:`state_dict` (tensors and plain values only: checkpoints load with
+    ``weights_only=True``); it is saved in the trainer's checkpoint, atomically with the model,
+    under the callback's class name, and handed back to :meth:`load_state_dict` on resume.
     """
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     def on_fit_start(self, trainer: Trainer) -> None: ...
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
@@ -129,6 +140,10 @@ class Trainer:
         self.optimizer = build_optimizer(params, self.cfg)
         steps = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, steps, self.cfg))
+        # A step-scheduled weighting (Auto-KD's warm-up / early stop) needs the run's length up front.
+        weighting = getattr(distiller, "weighting", None)
+        if isinstance(weighting, ScheduledWeighting):
+            weighting.set_total_steps(self.cfg.epochs * steps)
         self.callbacks = list(callbacks)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.epoch = 0  # epochs completed
@@ -159,7 +174,20 @@ class Trainer:
             "global_step": self.global_step,
             "rng": rng_state(),
             "history": json.dumps(self.history),
+            "callbacks": self._callback_states(),
         }
+
+    def _callback_states(self) -> dict[str, dict[str, Any]]:
+        states: dict[str, dict[str, Any]] = {}
+        for cb in self.callbacks:
+            state = cb.state_dict()
+            if state is None:
+                continue
+            name = type(cb).__name__
+            if name in states:  # the class name is the key that finds the state again on resume
+                raise ValueError(f"two {name} callbacks both have state to checkpoint; use one")
+            states[name] = state
+        return states
 
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is not None and self.dist.is_main:
@@ -180,6 +208,10 @@ class Trainer:
         self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
         self.history = json.loads(ckpt["history"])
         set_rng_state(ckpt["rng"])
+        states = ckpt.get("callbacks", {})  # absent in checkpoints written before callbacks had state
+        for cb in self.callbacks:
+            if type(cb).__name__ in states:
+                cb.load_state_dict(states[type(cb).__name__])
         # Rows logged after this checkpoint belong to work that is about to be redone.
         self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history), mode="w")
         self._truncate_steps_log()

@@ -10,7 +10,16 @@ import yaml
 from optuna.trial import TrialState
 
 from kdtune.config import ConfigError, RunConfig, SearchConfig, from_dict, load_config
-from kdtune.search.weights import apply_weights, config_paths, grid_size, open_study, run_study, trial_key
+from kdtune.search.weights import (
+    SURPLUS_ATTR,
+    apply_weights,
+    config_paths,
+    grid_size,
+    is_surplus,
+    open_study,
+    run_study,
+    trial_key,
+)
 
 GRID = {"at": [1.0, 10.0, 100.0], "kd": [0.1, 1.0]}
 
@@ -64,6 +73,40 @@ def test_two_workers_share_one_study(tmp_path):
     assert len(a_calls) == 2 and len(b_calls) == 4
     points = [(c["at"], c["kd"]) for c in a_calls + b_calls]
     assert len(set(points)) == 6 and len(complete(study)) == 6
+
+
+def test_a_worker_joining_while_the_last_trial_runs_adds_no_trial(tmp_path):
+    # The N+1 race, made deterministic: worker B starts (and sees N - 1 complete trials) while
+    # worker A's N-th trial is still running. B's claimed trial must be pruned before it trains.
+    spec = SearchConfig(sampler="random", space={"at": [1.0, 10.0, 100.0], "kd": [0.1, 1.0]}, n_trials=3)
+    a_calls, b_calls = [], []
+    b_objective = objective_counting(b_calls)
+
+    def a_objective(trial, v):
+        a_calls.append(trial.number)
+        if len(a_calls) == 3:  # A's last needed trial is RUNNING: B joins now, on its own connection
+            run_study(spec, b_objective, storage(tmp_path), "shared", seed=7)
+        return 0.0
+
+    study = run_study(spec, a_objective, storage(tmp_path), "shared")
+    assert a_calls == [0, 1, 2] and b_calls == []  # B trained nothing
+    states = {t.number: t.state for t in study.get_trials()}
+    assert [n for n, s in states.items() if s == TrialState.COMPLETE] == [0, 1, 2]
+    assert states[3] == TrialState.PRUNED and study.trials[3].user_attrs[SURPLUS_ATTR]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask(), not optimize()
+def test_claim_counts_only_complete_and_earlier_running_trials(tmp_path):
+    study = open_study(SearchConfig(space=GRID), storage(tmp_path), "s", seed=0)
+    done = study.ask()
+    study.tell(done, 1.0)
+    first, second = study.ask(), study.ask()  # two workers claim at once; one trial is missing (N = 2)
+    assert not is_surplus(study, first, 2)  # 1 complete + no earlier running trial: it runs
+    assert is_surplus(study, second, 2)  # 1 complete + `first` running: surplus
+    assert not is_surplus(study, second, 3)
+    study.tell(second, state=TrialState.PRUNED)  # what optimize_until does with a surplus claim
+    study.tell(first, state=TrialState.FAIL)  # if `first` fails, a later claim is needed again
+    assert not is_surplus(study, study.ask(), 2)
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the dead worker uses ask(), not optimize()

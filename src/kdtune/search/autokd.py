@@ -16,6 +16,11 @@ A trial trains the student with one leaf of :mod:`kdtune.search.space` under the
 The study (SQLite in the run directory by default, or ``autokd.storage``) holds the trials; the
 tree is rebuilt from them (:mod:`kdtune.search.mcts`), so the search resumes and is shared.
 
+``autokd.space: extended`` searches §2.1's extended space (:mod:`kdtune.search.space`).
+``autokd.teachers`` adds teachers (§2.4, eq. 5-6): the student learns from a teacher ensemble
+(:mod:`kdtune.search.multiteacher`), every teacher's feature and logit terms weighted by its
+train-free factor mu (``layer_weights: train_free``) -- see :class:`DistillPlan`.
+
 Run directory: ``config.yaml``, ``study.db``, ``teacher_cache/`` (offline teacher), ``trials/<spec>/``
 (one run per distinct leaf), ``autokd.json`` (trials, rewards, best spec, costs), ``best.yaml``
 (the best leaf: a distiller spec), ``tree.png`` and ``rewards.png``; with ``autokd.final`` the run
@@ -28,6 +33,7 @@ import copy
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +44,12 @@ from optuna.trial import TrialState
 from torch import Tensor, nn
 
 from kdtune.capture import FeatureCapture, find_stage_outputs
-from kdtune.config import RunConfig, save_config
+from kdtune.config import ModelConfig, RunConfig, save_config
 from kdtune.data import Augment, BatchLoader
 from kdtune.distances import cka
 from kdtune.pathways import resolve_stage
 from kdtune.search.mcts import run_tree_search, tree_statistics
+from kdtune.search.multiteacher import ensemble_config, logits_module, member_names
 from kdtune.search.proxies import CachedTeacher, SparseStudent, TeacherCache, proxy_epochs, proxy_subset
 from kdtune.search.space import DistillerSpec, Level, levels
 from kdtune.trainer import Callback, NonFiniteLossError, Trainer
@@ -131,10 +138,10 @@ def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader, 
             ce_sum += float(F.cross_entropy(ps, y, reduction="sum"))
             correct += int((ps.argmax(1) == y).sum())
             l1_sum += float((ps.softmax(1) - pt.softmax(1)).abs().sum())
-            if n < max_cka_samples:
-                for p in s_paths:
+            if n < max_cka_samples:  # once per module: several teachers pair with the same student layer
+                for p in s_keep:
                     s_keep[p].append(s_cap[p].float().flatten(1))
-                for p in t_paths:
+                for p in t_keep:
                     t_keep[p].append(t_cap[p].float().flatten(1))
             n += len(y)
     student.train(was)
@@ -170,11 +177,78 @@ def _autokd(cfg: RunConfig):
     return cfg.autokd
 
 
-def spec_config(cfg: RunConfig, spec: DistillerSpec | None = None, mu: Sequence[float] | None = None) -> RunConfig:
+@dataclass
+class DistillPlan:
+    """Where the config distils, resolved: layer pairs over all teachers and their eq. 6 factors.
+
+    Attributes:
+        teacher_layers, student_layers: paired module paths; with several teachers, teacher paths
+            are inside the :class:`~kdtune.search.multiteacher.TeacherEnsemble` (``<member>.<path>``)
+            and every ``autokd`` layer pair is repeated for each teacher, teacher by teacher.
+        mu: one factor per pair (eq. 6), or None (``layer_weights: equal``).
+        members: member names, one per teacher; empty with one teacher (no ensemble).
+        member_of: index into ``members`` of each pair's teacher.
+        student_logits: the student's logit module (several teachers: per-teacher logit terms).
+    """
+
+    teacher_layers: list[str]
+    student_layers: list[str]
+    mu: list[float] | None
+    members: list[str] = field(default_factory=list)
+    member_of: list[int] = field(default_factory=list)
+    student_logits: str | None = None
+
+    def member_mu(self) -> list[float]:
+        """mu_j of each teacher for its logit term: the mean of its pairs' factors (1 without mu).
+
+        Eq. 5-6 define mu per feature pair; a teacher's logit term takes the mean over its pairs,
+        which is its pair's mu with one layer pair per teacher.
+        """
+        if self.mu is None:
+            return [1.0] * len(self.members)
+        return [sum(m for m, j in zip(self.mu, self.member_of, strict=True) if j == k)
+                / self.member_of.count(k) for k in range(len(self.members))]
+
+
+def _teachers(cfg: RunConfig) -> list[ModelConfig]:
+    if cfg.teacher is None:
+        raise ValueError("Auto-KD distils from a teacher: the config has none")
+    return [cfg.teacher, *_autokd(cfg).teachers]
+
+
+def make_plan(cfg: RunConfig) -> DistillPlan:
+    """The :class:`DistillPlan` of a config: its ``autokd`` layer pairs and (``train_free``) eq. 6 factors.
+
+    mu is computed from the seeded initial student and each teacher on the first training batch.
+    With one teacher the layer paths stay as written (``stage:<i>`` resolved by the distiller); with
+    several, each teacher's ``stage:<i>`` is resolved in that teacher.
+    """
+    ak = _autokd(cfg)
+    teachers = _teachers(cfg)
+    if len(teachers) == 1:
+        mu = compute_mu(cfg) if ak.layer_weights == "train_free" else None
+        return DistillPlan(list(ak.teacher_layers), list(ak.student_layers), mu)
+    student, models, x = _probe_models(cfg, teachers)
+    names = member_names(teachers)
+    plan = DistillPlan([], [], [] if ak.layer_weights == "train_free" else None, names,
+                       student_logits=logits_module(student, x))
+    s_paths = _resolve(student, x, ak.student_layers, "student")
+    for j, (name, teacher) in enumerate(zip(names, models, strict=True)):
+        t_paths = _resolve(teacher, x, ak.teacher_layers, f"teacher {name}")
+        plan.teacher_layers += [f"{name}.{p}" for p in t_paths]
+        plan.student_layers += s_paths
+        plan.member_of += [j] * len(t_paths)
+        if plan.mu is not None:
+            plan.mu += train_free_weights(student, teacher, x, s_paths, t_paths)
+    return plan
+
+
+def spec_config(cfg: RunConfig, spec: DistillerSpec | None = None, plan: DistillPlan | None = None) -> RunConfig:
     """The plain run config that distils with ``spec`` (default: the file ``autokd.spec``).
 
-    With ``autokd.layer_weights: train_free`` and no ``mu`` given, mu (eq. 6) is computed from the
-    seeded initial student and the teacher on the first training batch. The result has no
+    ``plan`` defaults to :func:`make_plan` (layer pairs, mu of eq. 6 with ``layer_weights:
+    train_free``). With ``autokd.teachers`` the teacher becomes a teacher ensemble and every teacher
+    j gets its terms weighted by mu (eq. 5): ``sum_j mu_j [W_f D_f + W_p D_p]``. The result has no
     ``autokd`` section: it is a plain run (its ``config.yaml`` resumes without the spec file).
     """
     ak = _autokd(cfg)
@@ -182,26 +256,35 @@ def spec_config(cfg: RunConfig, spec: DistillerSpec | None = None, mu: Sequence[
         if ak.spec is None:
             raise ValueError("autokd.spec is not set: give spec=<path to a distiller spec YAML, e.g. best.yaml>")
         spec = DistillerSpec.load(ak.spec)
-    if cfg.teacher is None:
-        raise ValueError("Auto-KD distils from a teacher: the config has none")
-    if mu is None and ak.layer_weights == "train_free":
-        mu = compute_mu(cfg)
-    out = spec.apply(copy.deepcopy(cfg), ak.teacher_layers, ak.student_layers, mu)
+    teachers = _teachers(cfg)
+    plan = make_plan(cfg) if plan is None else plan
+    if plan.members:
+        out = spec.apply(copy.deepcopy(cfg), plan.teacher_layers, plan.student_layers, plan.mu,
+                         list(zip(plan.members, plan.member_mu(), strict=True)), plan.student_logits)
+        out.teacher = ensemble_config(teachers)
+    else:
+        out = spec.apply(copy.deepcopy(cfg), plan.teacher_layers, plan.student_layers, plan.mu)
     out.autokd = None
     return out
 
 
-def compute_mu(cfg: RunConfig) -> list[float]:
-    """Eq. 6 factors for the config's layer pairs, from its seeded student, teacher and first batch."""
+def _probe_models(cfg: RunConfig, teachers: Sequence[ModelConfig]) -> tuple[nn.Module, list[nn.Module], Tensor]:
+    """The seeded initial student (as the run builds it), the teachers, and the first training batch."""
     from kdtune.recipe import build_model, load_splits, seed_everything
 
-    ak = _autokd(cfg)
     seed_everything(cfg.seed)
     splits = load_splits(cfg)
     student = build_model(cfg.student, splits.train.in_channels, splits.train.num_classes)
-    assert cfg.teacher is not None
-    teacher = build_model(cfg.teacher, splits.train.in_channels, splits.train.num_classes)
+    models = [build_model(mc, splits.train.in_channels, splits.train.num_classes) for mc in teachers]
     x, _ = next(iter(BatchLoader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)))
+    return student, models, x
+
+
+def compute_mu(cfg: RunConfig) -> list[float]:
+    """Eq. 6 factors for the config's layer pairs (one teacher), from its seeded student, teacher and first batch."""
+    ak = _autokd(cfg)
+    assert cfg.teacher is not None
+    student, (teacher,), x = _probe_models(cfg, [cfg.teacher])
     return train_free_weights(student, teacher, x, ak.student_layers, ak.teacher_layers)
 
 
@@ -227,11 +310,11 @@ class TrialContext:
         self.val = splits.val
         self.input_shape = tuple(self.train.images.shape[1:])
         self.epochs = proxy_epochs(cfg.train.epochs, ak.epoch_fraction)
-        self.mu = compute_mu(cfg) if ak.layer_weights == "train_free" else None
+        self.plan = make_plan(cfg)
         self.cache: TeacherCache | None = None
         self.cache_seconds = 0.0
         if ak.cache:
-            probe_cfg = spec_config(cfg, DistillerSpec(), self.mu)
+            probe_cfg = spec_config(cfg, DistillerSpec(), self.plan)
             distiller = build_distiller(probe_cfg, self.train.in_channels, self.train.num_classes, self.input_shape)
             self.cache = TeacherCache(run_dir / "teacher_cache", self.train_loader(), self.epochs)
             self.cache_seconds = self.cache.build(distiller)
@@ -249,7 +332,7 @@ class TrialContext:
         from kdtune.recipe import build_distiller, seed_everything
 
         ak = _autokd(self.cfg)
-        trial_cfg = spec_config(self.cfg, spec, self.mu)
+        trial_cfg = spec_config(self.cfg, spec, self.plan)
         trial_cfg.train.epochs = self.epochs
         trial_cfg.train.progress = False
         seed_everything(self.cfg.seed)
@@ -277,8 +360,8 @@ class TrialContext:
         summary = trainer.fit()
         d = trainer.distiller
         assert d.teacher is not None
-        summary["reward_metrics"] = reward_metrics(d.student, d.teacher, self.val_loader(), ak.student_layers,
-                                                   ak.teacher_layers)
+        summary["reward_metrics"] = reward_metrics(d.student, d.teacher, self.val_loader(), self.plan.student_layers,
+                                                   self.plan.teacher_layers)
         summary["reward"] = reward_from(summary["reward_metrics"], ak.reward)
         summary["eval_split"] = "val"
         if summary_path is not None:
@@ -308,7 +391,7 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     storage = ak.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     study_name = ak.study_name or cfg.name
     ctx = TrialContext(cfg, run_dir)
-    space = levels(ak.logits)
+    space = levels(ak.logits, ak.space)
 
     def objective(trial: optuna.Trial, choices: dict[str, Any]) -> float:
         spec = DistillerSpec.from_choices(choices)
@@ -338,9 +421,10 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     best_spec = DistillerSpec.from_choices(best.params)
     best_spec.save(run_dir / "best.yaml")
     info = {"study_name": study_name, "storage": storage, "algorithm": ak.algorithm, "reward": ak.reward,
+            "space": ak.space, "teachers": ctx.plan.members or [_teachers(cfg)[0].name],
             "best_spec": best_spec.to_dict(), "best_reward": best.value, "best_trial": best.number,
             "complete_trials": len(complete), "proxy_epochs": ctx.epochs, "proxy_train_images": len(ctx.train),
-            "cache_build_seconds": ctx.cache_seconds, "mu": ctx.mu,
+            "cache_build_seconds": ctx.cache_seconds, "mu": ctx.plan.mu,
             "trials_train_seconds": sum(t.user_attrs.get("train_seconds") or 0.0 for t in complete),
             "trials": trials_table(study)}
     (run_dir / "autokd.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -350,7 +434,7 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     search_summary = {k: v for k, v in info.items() if k != "trials"}
     if not ak.final:
         return run_dir, {"autokd": search_summary}
-    return retrain_best(spec_config(cfg, best_spec, ctx.mu), run_dir, callbacks, "autokd", search_summary)
+    return retrain_best(spec_config(cfg, best_spec, ctx.plan), run_dir, callbacks, "autokd", search_summary)
 
 
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
@@ -380,7 +464,8 @@ def plot_search(run_dir: str | Path, space: Sequence[Level] | None = None, max_d
     info = json.loads((run_dir / "autokd.json").read_text())
     done = [t for t in info["trials"] if t["state"] == "COMPLETE" and t["reward"] is not None]
     if space is None:
-        space = levels("logit_distance" in (done[0]["choices"] if done else {"logit_distance": 1}))
+        space = levels("logit_distance" in (done[0]["choices"] if done else {"logit_distance": 1}),
+                       info.get("space", "table1"))
     frozen = [create_trial(params=t["choices"], value=t["reward"], system_attrs=(
         {"mcts:depth": t["mcts_depth"]} if t.get("mcts_depth") is not None else {}),
         distributions={lv.name: optuna.distributions.CategoricalDistribution(list(lv.choices)) for lv in space})

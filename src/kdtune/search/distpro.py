@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -384,9 +385,25 @@ class DistProSearch:
             The teacher's outputs on ``x`` (hand them to the real step) and the hypergradient (L,).
         """
         t = self.distiller.teacher_forward(x)
-        hyper = self.hypergradient(x, y, xv, yv, optimizer, step, t)
+        hyper = _mean_over_ranks(self.hypergradient(x, y, xv, yv, optimizer, step, t))
         self.weighting.update_alpha(hyper)
         return t, hyper
+
+
+def _mean_over_ranks(hyper: Tensor) -> Tensor:
+    """The hypergradient (L,) averaged over the ranks of a torchrun job; unchanged in one process.
+
+    Each rank differentiates L_val on its own shard (its training batch for θ', its held-out batch
+    for L_val), so α̃ updated with the local hypergradient would drift apart between ranks. The
+    mean is the hypergradient of the mean of the ranks' validation losses (each through its own
+    rank's virtual step), the same averaging DDP applies to the student's gradients; every rank
+    then takes the same α̃ step from the same optimiser state and records the same process.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return hyper
+    hyper = hyper.detach().clone()
+    dist.all_reduce(hyper, op=dist.ReduceOp.SUM)
+    return hyper / dist.get_world_size()
 
 
 # ---------------------------------------------------------------------------------- callbacks
@@ -410,6 +427,11 @@ def _cycle(loader: BatchLoader, start: int) -> Iterator[tuple[Tensor, Tensor]]:
 class DistProCallback(Callback):
     """Runs DistPro's search inside :meth:`Trainer.fit`: an α update before every real step, the
     process recorded every step, ``process.json`` + ``process.png`` written to the run directory.
+
+    Under torchrun every rank draws its own shard of the held-out batches (as of the training
+    batches), the ranks' hypergradients are averaged (:func:`_mean_over_ranks`), so α̃ and the
+    process are identical on every rank; only rank 0 writes files. The process recorded so far is
+    part of the trainer's checkpoint (:meth:`state_dict`), so a resumed search continues it exactly.
 
     Args:
         val: the held-out split's batches (80/20 of the training set in the paper, §4.1).
@@ -441,17 +463,42 @@ class DistProCallback(Callback):
             self.infos = [PathwayInfo(n, "", "") for n in w.learned]
         if [p.name for p in self.infos] != w.learned:
             raise ValueError(f"pathway infos {[p.name for p in self.infos]} differ from the weighting's {w.learned}")
+        # Shard the held-out batches like the training batches: rank r takes every world_size-th.
+        self.val.rank, self.val.world_size = trainer.dist.rank, trainer.dist.world_size
+        self.val.channels_last = trainer.train_loader.channels_last  # the memory format the model was put in
         self._val_iter = _cycle(self.val, trainer.global_step)
+        if trainer.global_step > 0 and not self.steps:  # resumed, but the checkpoint had no recorded process
+            self._restore_from_file(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The process recorded so far, in full precision: saved in the trainer's checkpoint
+        (atomically with α̃ and its optimiser moments, which are the weighting's buffers)."""
+        n = len(self.infos) if self.infos is not None else 0
+        return {"steps": torch.tensor(self.steps, dtype=torch.long),
+                "alpha": torch.tensor(self.alpha).reshape(len(self.steps), n),
+                "alpha_tilde": torch.tensor(self.alpha_tilde).reshape(len(self.steps), n),
+                "kept": torch.tensor(self.kept), "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the process of a checkpoint (called by the trainer on resume, before fit starts)."""
+        self.steps = state["steps"].tolist()
+        self.alpha, self.alpha_tilde = state["alpha"].tolist(), state["alpha_tilde"].tolist()
+        self.kept, self.seconds = state["kept"].tolist(), float(state["seconds"])
+
+    def _restore_from_file(self, trainer: Trainer) -> None:
+        """Resume from a checkpoint that predates :meth:`state_dict`: the process so far comes from
+        ``process.json`` (values rounded to 6-7 digits), cut to the steps before the checkpoint."""
         path = trainer.run_dir / "process.json" if trainer.run_dir else None
-        if trainer.global_step > 0 and path is not None and path.exists():
-            # Resumed: keep what was recorded before the checkpoint; the rest is about to be redone.
-            old = Process.load(path)
-            keep = [k for k, s in enumerate(old.steps) if s < trainer.global_step]
-            self.steps = [old.steps[k] for k in keep]
-            self.alpha = [old.alpha[k].tolist() for k in keep]
-            self.alpha_tilde = [old.alpha_tilde[k].tolist() for k in keep]
-            self.kept = [old.kept[k] for k in keep] if old.kept else []
-            self.seconds = float(old.meta.get("search_seconds", 0.0))
+        if path is None or not path.exists():
+            raise RuntimeError(f"resuming a DistPro search at step {trainer.global_step}, but its checkpoint holds "
+                               f"no recorded process and there is no {path or 'run_dir/process.json'}")
+        old = Process.load(path)
+        keep = [k for k, s in enumerate(old.steps) if s < trainer.global_step]
+        self.steps = [old.steps[k] for k in keep]
+        self.alpha = [old.alpha[k].tolist() for k in keep]
+        self.alpha_tilde = [old.alpha_tilde[k].tolist() for k in keep]
+        self.kept = [old.kept[k] for k in keep] if old.kept else []
+        self.seconds = float(old.meta.get("search_seconds", 0.0))
 
     def on_batch_start(self, trainer: Trainer, x: Tensor, y: Tensor) -> None:
         assert self.search is not None and self._val_iter is not None

@@ -16,8 +16,19 @@ space has one tree level per decision, in SPEC's order:
 (324 leaves) are the feature-only Auto-KD_f of Table 3. A leaf is a :class:`DistillerSpec`, saved as
 a small YAML file that ``kdtune run <config> spec=<file>`` trains with.
 
-The §2.1 *extended* space (Rényi entropy, normalised logits, weight warm-up / early stop) is not
-implemented here.
+The §2.1 *extended* space (opt-in: ``autokd.space: extended``) is Table 1 plus the paper's own
+additions ("Extended Search Space", items 1-3): a fourth feature distance and two appended levels,
+
+    feature distance    l2 | kl | gl2 | renyi             (item 1: Rényi divergence, order renyi_alpha)
+    ... Table 1's levels 5-8 ...
+    logit norm          none | std | l2                   (item 2: logits normalised before softmax(z / tau))
+    weight schedule     constant | warmup | early_stop    (item 3: on W_f and W_p, fraction of training)
+
+4/3 * 3 * 3 = 12 times as many leaves: 124,416, or 1,296 feature-only (without the logit levels,
+logit norm included). The appended levels sit at the bottom of the tree, so
+Table 1's decisions keep their place; the paper gives no formulas or values for them, our choices
+are documented where they are implemented (``distances.renyi``, ``losses.normalize_logits``,
+``weighting.schedule``).
 """
 
 from __future__ import annotations
@@ -31,7 +42,9 @@ from typing import Any
 import yaml
 
 from kdtune.config import LogitLossConfig, PathwayConfig, RunConfig, WeightingConfig
+from kdtune.losses import LOGIT_NORMS
 from kdtune.transforms import AUTOKD_GLOBAL, AUTOKD_INTER, AUTOKD_INTRA
+from kdtune.weighting.schedule import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -55,28 +68,56 @@ LEVELS: tuple[Level, ...] = (
 )
 NUM_FEATURE_LEVELS = 5
 
+#: The §2.1 extended space: Rényi as a fourth feature distance, then two levels appended.
+EXTENDED_LEVELS: tuple[Level, ...] = (
+    *LEVELS[:3],
+    Level("feature_distance", ("l2", "kl", "gl2", "renyi")),
+    *LEVELS[4:],
+    Level("logit_norm", LOGIT_NORMS),
+    Level("weight_schedule", SCHEDULES),
+)
+#: Search spaces by name (``autokd.space``).
+SPACES = ("table1", "extended")
+
 #: Feature distance option -> (registered distance, its kwargs). KL is over softmax-normalised rows
 #: (log-probabilities, ``distances.kl``); G-L2 is Table 1's normalised-Gram form.
 FEATURE_DISTANCES: dict[str, tuple[str, dict[str, Any]]] = {
     "l2": ("mse", {}),
     "kl": ("kl", {}),
     "gl2": ("gram_l2", {"normalize": True}),
+    "renyi": ("renyi", {}),
 }
 #: Logit distance option -> catalogue logit loss: Hinton KD, or DIST's Pearson relations ([29]).
 LOGIT_LOSSES = {"kl": "kd", "pearson": "dist"}
+#: The same, as distances between captured logits (per-teacher logit pathways, several teachers).
+LOGIT_DISTANCES = {"kl": "logit_kd", "pearson": "logit_dist"}
 
 
-def levels(logits: bool = True) -> tuple[Level, ...]:
-    """The tree's levels: all eight (Auto-KD), or the five feature levels (Auto-KD_f)."""
-    return LEVELS if logits else LEVELS[:NUM_FEATURE_LEVELS]
+def levels(logits: bool = True, space: str = "table1") -> tuple[Level, ...]:
+    """The tree's levels, root first.
+
+    Args:
+        logits: all levels (Auto-KD), or only the feature distiller's (Auto-KD_f: Table 1's first
+            five, plus the weight schedule in the extended space).
+        space: ``table1`` (Table 1) or ``extended`` (§2.1's extended space).
+    """
+    if space == "table1":
+        return LEVELS if logits else LEVELS[:NUM_FEATURE_LEVELS]
+    if space == "extended":
+        return EXTENDED_LEVELS if logits else (*EXTENDED_LEVELS[:NUM_FEATURE_LEVELS], EXTENDED_LEVELS[-1])
+    raise ValueError(f"unknown Auto-KD search space {space!r}; choose one of {list(SPACES)}")
 
 
-def num_leaves(logits: bool = True) -> int:
-    """Number of distinct distillers in the space (10,368 with logits, 324 without)."""
+def num_leaves(logits: bool = True, space: str = "table1") -> int:
+    """Number of distinct distillers in the space (Table 1: 10,368 with logits, 324 without)."""
     out = 1
-    for level in levels(logits):
+    for level in levels(logits, space):
         out *= len(level.choices)
     return out
+
+
+#: Levels that belong to the logit distiller (absent from a feature-only spec).
+LOGIT_FIELDS = ("logit_distance", "temperature", "logit_weight", "logit_norm")
 
 
 @dataclass(frozen=True)
@@ -84,7 +125,11 @@ class DistillerSpec:
     """One leaf of the space: a complete distiller design (eq. 1).
 
     ``logit_distance = None`` is a feature-only distiller (Auto-KD_f); ``feature_tau`` is the
-    temperature of the feature KL (the searched ``temperature`` is the logits').
+    temperature of the feature KL / Rényi (the searched ``temperature`` is the logits').
+    The extended-space fields keep Table 1's behaviour at their defaults: ``logit_norm`` (none),
+    ``weight_schedule`` (constant); ``renyi_alpha`` is the order of the ``renyi`` feature distance,
+    ``warmup_fraction`` / ``stop_fraction`` the share of training the warm-up lasts / after which
+    distillation stops (not searched: the paper gives no values).
     """
 
     global_op: str = "original"
@@ -96,11 +141,16 @@ class DistillerSpec:
     temperature: float = 4.0
     logit_weight: float = 1.0
     feature_tau: float = 1.0
+    logit_norm: str = "none"
+    weight_schedule: str = "constant"
+    renyi_alpha: float = 2.0
+    warmup_fraction: float = 0.2
+    stop_fraction: float = 0.8
 
     def __post_init__(self) -> None:
-        for level in LEVELS:
+        for level in EXTENDED_LEVELS:  # Table 1's choices and more: any value of either space
             value = getattr(self, level.name)
-            if level.name in ("logit_distance", "temperature", "logit_weight") and self.logit_distance is None:
+            if level.name in LOGIT_FIELDS and self.logit_distance is None:
                 continue
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 ok = float(value) > 0
@@ -108,8 +158,12 @@ class DistillerSpec:
                 ok = value in level.choices
             if not ok:
                 raise ValueError(f"distiller spec: {level.name}={value!r}; choose one of {list(level.choices)}")
-        if self.feature_tau <= 0:
-            raise ValueError(f"distiller spec: feature_tau must be > 0, got {self.feature_tau}")
+        for name in ("feature_tau", "renyi_alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"distiller spec: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_fraction", "stop_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"distiller spec: {name} must be in (0, 1], got {getattr(self, name)}")
 
     # ------------------------------------------------------------------ tree paths
 
@@ -126,26 +180,30 @@ class DistillerSpec:
         return cls(**values)
 
     @classmethod
-    def from_path(cls, path: Sequence[int], logits: bool = True) -> DistillerSpec:
+    def from_path(cls, path: Sequence[int], logits: bool = True, space: str = "table1") -> DistillerSpec:
         """A spec from child indices, one per level (a root-to-leaf path of the tree)."""
-        lv = levels(logits)
+        lv = levels(logits, space)
         if len(path) != len(lv):
             raise ValueError(f"a leaf path has {len(lv)} indices (one per level), got {list(path)}")
         return cls.from_choices({level.name: level.choices[i] for level, i in zip(lv, path, strict=True)})
 
-    def choices(self, logits: bool = True) -> dict[str, Any]:
+    def choices(self, logits: bool = True, space: str = "table1") -> dict[str, Any]:
         """Level name -> value, for the levels of the space."""
-        return {level.name: getattr(self, level.name) for level in levels(logits)}
+        return {level.name: getattr(self, level.name) for level in levels(logits, space)}
 
-    def path(self, logits: bool = True) -> tuple[int, ...]:
+    def path(self, logits: bool = True, space: str = "table1") -> tuple[int, ...]:
         """Child index per level (the spec must use the space's values)."""
-        return tuple(level.choices.index(getattr(self, level.name)) for level in levels(logits))
+        return tuple(level.choices.index(getattr(self, level.name)) for level in levels(logits, space))
 
     def key(self) -> str:
         """A short unique name, used as the trial directory name."""
         parts = [self.global_op, self.intra, self.inter, self.feature_distance, f"wf{self.feature_weight:g}"]
         if self.logit_distance is not None:
             parts += [self.logit_distance, f"t{self.temperature:g}", f"wp{self.logit_weight:g}"]
+            if self.logit_norm != "none":  # extended-space values only (Table 1 keys unchanged)
+                parts.append(f"norm_{self.logit_norm}")
+        if self.weight_schedule != "constant":
+            parts.append(self.weight_schedule)
         return "-".join(parts)
 
     # ------------------------------------------------------------------ files
@@ -194,6 +252,8 @@ class DistillerSpec:
         distance, kwargs = FEATURE_DISTANCES[self.feature_distance]
         if self.feature_distance == "kl":
             kwargs = {"tau": self.feature_tau}
+        elif self.feature_distance == "renyi":
+            kwargs = {"alpha": self.renyi_alpha, "tau": self.feature_tau}
         return [PathwayConfig(teacher=t, student=s, transform="autokd", distance=distance,
                               weight=self.feature_weight * float(m), name=f"autokd:{t}->{s}",
                               transform_kwargs={"global_op": self.global_op, "intra": self.intra,
@@ -206,15 +266,55 @@ class DistillerSpec:
         if self.logit_distance is None:
             return []
         return [LogitLossConfig(name=LOGIT_LOSSES[self.logit_distance], weight=self.logit_weight,
-                                kwargs={"tau": self.temperature})]
+                                kwargs=self.logit_kwargs())]
+
+    def logit_kwargs(self) -> dict[str, Any]:
+        """Arguments of the logit loss: the temperature, and a normalisation unless ``none``."""
+        if self.logit_norm == "none":
+            return {"tau": self.temperature}
+        return {"tau": self.temperature, "normalize": self.logit_norm}
+
+    def weighting(self) -> WeightingConfig:
+        """``fixed`` (W_f, W_p as they are), or the extended space's warm-up / early stop of both."""
+        if self.weight_schedule == "constant":
+            return WeightingConfig("fixed")
+        fraction = self.warmup_fraction if self.weight_schedule == "warmup" else self.stop_fraction
+        return WeightingConfig("schedule", {"schedule": self.weight_schedule, "fraction": fraction})
+
+    def logit_pathways(self, teachers: Sequence[tuple[str, float]], student_logits: str) -> list[PathwayConfig]:
+        """Per-teacher logit terms ``W_p * mu_j * D_p(p_S / tau, p_Tj / tau)`` (eq. 1 summed over teachers, eq. 5).
+
+        For a :class:`~kdtune.search.multiteacher.TeacherEnsemble`: teacher j's logits are the output
+        of its member module, so each term is a pathway from the student's classifier module.
+
+        Args:
+            teachers: (member name, mu_j) per teacher.
+            student_logits: module path of the student whose output is its logits (e.g. ``fc``).
+        """
+        if self.logit_distance is None:
+            return []
+        return [PathwayConfig(teacher=name, student=student_logits, transform="identity",
+                              distance=LOGIT_DISTANCES[self.logit_distance], weight=self.logit_weight * float(m),
+                              name=f"autokd:{name}:logits", distance_kwargs=self.logit_kwargs())
+                for name, m in teachers]
 
     def apply(self, cfg: RunConfig, teacher_layers: Sequence[str], student_layers: Sequence[str],
-              mu: Sequence[float] | None = None) -> RunConfig:
+              mu: Sequence[float] | None = None, logit_teachers: Sequence[tuple[str, float]] | None = None,
+              student_logits: str | None = None) -> RunConfig:
         """A copy of ``cfg`` whose distillation is this spec: ``L = CE + L_Auto-KD`` (eq. 4).
 
-        The config's own pathways and logit losses are replaced; weighting is ``fixed``.
+        The config's own pathways and logit losses are replaced; weighting is ``fixed`` (or the
+        spec's weight schedule). With ``logit_teachers`` (several teachers) the logit distiller is
+        one pathway per teacher (:meth:`logit_pathways`) instead of a logit loss.
         """
+        pathways = self.pathways(teacher_layers, student_layers, mu)
+        logit_losses = self.logit_losses()
+        if logit_teachers is not None:
+            if student_logits is None:
+                raise ValueError("per-teacher logit terms need student_logits, the student's logit module path")
+            pathways += self.logit_pathways(logit_teachers, student_logits)
+            logit_losses = []
         out = dataclasses.replace(cfg)
-        out.distill = dataclasses.replace(cfg.distill, pathways=self.pathways(teacher_layers, student_layers, mu),
-                                          logit_losses=self.logit_losses(), weighting=WeightingConfig("fixed"))
+        out.distill = dataclasses.replace(cfg.distill, pathways=pathways, logit_losses=logit_losses,
+                                          weighting=self.weighting())
         return out

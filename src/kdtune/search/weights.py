@@ -181,7 +181,9 @@ def optimize_until(study: optuna.Study, func: Callable[[optuna.Trial], float], t
                    catch: tuple[type[Exception], ...] = ()) -> optuna.Study:
     """Run ``func`` trials until the study holds ``target`` complete trials over all workers.
 
-    Stale trials of dead workers are failed first (and re-queued by the retry callback).
+    Stale trials of dead workers are failed first (and re-queued by the retry callback). With
+    several workers the total is exactly ``target``: each claimed trial is checked by
+    :func:`claim_within_target` before ``func`` runs, so no worker trains a trial beyond it.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # kdtune prints its own line per trial
     # A worker that died left its trial RUNNING; past the grace period it is failed and re-queued.
@@ -190,11 +192,40 @@ def optimize_until(study: optuna.Study, func: Callable[[optuna.Trial], float], t
         optuna.storages.fail_stale_trials(study)
     remaining = target - count(study, TrialState.COMPLETE)
     if remaining > 0:
+
+        def guarded(trial: optuna.Trial) -> float:
+            if is_surplus(study, trial, target):
+                trial.set_user_attr(SURPLUS_ATTR, True)
+                study.stop()  # the earlier claims finish the study; if one fails, its worker goes on
+                raise optuna.TrialPruned(f"trial {trial.number} claimed once {target} trials were complete "
+                                         f"or running: not run")
+            return func(trial)
+
         # Each worker runs at most the missing number; the callback stops every worker once the
         # study (all workers together) holds enough complete trials.
-        study.optimize(func, n_trials=remaining, catch=catch,
+        study.optimize(guarded, n_trials=remaining, catch=catch,
                        callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE,))])
     return study
+
+
+#: User attribute of a trial that was claimed after the target was already covered (pruned, never run).
+SURPLUS_ATTR = "surplus"
+
+
+def is_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+    """True if the just-claimed ``trial`` is not needed to reach ``target`` complete trials.
+
+    A worker checks the count, then claims a trial; meanwhile another worker may finish the last
+    needed one (the N+1 race). So after the claim the count is taken again: complete trials plus
+    trials still RUNNING that were claimed *earlier* (smaller number; the storage numbers trials in
+    creation order). If they already make ``target``, ``trial`` is surplus: :func:`optimize_until`
+    prunes it before training, marks it :data:`SURPLUS_ATTR` and stops that worker. Ordering by
+    number makes the check race-free: of two concurrent claims only the later one counts the
+    earlier, so exactly one of them runs when one trial is missing.
+    """
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    covered = sum(1 for t in trials if t.state == TrialState.COMPLETE or t.number < trial.number)
+    return covered >= target
 
 
 def run_study(spec: SearchConfig, objective: Objective, storage: str, study_name: str, seed: int = 0,

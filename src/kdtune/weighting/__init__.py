@@ -18,6 +18,7 @@ from kdtune.registry import Registry
 from kdtune.weighting.base import Weighting
 from kdtune.weighting.mgda import MGDAWeighting, min_norm_weights
 from kdtune.weighting.process import DistProWeighting, Process, ProcessWeighting
+from kdtune.weighting.schedule import ScheduledWeighting
 from kdtune.weighting.static import EqualWeighting, FixedWeighting
 from kdtune.weighting.uncertainty import AdaptiveWeighting
 
@@ -28,6 +29,7 @@ WEIGHTINGS.register("distpro")(DistProWeighting)
 WEIGHTINGS.register("process")(ProcessWeighting)
 WEIGHTINGS.register("adaptive")(AdaptiveWeighting)  # Adaptive Distillation eq. 5-6
 WEIGHTINGS.register("mgda")(MGDAWeighting)  # Adaptive Distillation eq. 4
+WEIGHTINGS.register("schedule")(ScheduledWeighting)  # Auto-KD §2.1: weight warm-up / early stop
 
 
 def build_weighting(name_or_obj: str | Weighting, names: Sequence[str], base_weights: Mapping[str, float],
@@ -43,4 +45,4 @@ def build_weighting(name_or_obj: str | Weighting, names: Sequence[str], base_wei
 
 
 __all__ = ["WEIGHTINGS", "Weighting", "FixedWeighting", "EqualWeighting", "DistProWeighting", "ProcessWeighting",
-           "Process", "AdaptiveWeighting", "MGDAWeighting", "min_norm_weights", "build_weighting"]
+           "Process", "AdaptiveWeighting", "MGDAWeighting", "ScheduledWeighting", "min_norm_weights", "build_weighting"]

@@ -1,0 +1,120 @@
+"""Several teachers for one student: Auto-KD's multi-teacher extension (papers/auto-kd.txt §2.4, eq. 5-6).
+
+The :class:`~kdtune.distiller.Distiller` holds *one* frozen teacher and reads its features by
+module path. Several teachers fit that unchanged as one :class:`TeacherEnsemble` module whose
+members are named submodules: teacher j's module ``layer3`` is the path ``<member_j>.layer3``, and
+its logits are the output of the member itself, the path ``<member_j>``. So every per-teacher term
+of eq. 5 is an ordinary pathway,
+
+    L = sum_j mu_j [ W_f * D_f(T_f<f_S, f_Tj>) + W_p * D_p(p_S / tau, p_Tj / tau) ],
+
+feature terms between a student layer and ``<member_j>.<layer>``, logit terms between the
+student's classifier (:func:`logits_module`) and ``<member_j>`` (distances ``logit_kd`` /
+``logit_dist``). Capture, the offline teacher cache and the trainer need no change.
+
+A config names the ensemble as a model, ``ModelConfig(name="teacher_ensemble", kwargs={"members":
+{name: model config}})`` (:func:`ensemble_config`); ``recipe.build_model`` builds it member by member,
+so a saved ``config.yaml`` trains and resumes like any run.
+
+Limitation: the ensemble's own output (what the trainer's teacher-agreement metrics and a plain
+``logit_losses`` entry see) is the mean of the members' logits; per-teacher logit terms must be
+pathways, because a logit loss only receives that one output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdtune.config import ModelConfig, from_dict, to_dict
+
+#: Model name of a teacher ensemble in a config (built by ``recipe.build_model``).
+ENSEMBLE = "teacher_ensemble"
+
+
+class TeacherEnsemble(nn.Module):
+    """Teachers side by side, each a submodule named after it.
+
+    Args:
+        members: member name -> model mapping (N, C, H, W) to logits (N, K); names must be valid
+            module names (no ".").
+
+    ``forward(x)`` returns the mean of the members' logits (N, K); each member's own logits are
+    captured at the path ``<name>``.
+    """
+
+    def __init__(self, members: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"a teacher ensemble needs at least 2 members, got {list(members)}")
+        for name, model in members.items():
+            self.add_module(name, model)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.named_children()]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([member(x) for member in self.children()]).mean(dim=0)
+
+
+def member_names(teachers: Sequence[ModelConfig]) -> list[str]:
+    """Unique member names from the model names (``resnet8``, ``resnet8_2`` for a repeat)."""
+    names: list[str] = []
+    for mc in teachers:
+        base = mc.name.replace(".", "_")
+        name, i = base, 2
+        while name in names:
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+def ensemble_config(teachers: Sequence[ModelConfig]) -> ModelConfig:
+    """The config of a :class:`TeacherEnsemble` of ``teachers`` (named by :func:`member_names`)."""
+    members = {name: to_dict(mc) for name, mc in zip(member_names(teachers), teachers, strict=True)}
+    return ModelConfig(name=ENSEMBLE, kwargs={"members": members})
+
+
+def build_ensemble(mc: ModelConfig, in_channels: int, num_classes: int) -> TeacherEnsemble:
+    """Build a :class:`TeacherEnsemble` from its config, each member with its own weights."""
+    from kdtune.recipe import build_model  # recipe builds ensembles through this module
+
+    members: Any = mc.kwargs.get("members")
+    if not isinstance(members, Mapping) or set(mc.kwargs) != {"members"}:
+        raise ValueError(f"model {ENSEMBLE!r} takes kwargs {{members: {{name: model config}}}}, got {mc.kwargs}")
+    return TeacherEnsemble({name: build_model(from_dict(ModelConfig, cfg, f"teacher.kwargs.members.{name}"),
+                                              in_channels, num_classes)
+                            for name, cfg in members.items()})
+
+
+@torch.no_grad()
+def logits_module(model: nn.Module, x: Tensor) -> str:
+    """Path of the submodule whose output *is* the model's output (the logits), e.g. ``fc``.
+
+    Args:
+        model: a classifier; it is run once on ``x`` in eval mode (then its mode is restored).
+        x: an input batch (N, C, H, W).
+
+    Raises:
+        ValueError: the logits are not the output of a submodule (e.g. reshaped after it).
+    """
+    outputs: dict[str, Any] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+             for name, m in model.named_modules() if name]
+    was = model.training
+    model.eval()
+    try:
+        logits = model(x)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    for name, out in outputs.items():
+        if out is logits:
+            return name
+    raise ValueError(f"{type(model).__name__}'s logits are not the output of one of its submodules; "
+                     f"per-teacher logit distillation needs one (e.g. return self.fc(x))")

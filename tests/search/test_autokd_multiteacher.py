@@ -1,0 +1,144 @@
+"""Auto-KD with several teachers (eq. 5-6): per-teacher train-free weights against a hand computation,
+the teacher ensemble, the run config, and a tiny 2-teacher search + final run (untrained resnet8s)."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from kdtune.capture import get_module
+from kdtune.config import ModelConfig, RunConfig, from_dict, load_config
+from kdtune.data import BatchLoader
+from kdtune.losses import kd
+from kdtune.recipe import build_distiller, build_model, load_splits, seed_everything
+from kdtune.search.autokd import make_plan, spec_config
+from kdtune.search.multiteacher import TeacherEnsemble, ensemble_config, logits_module, member_names
+from kdtune.search.space import DistillerSpec
+
+TINY = {
+    "seed": 0, "name": "mt",
+    "data": {"dataset": "fashion_mnist", "train_per_class": 10, "val_fraction": 0.5, "eval_batch_size": 1000,
+             "batch_size": 32},
+    "student": {"name": "resnet8"},
+    "teacher": {"name": "resnet8"},  # untrained teachers: enough for the plumbing
+    "train": {"epochs": 1, "progress": False},
+    "autokd": {"trials": 2, "subset": 1.0, "epoch_fraction": 1.0, "final": True, "heartbeat": 1,
+               "teacher_layers": ["layer2", "layer3"], "student_layers": ["layer2", "layer3"],
+               "layer_weights": "train_free", "teachers": [{"name": "resnet14"}]},
+}
+
+
+def linear_cka(x, y):
+    """Kornblith et al. 2019, eq. 5: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred (n, d) matrices."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    return float((y.t() @ x).norm() ** 2 / ((x.t() @ x).norm() * (y.t() @ y).norm()))
+
+
+def entropy(f):
+    """Mean over samples of the Shannon entropy of softmax(vec f_n)."""
+    p = torch.softmax(f.flatten(1).double(), 1)
+    return float(-(p * p.log()).sum(1).mean())
+
+
+def output_of(model, path, x):
+    box = []
+    handle = get_module(model, path).register_forward_hook(lambda _m, _i, out: box.append(out))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return box[0]
+
+
+def test_mu_of_each_teacher_is_entropy_times_cka_computed_by_hand():
+    cfg = from_dict(RunConfig, TINY)
+    plan = make_plan(cfg)
+    # Independently: the seeded student, then the teachers, built in the run's order; the first batch.
+    seed_everything(0)
+    splits = load_splits(cfg)
+    student = build_model(cfg.student, 1, 10)
+    teachers = [build_model(ModelConfig("resnet8"), 1, 10), build_model(ModelConfig("resnet14"), 1, 10)]
+    x, _ = next(iter(BatchLoader(splits.train, 32, shuffle=True, seed=0)))
+    expected = []
+    for teacher in teachers:
+        for layer in ("layer2", "layer3"):
+            fs, ft = output_of(student, layer, x), output_of(teacher, layer, x)
+            expected.append(entropy(ft) * linear_cka(fs, ft))
+    assert plan.members == ["resnet8", "resnet14"] and plan.member_of == [0, 0, 1, 1]
+    assert plan.teacher_layers == ["resnet8.layer2", "resnet8.layer3", "resnet14.layer2", "resnet14.layer3"]
+    assert plan.student_layers == ["layer2", "layer3"] * 2 and plan.student_logits == "fc"
+    assert plan.mu == pytest.approx(expected, rel=1e-4)
+    assert plan.member_mu() == pytest.approx([(expected[0] + expected[1]) / 2, (expected[2] + expected[3]) / 2],
+                                             rel=1e-4)
+    assert len(set(round(m, 6) for m in plan.mu)) == 4  # two different teachers: four different factors
+
+
+def test_ensemble_members_and_mean_output():
+    assert member_names([ModelConfig("resnet8"), ModelConfig("resnet8"), ModelConfig("wrn_16_1")]) == \
+        ["resnet8", "resnet8_2", "wrn_16_1"]
+    mc = ensemble_config([ModelConfig("resnet8"), ModelConfig("resnet14")])
+    torch.manual_seed(0)
+    ens = build_model(mc, 1, 10).eval()
+    assert isinstance(ens, TeacherEnsemble) and ens.names == ["resnet8", "resnet14"]
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x), (ens.resnet8(x) + ens.resnet14(x)) / 2)
+    assert logits_module(ens.resnet8, x) == "fc"
+    with pytest.raises(ValueError, match="members"):
+        build_model(ModelConfig("teacher_ensemble", kwargs={"teachers": []}), 1, 10)
+
+
+def test_two_teacher_config_weights_every_term_by_its_teachers_mu():
+    cfg = from_dict(RunConfig, TINY)
+    plan = make_plan(cfg)
+    spec = DistillerSpec(feature_weight=5.0, logit_weight=0.5, temperature=2.0)
+    out = spec_config(cfg, spec, plan)
+    assert out.autokd is None and out.teacher.name == "teacher_ensemble" and out.distill.logit_losses == []
+    feats, logits = out.distill.pathways[:4], out.distill.pathways[4:]
+    assert [p.teacher for p in feats] == plan.teacher_layers
+    assert [p.weight for p in feats] == pytest.approx([5.0 * m for m in plan.mu])
+    assert [(p.teacher, p.student, p.distance) for p in logits] == [("resnet8", "fc", "logit_kd"),
+                                                                     ("resnet14", "fc", "logit_kd")]
+    assert [p.weight for p in logits] == pytest.approx([0.5 * m for m in plan.member_mu()])
+    # The distiller built from that plain config: each logit term is KD to its own teacher's logits,
+    # and the total is CE + sum of weight x term.
+    splits = load_splits(cfg)
+    d = build_distiller(out, 1, 10, (1, 28, 28))
+    x, y = next(iter(BatchLoader(splits.train, 8, shuffle=True, seed=0)))
+    res = d(x, y)
+    with torch.no_grad():
+        for name in ("resnet8", "resnet14"):
+            hand = kd(res["logits"], getattr(d.teacher, name)(x), tau=2.0)
+            torch.testing.assert_close(res[f"autokd:{name}:logits"], hand)
+    terms = [p.name for p in out.distill.pathways]
+    total = F.cross_entropy(res["logits"], y) + sum(float(res[f"w/{n}"]) * res[n] for n in terms)
+    torch.testing.assert_close(res["loss"], total)
+
+
+def test_equal_layer_weights_give_every_teacher_mu_one():
+    data = copy.deepcopy(TINY)
+    data["autokd"]["layer_weights"] = "equal"
+    plan = make_plan(from_dict(RunConfig, data))
+    assert plan.mu is None and plan.member_mu() == [1.0, 1.0]
+
+
+def test_kdtune_run_two_teacher_search_then_final_run_trains(tmp_path):
+    from kdtune.cli import main
+
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
+    assert main(["run", str(path)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    info = json.loads((run_dir / "autokd.json").read_text())
+    assert info["complete_trials"] == 2 and info["teachers"] == ["resnet8", "resnet14"] and len(info["mu"]) == 4
+    assert all(math.isfinite(t["reward"]) for t in info["trials"])
+    # The final run's plain config holds the ensemble, trains, and reloads as a config.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert math.isfinite(summary["test_acc"])
+    final = load_config(run_dir / "best_config.yaml")
+    assert final.teacher.name == "teacher_ensemble" and set(final.teacher.kwargs["members"]) == {"resnet8", "resnet14"}
