@@ -34,7 +34,6 @@ from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, ImageDataset
 from kdtune.distiller import Distiller
 from kdtune.distributed import DistInfo, barrier, init_distributed
-from kdtune.weighting.schedule import ScheduledWeighting
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,10 +139,11 @@ class Trainer:
         self.optimizer = build_optimizer(params, self.cfg)
         steps = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, steps, self.cfg))
-        # A step-scheduled weighting (Auto-KD's warm-up / early stop) needs the run's length up front.
-        weighting = getattr(distiller, "weighting", None)
-        if isinstance(weighting, ScheduledWeighting):
-            weighting.set_total_steps(self.cfg.epochs * steps)
+        # A weighting that follows the step (DistPro's replayed process, Auto-KD's warm-up / early stop)
+        # needs the run's length before the first step.
+        set_total_steps = getattr(getattr(distiller, "weighting", None), "set_total_steps", None)
+        if set_total_steps is not None:
+            set_total_steps(self.cfg.epochs * steps)
         self.callbacks = list(callbacks)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.epoch = 0  # epochs completed

@@ -547,7 +547,9 @@ class DistProCallback(Callback):
 
 class ProcessReplay(Callback):
     """Tells a :class:`ProcessWeighting` the retrain length (epochs × batches per epoch), so the
-    process is stretched onto it (Alg. 1 line 8) before the first step."""
+    process is stretched onto it (Alg. 1 line 8) before the first step. The Trainer now does this
+    itself for any weighting with ``set_total_steps``; this callback only adds the type check and
+    stays for code that passes it explicitly."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         w = trainer.distiller.weighting
@@ -653,4 +655,4 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
     distiller = Distiller(student, teacher, pathways, logit_losses, weighting="process",
                           weighting_kwargs={**kwargs, "file": str(file), "process": process},
                           task_weight=dc.task_weight, input_shape=input_shape)
-    return distiller, [ProcessReplay()]
+    return distiller, []  # the Trainer stretches the process (set_total_steps)
