@@ -341,3 +341,19 @@ def test_save_config_is_atomic_on_failure(tmp_path: Path) -> None:
         save_config(cfg, path)
     assert path.read_text() == before
     assert os.listdir(tmp_path) == ["cfg.yaml"]
+
+
+# --- study settings shared by the weight search and Auto-KD ---------------------------------
+
+
+@pytest.mark.parametrize("section,extra", [("search", {"space": {"at": [1.0, 10.0]}}), ("autokd", {})])
+def test_study_settings_are_validated_the_same_in_both_searches(section: str, extra: dict[str, Any],
+                                                                tmp_path: Path) -> None:
+    for key, bad in (("heartbeat", 0), ("max_retry", -1)):
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+            build(**{section: {**extra, key: bad}})
+    cfg = build(**{section: extra})
+    study = getattr(cfg, section)
+    assert study.storage_url(tmp_path) == f"sqlite:///{(tmp_path / 'study.db').resolve()}"
+    study.storage = "postgresql://host/kdtune"  # a shared RDB study is used as given
+    assert study.storage_url(tmp_path) == "postgresql://host/kdtune"

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 from kdtune.config import load_config
-from kdtune.quickstart import ROWS, distpro_rows, main
+from kdtune.quickstart import ROWS, autokd_rows, distpro_rows, main
 
 
 def test_quickstart_trains_every_row_in_two_workers_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "qs"
     assert main(str(out), epochs=1, per_class=3, jobs=2, test_images=40) == 0
     printed = capsys.readouterr().out
-    labels = [label for label, _ in [*ROWS, *distpro_rows(str(out))]]
+    labels = [label for label, _ in [*ROWS, *distpro_rows(str(out)), *autokd_rows()]]
     table = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [line.split(" | ")[0][2:] for line in table] == labels  # every row, in ROWS order
     run_dirs = sorted(p for p in out.iterdir() if p.is_dir())
@@ -26,6 +26,11 @@ def test_quickstart_trains_every_row_in_two_workers_and_prints_the_table(tmp_pat
     (retrain,) = [p for p in run_dirs if p.name.startswith("distpro_retrain")]
     assert load_config(retrain / "config.yaml").distill.weighting.kwargs["file"] == str(out / "distpro_process.json")
     assert Path(out / "distpro_process.json").exists()
+    # The Auto-KD row searched (4 proxy trials) and then trained its best spec.
+    (autokd,) = [p for p in run_dirs if p.name.startswith("auto-kd_mcts")]
+    info = json.loads((autokd / "autokd.json").read_text())
+    assert info["complete_trials"] == 4 and (autokd / "best.yaml").exists()
+    assert json.loads((autokd / "summary.json").read_text())["autokd"]["best_reward"] == info["best_reward"]
     (md,) = [p for p in run_dirs if p.name.startswith("self-distill_md")]
     assert load_config(md / "config.yaml").teacher is None
 

@@ -336,7 +336,32 @@ class SelfDistillConfig:
 
 
 @dataclass
-class SearchConfig:
+class StudyConfig:
+    """Where a search's Optuna study lives and how its workers recover, shared by the weight search
+    (``search``) and Auto-KD (``autokd``). Several workers given one storage URL share the study."""
+
+    storage: str | None = None
+    """Optuna storage URL; null: ``sqlite:///<run_dir>/study.db``. Workers given one URL share the study."""
+    study_name: str | None = None
+    """Name of the study in the storage; null: the run name."""
+    final: bool = True
+    """After the search, train the best candidate on all training data and evaluate on test (one worker)."""
+    heartbeat: int = 60
+    """Seconds between a running trial's heartbeats; one silent for 3x as long is failed and retried."""
+    max_retry: int = 2
+    """Retries of a trial whose worker died (its training resumes from its last checkpoint)."""
+
+    def __post_init__(self) -> None:
+        _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
+        _require(self.max_retry >= 0, "max_retry", f"must be >= 0, got {self.max_retry}")
+
+    def storage_url(self, run_dir: Path) -> str:
+        """``storage``, or the SQLite file ``study.db`` in the run directory."""
+        return self.storage or f"sqlite:///{(Path(run_dir) / 'study.db').resolve()}"
+
+
+@dataclass
+class SearchConfig(StudyConfig):
     """Search over the fixed path weights v (``kdtune.search.weights``; Adaptive Distillation §3.3)."""
 
     sampler: Literal["grid", "random", "tpe"] = "grid"
@@ -346,19 +371,9 @@ class SearchConfig:
     A path is a pathway's method label (``at``, ``nst``) or a logit loss name (``kd``)."""
     n_trials: int | None = None
     """Finished trials the study needs, over all workers; null: the grid size (grid only)."""
-    storage: str | None = None
-    """Optuna storage URL; null: ``sqlite:///<run_dir>/study.db``. Workers given one RDB URL share the study."""
-    study_name: str | None = None
-    """Name of the study in the storage; null: the run name."""
-    final: bool = True
-    """Retrain the best v on the whole training set and evaluate on the test set (one worker only)."""
     trial_epochs: int | None = None
     """Epochs of each trial (a shorter schedule as a cheap proxy); null: ``train.epochs``. The final run
     always trains ``train.epochs``."""
-    heartbeat: int = 60
-    """Seconds between a running trial's heartbeats; one silent for 3x as long is failed and retried."""
-    max_retry: int = 2
-    """Retries of a trial whose worker died (its training resumes from the last checkpoint)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.space), "space", "must give at least one path, e.g. {at: [10, 100, 1000], kd: [0.1, 1]}")
@@ -379,14 +394,13 @@ class SearchConfig:
         _require(self.n_trials is None or self.n_trials >= 1, "n_trials", f"must be >= 1 or null, got {self.n_trials}")
         _require(self.n_trials is not None or self.sampler == "grid", "n_trials",
                  f"must be set for the {self.sampler!r} sampler (only grid defaults to its size)")
-        _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
         _require(self.trial_epochs is None or self.trial_epochs >= 1, "trial_epochs",
                  f"must be >= 1 or null, got {self.trial_epochs}")
-        _require(self.max_retry >= 0, "max_retry", f"must be >= 0, got {self.max_retry}")
+        super().__post_init__()
 
 
 @dataclass
-class AutoKDConfig:
+class AutoKDConfig(StudyConfig):
     """Auto-KD (``kdtune.search.autokd``; papers/auto-kd.txt §2, Table 1): MCTS over distiller designs.
 
     With ``spec`` set, the run trains the student with that distiller spec (a leaf of the space,
@@ -428,16 +442,8 @@ class AutoKDConfig:
     """Proxy: share of the (post-split) training data a trial trains on (§2.3); 1 = all."""
     epoch_fraction: float = 0.2
     """Proxy: share of ``train.epochs`` a trial trains for (early stop, §2.3); 1 = all."""
-    storage: str | None = None
-    """Optuna storage URL; null: ``sqlite:///<run_dir>/study.db``. Workers given one URL share the study."""
-    study_name: str | None = None
-    """Name of the study in the storage; null: the run name."""
-    final: bool = True
-    """After the search, train the best spec on all training data and evaluate on test (one worker)."""
-    heartbeat: int = 60
-    """Seconds between a running trial's heartbeats; one silent for 3x as long is failed and retried."""
-    max_retry: int = 2
-    """Retries of a trial whose worker died."""
+    export: str | None = None
+    """Also write the best spec to this path (a stable name for ``autokd_final`` configs to train from)."""
 
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
@@ -451,8 +457,7 @@ class AutoKDConfig:
         _require(0 < self.subset <= 1, "subset", f"must be in (0, 1], got {self.subset}")
         _require(0 < self.epoch_fraction <= 1, "epoch_fraction", f"must be in (0, 1], got {self.epoch_fraction}")
         _require(self.space in ("table1", "extended"), "space", f"must be table1 or extended, got {self.space!r}")
-        _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
-        _require(self.max_retry >= 0, "max_retry", f"must be >= 0, got {self.max_retry}")
+        super().__post_init__()
 
 
 @dataclass(kw_only=True)

@@ -46,6 +46,15 @@ def distpro_rows(out: str) -> list[tuple[str, dict[str, Any]]]:
     return [("DistPro search", search), ("DistPro retrain", retrain)]
 
 
+def autokd_rows() -> list[tuple[str, dict[str, Any]]]:
+    """Auto-KD at a demo budget: MCTS over Table 1's distillers with 4 proxy trials (half of the 80 %
+    split, a quarter of the epochs, 50 %-sparse student, cached teacher), then the best spec on all
+    images (the benchmark searches 40 trials: configs/fmnist/autokd_search.yaml)."""
+    search = {"data": {"val_fraction": 0.2},
+              "autokd": {"trials": 4, "subset": 0.5, "epoch_fraction": 0.25}}
+    return [("Auto-KD MCTS", search)]
+
+
 def _merge(base: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
     """``part`` over ``base``; nested sections merge (a row may change one key of ``train``)."""
     out = dict(base)
@@ -74,7 +83,7 @@ Chain = list[tuple[str, dict[str, Any]]]
 def chains(out: str) -> list[Chain]:
     """The rows as independent chains (a chain's rows run in order: DistPro's retrain reads its
     search's process file), longest first so two workers finish together."""
-    return [distpro_rows(out), *([row] for row in ROWS)]
+    return [distpro_rows(out), autokd_rows(), *([row] for row in ROWS)]
 
 
 def run_chain(chain: Chain, base: dict[str, Any], threads: int) -> list[tuple[str, dict[str, Any], float, str]]:
@@ -125,7 +134,7 @@ def main(out: str = "runs/quickstart", epochs: int = 8, per_class: int = 200, jo
     print()
     print("| method | test acc % | agreement err % | time s | run |")
     print("|---|---:|---:|---:|---|")
-    for label, _ in [*ROWS, *distpro_rows(out)]:
+    for label, _ in [*ROWS, *distpro_rows(out), *autokd_rows()]:
         _, s, seconds, run_dir = by_label[label]
         agree = "—" if s.get("agreement_error") is None else f"{100 * s['agreement_error']:.2f}"
         print(f"| {label} | {100 * s['test_acc']:.2f} | {agree} | {seconds:.0f} | {Path(run_dir)} |")

@@ -136,8 +136,11 @@ def test_kdtune_run_autokd_search_then_spec_run_then_resume(tmp_path):
 
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
-    assert main(["run", str(path)]) == 0
+    exported = tmp_path / "specs" / "best_fmnist.yaml"
+    assert main(["run", str(path), f"autokd.export={exported}"]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
+    assert exported.read_text() == (run_dir / "best.yaml").read_text()  # the stable copy of the best spec
+    assert (run_dir / "study.db").exists()  # storage: null -> SQLite in the run directory
     info = json.loads((run_dir / "autokd.json").read_text())
     assert info["complete_trials"] == 3 and len(info["mu"]) == 2
     assert (run_dir / "best.yaml").exists() and (run_dir / "tree.png").exists() and (run_dir / "rewards.png").exists()

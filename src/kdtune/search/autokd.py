@@ -388,7 +388,7 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():
         save_config(cfg, run_dir / "config.yaml")
-    storage = ak.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    storage = ak.storage_url(run_dir)
     study_name = ak.study_name or cfg.name
     ctx = TrialContext(cfg, run_dir)
     space = levels(ak.logits, ak.space)
@@ -420,6 +420,8 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     best = study.best_trial
     best_spec = DistillerSpec.from_choices(best.params)
     best_spec.save(run_dir / "best.yaml")
+    if ak.export is not None:
+        best_spec.save(ak.export)
     info = {"study_name": study_name, "storage": storage, "algorithm": ak.algorithm, "reward": ak.reward,
             "space": ak.space, "teachers": ctx.plan.members or [_teachers(cfg)[0].name],
             "best_spec": best_spec.to_dict(), "best_reward": best.value, "best_trial": best.number,

@@ -317,7 +317,7 @@ def run_search(cfg: RunConfig, run_dir: Path,
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():
         save_config(cfg, run_dir / "config.yaml")
-    storage = spec.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    storage = spec.storage_url(run_dir)
     study_name = spec.study_name or cfg.name
 
     def objective(trial: optuna.Trial, v: dict[str, float]) -> float:
