@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+import yaml
 from torch import nn
 
 
@@ -19,3 +23,31 @@ class TinyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(x).mean((2, 3)))
+
+
+def tiny_autokd(name: str, epochs: int = 1, data: dict[str, Any] | None = None, **autokd: Any) -> dict[str, Any]:
+    """A seconds-long Auto-KD search config on 100 real Fashion-MNIST images (50/50 train/val split).
+
+    The teacher is an untrained ResNet-8: enough for the plumbing, not for accuracy. Every proxy
+    is off except those given in ``autokd`` (e.g. ``layer_weights="train_free"``).
+    """
+    return {
+        "seed": 0, "name": name,
+        "data": {"dataset": "fashion_mnist", "train_per_class": 10, "val_fraction": 0.5, "eval_batch_size": 1000,
+                 **(data or {})},
+        "student": {"name": "resnet8"},
+        "teacher": {"name": "resnet8"},
+        "train": {"epochs": epochs, "progress": False},
+        "autokd": {"subset": 1.0, "epoch_fraction": 1.0, "heartbeat": 1, **autokd},
+    }
+
+
+def kdtune_run(config: dict[str, Any], out: Path, *overrides: str) -> Path:
+    """``kdtune run`` a config dict (written as YAML beside ``out``) into ``out``; the one run directory."""
+    from kdtune.cli import main
+
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump({**config, "output_dir": str(out)}))
+    assert main(["run", str(path), *overrides]) == 0
+    (run_dir,) = out.iterdir()
+    return run_dir

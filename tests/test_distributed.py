@@ -10,13 +10,13 @@ import torch
 
 from kdtune.weighting.process import Process
 
-SCRIPT = textwrap.dedent('''
-    import sys, torch
+#: What both rank scripts share: imports, a two-stage CNN of width w, the output directory argv[1].
+PRELUDE = textwrap.dedent('''
+    import json, sys, torch
     from torch import nn
     from kdtune.config import TrainConfig
-    from kdtune.data import BatchLoader, from_arrays
+    from kdtune.data import BatchLoader, from_arrays, train_val_split
     from kdtune.distiller import Distiller
-    from kdtune.pathways import Pathway
     from kdtune.trainer import Trainer
 
     def net(w):
@@ -25,6 +25,22 @@ SCRIPT = textwrap.dedent('''
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, 10))
 
     out = sys.argv[1]
+''')
+
+
+def torchrun(script: str, tmp_path) -> None:
+    """Run ``PRELUDE + script`` as 2 single-threaded CPU processes (gloo) writing to ``tmp_path``."""
+    path = tmp_path / "rank_script.py"
+    path.write_text(PRELUDE + textwrap.dedent(script))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(path), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+SCRIPT = textwrap.dedent('''
+    from kdtune.pathways import Pathway
+
     g = torch.Generator().manual_seed(0)
     data = from_arrays(torch.randint(0, 256, (64, 1, 8, 8), generator=g, dtype=torch.uint8),
                        torch.arange(64) % 10, num_classes=10)
@@ -41,12 +57,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_two_cpu_processes_end_with_identical_weights(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(SCRIPT, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     init = torch.load(tmp_path / "init.pt", weights_only=True)
     assert r0["steps"] == r1["steps"] == 8  # 8 batches per epoch split over 2 ranks, 2 epochs
@@ -55,21 +66,9 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
 
 
 DISTPRO_SCRIPT = textwrap.dedent('''
-    import json, sys, torch
-    from torch import nn
-    from kdtune.config import TrainConfig
-    from kdtune.data import BatchLoader, from_arrays, train_val_split
-    from kdtune.distiller import Distiller
     from kdtune.search import distpro
-    from kdtune.trainer import Trainer
     from kdtune.weighting.process import DistProWeighting, Process
 
-    def net(w):
-        return nn.Sequential(nn.Conv2d(1, w, 3, 1, 1), nn.BatchNorm2d(w), nn.ReLU(),
-                             nn.Conv2d(w, 2 * w, 3, 2, 1), nn.BatchNorm2d(2 * w), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, 10))
-
-    out = sys.argv[1]
     seen = {"local": [], "applied": [], "val": [], "saved": []}  # what this rank computed / wrote
 
     def spy(cls, name, record):
@@ -114,12 +113,7 @@ def test_distpro_search_on_two_cpu_processes_keeps_alpha_identical(tmp_path):
     """Each rank's hypergradient is taken on its own shard (training and held-out batches); the
     ranks apply their mean, so α̃, the recorded process and the student stay identical; rank 0
     alone writes process.json."""
-    script = tmp_path / "ddp_distpro.py"
-    script.write_text(DISTPRO_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(DISTPRO_SCRIPT, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     s0, s1 = (json.loads((tmp_path / f"seen{r}.json").read_text()) for r in (0, 1))
     assert r0["steps"] == r1["steps"] == 4  # 8 batches of 8 split over 2 ranks, 1 epoch

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import TinyNet
+from helpers import TinyNet, kdtune_run, tiny_autokd
 from kdtune.config import RunConfig, TrainConfig, from_dict
 from kdtune.data import BatchLoader, from_arrays
 from kdtune.distances import DISTANCES, kl
@@ -142,24 +142,11 @@ def test_extended_spec_becomes_a_run_config():
     assert EXTENDED_LEVELS[-1].name == "weight_schedule"
 
 
-TINY = {
-    "seed": 0, "name": "akx",
-    "data": {"dataset": "fashion_mnist", "train_per_class": 10, "val_fraction": 0.5, "eval_batch_size": 1000},
-    "student": {"name": "resnet8"},
-    "teacher": {"name": "resnet8"},  # untrained: enough for the plumbing
-    "train": {"epochs": 2, "progress": False},
-    "autokd": {"trials": 2, "subset": 1.0, "epoch_fraction": 1.0, "final": False, "heartbeat": 1,
-               "space": "extended"},
-}
+TINY = tiny_autokd("akx", epochs=2, trials=2, final=False, space="extended")
 
 
 def test_kdtune_run_extended_search_and_an_extended_leaf_trains_directly(tmp_path):
-    from kdtune.cli import main
-
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
-    assert main(["run", str(path)]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = kdtune_run(TINY, tmp_path / "runs")
     info = json.loads((run_dir / "autokd.json").read_text())
     assert info["space"] == "extended" and info["complete_trials"] == 2
     for t in info["trials"]:
@@ -167,12 +154,8 @@ def test_kdtune_run_extended_search_and_an_extended_leaf_trains_directly(tmp_pat
     # A hand-written extended leaf (every new option at once) trains with `kdtune run ... spec=`.
     leaf = DistillerSpec(feature_distance="renyi", logit_norm="l2", weight_schedule="warmup", warmup_fraction=0.5)
     leaf.save(tmp_path / "leaf.yaml")
-    final = {**TINY, "output_dir": str(tmp_path / "final"), "data": {**TINY["data"], "val_fraction": 0.0},
-             "autokd": {}}
-    fpath = tmp_path / "final.yaml"
-    fpath.write_text(yaml.safe_dump(final))
-    assert main(["run", str(fpath), f"spec={tmp_path / 'leaf.yaml'}"]) == 0
-    (frun,) = (tmp_path / "final").iterdir()
+    final = {**TINY, "data": {**TINY["data"], "val_fraction": 0.0}, "autokd": {}}
+    frun = kdtune_run(final, tmp_path / "final", f"spec={tmp_path / 'leaf.yaml'}")
     saved = yaml.safe_load((frun / "config.yaml").read_text())
     assert saved["distill"]["weighting"] == {"name": "schedule", "kwargs": {"schedule": "warmup", "fraction": 0.5}}
     assert saved["distill"]["pathways"][0]["distance"] == "renyi"

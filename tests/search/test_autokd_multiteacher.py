@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
+from helpers import kdtune_run, tiny_autokd
 from kdtune.capture import get_module
 from kdtune.config import ModelConfig, RunConfig, from_dict, load_config
 from kdtune.data import BatchLoader
@@ -19,17 +19,9 @@ from kdtune.search.autokd import make_plan, spec_config
 from kdtune.search.multiteacher import TeacherEnsemble, ensemble_config, logits_module, member_names
 from kdtune.search.space import DistillerSpec
 
-TINY = {
-    "seed": 0, "name": "mt",
-    "data": {"dataset": "fashion_mnist", "train_per_class": 10, "val_fraction": 0.5, "eval_batch_size": 1000,
-             "batch_size": 32},
-    "student": {"name": "resnet8"},
-    "teacher": {"name": "resnet8"},  # untrained teachers: enough for the plumbing
-    "train": {"epochs": 1, "progress": False},
-    "autokd": {"trials": 2, "subset": 1.0, "epoch_fraction": 1.0, "final": True, "heartbeat": 1,
-               "teacher_layers": ["layer2", "layer3"], "student_layers": ["layer2", "layer3"],
-               "layer_weights": "train_free", "teachers": [{"name": "resnet14"}]},
-}
+TINY = tiny_autokd("mt", data={"batch_size": 32}, trials=2, final=True, layer_weights="train_free",
+                   teacher_layers=["layer2", "layer3"], student_layers=["layer2", "layer3"],
+                   teachers=[{"name": "resnet14"}])  # untrained teachers: enough for the plumbing
 
 
 def linear_cka(x, y):
@@ -128,12 +120,7 @@ def test_equal_layer_weights_give_every_teacher_mu_one():
 
 
 def test_kdtune_run_two_teacher_search_then_final_run_trains(tmp_path):
-    from kdtune.cli import main
-
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
-    assert main(["run", str(path)]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = kdtune_run(TINY, tmp_path / "runs")
     info = json.loads((run_dir / "autokd.json").read_text())
     assert info["complete_trials"] == 2 and info["teachers"] == ["resnet8", "resnet14"] and len(info["mu"]) == 4
     assert all(math.isfinite(t["reward"]) for t in info["trials"])

@@ -5,7 +5,7 @@ import json
 import torch
 import yaml
 
-from helpers import TinyNet
+from helpers import TinyNet, kdtune_run, tiny_autokd
 from kdtune.data import Augment, BatchLoader, from_arrays
 from kdtune.distances import cka
 from kdtune.distiller import Distiller, LogitLoss
@@ -119,26 +119,15 @@ def test_rewards():
     assert abs(reward_from(m, "ce_l1") - 0.2) < 1e-12
 
 
-TINY = {
-    "seed": 0, "name": "ak",
-    "data": {"dataset": "fashion_mnist", "train_per_class": 10, "val_fraction": 0.5, "eval_batch_size": 1000},
-    "student": {"name": "resnet8"},
-    "teacher": {"name": "resnet8"},  # untrained: enough for the plumbing
-    "train": {"epochs": 1, "progress": False},
-    "autokd": {"trials": 3, "subset": 1.0, "epoch_fraction": 1.0, "final": False, "heartbeat": 1,
-               "teacher_layers": ["stage:-1", "stage:1"], "student_layers": ["stage:-1", "stage:1"],
-               "layer_weights": "train_free"},
-}
+TINY = tiny_autokd("ak", trials=3, final=False, layer_weights="train_free",
+                   teacher_layers=["stage:-1", "stage:1"], student_layers=["stage:-1", "stage:1"])
 
 
 def test_kdtune_run_autokd_search_then_spec_run_then_resume(tmp_path):
     from kdtune.cli import main
 
-    path = tmp_path / "search.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "output_dir": str(tmp_path / "runs")}))
     exported = tmp_path / "specs" / "best_fmnist.yaml"
-    assert main(["run", str(path), f"autokd.export={exported}"]) == 0
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    run_dir = kdtune_run(TINY, tmp_path / "runs", f"autokd.export={exported}")
     assert exported.read_text() == (run_dir / "best.yaml").read_text()  # the stable copy of the best spec
     assert (run_dir / "study.db").exists()  # storage: null -> SQLite in the run directory
     info = json.loads((run_dir / "autokd.json").read_text())
@@ -152,11 +141,8 @@ def test_kdtune_run_autokd_search_then_spec_run_then_resume(tmp_path):
     assert main(["run", "--resume", str(run_dir), "autokd.trials=3"]) == 0
     assert json.loads((run_dir / "autokd.json").read_text())["complete_trials"] == 3
     # The best leaf trains directly: spec=<best.yaml>.
-    final = {**TINY, "output_dir": str(tmp_path / "final"), "data": {**TINY["data"], "val_fraction": 0.0}}
-    final["autokd"] = {"teacher_layers": ["stage:-1"], "student_layers": ["stage:-1"]}
-    fpath = tmp_path / "final.yaml"
-    fpath.write_text(yaml.safe_dump(final))
-    assert main(["run", str(fpath), f"spec={run_dir / 'best.yaml'}"]) == 0
-    (frun,) = (tmp_path / "final").iterdir()
+    final = {**TINY, "data": {**TINY["data"], "val_fraction": 0.0},
+             "autokd": {"teacher_layers": ["stage:-1"], "student_layers": ["stage:-1"]}}
+    frun = kdtune_run(final, tmp_path / "final", f"spec={run_dir / 'best.yaml'}")
     saved = yaml.safe_load((frun / "config.yaml").read_text())
     assert saved["autokd"] is None and saved["distill"]["pathways"][0]["transform"] == "autokd"

@@ -44,7 +44,7 @@ from optuna.trial import TrialState
 from torch import Tensor, nn
 
 from kdtune.capture import FeatureCapture, find_stage_outputs
-from kdtune.config import ModelConfig, RunConfig, save_config
+from kdtune.config import ModelConfig, RunConfig
 from kdtune.data import Augment, BatchLoader
 from kdtune.distances import cka
 from kdtune.pathways import resolve_stage
@@ -378,18 +378,13 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     Returns:
         (run_dir, summary): the final run's summary with an ``autokd`` entry, or only ``{"autokd": ...}``.
     """
-    from kdtune.search.weights import retrain_best
+    from kdtune.search.weights import open_search_dir, retrain_best
 
     ak = _autokd(cfg)
     if ak.spec is not None:
         raise ValueError("autokd.spec is set: this config trains with a spec; run it with `kdtune run` "
                          "(recipe.run), not run_autokd")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.yaml").exists():
-        save_config(cfg, run_dir / "config.yaml")
-    storage = ak.storage_url(run_dir)
-    study_name = ak.study_name or cfg.name
+    run_dir, storage, study_name = open_search_dir(cfg, run_dir, ak)
     ctx = TrialContext(cfg, run_dir)
     space = levels(ak.logits, ak.space)
 

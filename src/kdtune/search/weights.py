@@ -39,7 +39,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from kdtune.config import RunConfig, SearchConfig, WeightingConfig, save_config
+from kdtune.config import RunConfig, SearchConfig, StudyConfig, WeightingConfig, save_config
 from kdtune.pathways import Pathway
 from kdtune.weighting.paths import path_of
 
@@ -258,6 +258,16 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- kdtune runs
 
 
+def open_search_dir(cfg: RunConfig, run_dir: str | Path, study: StudyConfig) -> tuple[Path, str, str]:
+    """Create a search's run directory, saving its config once (``--resume`` reads it back), and
+    return it with the study's storage URL and name (default: SQLite in the run directory, the run name)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "config.yaml").exists():
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir, study.storage_url(run_dir), study.study_name or cfg.name
+
+
 def train_trial(cfg: RunConfig, v: Mapping[str, float], trials_dir: Path) -> dict[str, Any]:
     """Train ``cfg`` with fixed weights v in ``trials_dir/<v>``, evaluated on the validation split.
 
@@ -313,12 +323,7 @@ def run_search(cfg: RunConfig, run_dir: Path,
         raise ValueError("a weight search scores trials on a validation split carved from the training data: "
                          "set data.val_fraction > 0 (e.g. 0.2); the test set is never used for selection")
     apply_weights(cfg, {p: 1.0 for p in spec.space})  # fail now, not after a trial, on an unknown path
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "config.yaml").exists():
-        save_config(cfg, run_dir / "config.yaml")
-    storage = spec.storage_url(run_dir)
-    study_name = spec.study_name or cfg.name
+    run_dir, storage, study_name = open_search_dir(cfg, run_dir, spec)
 
     def objective(trial: optuna.Trial, v: dict[str, float]) -> float:
         trial.set_user_attr("run_dir", str(run_dir / "trials" / trial_key(v)))
