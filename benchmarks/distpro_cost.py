@@ -48,6 +48,9 @@ from kdtune.zoo import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 28, 28)
+TRANSFORMS = ("conv1x1", "conv3x3", "distpro")
+#: Transform arguments of the search space (``--pool-first`` sets pool_first on the 3x3 adapters).
+TRANSFORM_KWARGS: dict[str, dict] = {}
 
 
 def build(weighting: str, kwargs: dict, teacher: torch.nn.Module,
@@ -55,7 +58,7 @@ def build(weighting: str, kwargs: dict, teacher: torch.nn.Module,
     torch.manual_seed(0)
     student = create_model("resnet8", in_channels=1, num_classes=10)
     if pathways is None:
-        pathways, _ = search_space(teacher, student, SHAPE, "all", ("conv1x1", "conv3x3", "distpro"), "hcl")
+        pathways, _ = search_space(teacher, student, SHAPE, "all", TRANSFORMS, "hcl", transform_kwargs=TRANSFORM_KWARGS)
         kwargs = {"learned": [p.name for p in pathways], **kwargs} if weighting == "distpro" else kwargs
     d = Distiller(student, teacher, pathways, weighting=weighting, weighting_kwargs=kwargs, input_shape=SHAPE)
     d.to(memory_format=torch.channels_last)
@@ -93,11 +96,19 @@ def main() -> None:
     p.add_argument("--retrain-epochs", type=int, default=30)
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--pool-first", action="store_true",
+                   help="conv3x3 / distpro adapters pool a larger student map first (distpro.transform_kwargs); "
+                        "give a --process searched so, or none")
     p.add_argument("--random-teacher", action="store_true", help="untrained ResNet-56 (smoke tests only)")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pool_first:
+        TRANSFORM_KWARGS.update({"conv3x3": {"pool_first": True}, "distpro": {"pool_first": True}})
+        if args.process and not any(p.transform_kwargs for p in Process.load(args.process).pathways):
+            p.error(f"--pool-first with {args.process}, a process searched without it: retrain steps would not "
+                    "pool first; give a process searched with distpro.transform_kwargs pool_first, or none")
 
     if args.random_teacher:  # smoke tests before the zoo teacher exists: timings are the same, α is not
         torch.manual_seed(0)
@@ -134,7 +145,8 @@ def main() -> None:
         for _ in range(args.search_steps):
             search_step(drop_d, drop_opt, drop_search)
         w = drop_d.weighting
-        _, infos = search_space(teacher, drop_d.student, SHAPE, "all", ("conv1x1", "conv3x3", "distpro"), "hcl")
+        _, infos = search_space(teacher, drop_d.student, SHAPE, "all", TRANSFORMS, "hcl",
+                                transform_kwargs=TRANSFORM_KWARGS)
         assert [i.name for i in infos] == w.learned
         process = Process(infos, [0], w.alpha().detach()[None], w.alpha_tilde[None].clone(), tau=args.tau)
         print(f"(no --process: a {args.search_steps}-step search made a one-step process; pass --process for "
@@ -192,7 +204,8 @@ def main() -> None:
         (f"retrain step, dropping at τ = {args.tau:g}", f"{1000 * drop_s:.0f} ms", f"{drop_s / plain_s:.2f}×"),
     ]
     lines = [
-        "### DistPro cost (ResNet-56 -> ResNet-8, FMNIST 28×28, 27 pathways)", "",
+        f"### DistPro cost (ResNet-56 -> ResNet-8, FMNIST 28×28, {n_paths} pathways"
+        f"{', 3x3 adapters pool first' if args.pool_first else ''})", "",
         f"Command: `python benchmarks/distpro_cost.py {' '.join(sys.argv[1:])}` — {datetime.date.today().isoformat()}, "
         f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, batch {args.batch}, "
         f"medians of {args.reps} blocks × {args.steps} steps.", "",

@@ -357,3 +357,10 @@ def test_study_settings_are_validated_the_same_in_both_searches(section: str, ex
     assert study.storage_url(tmp_path) == f"sqlite:///{(tmp_path / 'study.db').resolve()}"
     study.storage = "postgresql://host/kdtune"  # a shared RDB study is used as given
     assert study.storage_url(tmp_path) == "postgresql://host/kdtune"
+
+
+def test_distpro_transform_kwargs_must_name_candidate_transforms() -> None:
+    cfg = build(distpro={"transforms": ["conv1x1", "distpro"], "transform_kwargs": {"distpro": {"pool_first": True}}})
+    assert cfg.distpro is not None and cfg.distpro.transform_kwargs == {"distpro": {"pool_first": True}}
+    with pytest.raises(ConfigError, match=r"distpro\.transform_kwargs.*conv3x3"):
+        build(distpro={"transforms": ["conv1x1"], "transform_kwargs": {"conv3x3": {"pool_first": True}}})

@@ -117,6 +117,33 @@ def test_pathways_from_process_transfers_by_stage_index():
     assert "t2-s2:conv1x1" in msg and "this pair can have: t0-s0:conv1x1" in msg
 
 
+def test_transform_kwargs_are_recorded_in_the_process_and_rebuilt(tmp_path):
+    """A search with ``pool_first`` adapters writes it in the process; retraining rebuilds them so."""
+    torch.manual_seed(0)
+    teacher, student = TinyNet(6), TinyNet(4)
+    kwargs = {"conv3x3": {"pool_first": True}}
+    paths, infos = search_space(teacher, student, SHAPE, "same", ("conv1x1", "conv3x3"), transform_kwargs=kwargs)
+    assert [p.transform_kwargs for p in paths] == [{}, {"pool_first": True}] * 2
+    tilde = torch.ones(1, len(infos))
+    Process(infos, [0], normalize(tilde), tilde).save(tmp_path / "p.json")
+    loaded = Process.load(tmp_path / "p.json")
+    assert [p.transform_kwargs for p in loaded.pathways] == [{}, {"pool_first": True}] * 2
+    rebuilt = pathways_from_process(loaded, TinyNet(6), TinyNet(4), SHAPE)
+    d = Distiller(TinyNet(4), TinyNet(6), rebuilt, weighting="process", weighting_kwargs={"process": loaded},
+                  input_shape=SHAPE)
+    assert [getattr(p.transform, "pool_first", None) for p in d.pathways] == [None, True, None, True]
+    # The arguments are part of a pathway's identity when processes are matched by stage.
+    plain = PathwayInfo("x", "a", "b", 0, 0, "conv3x3", "hcl")
+    assert plain.key != PathwayInfo("x", "a", "b", 0, 0, "conv3x3", "hcl", {"pool_first": True}).key
+    # A process file written before transform_kwargs existed still loads (no arguments).
+    data = json.loads((tmp_path / "p.json").read_text())
+    for p in data["pathways"]:
+        del p["transform_kwargs"]
+    assert all(p.transform_kwargs == {} for p in Process.from_dict(data).pathways)
+    with pytest.raises(ValueError, match=r"transform_kwargs for \['distpro'\]"):
+        search_space(teacher, student, SHAPE, "same", ("conv1x1",), transform_kwargs={"distpro": {}})
+
+
 def test_replay_in_trainer_stretches_to_run_length(tmp_path, tiny_data):
     from kdtune.config import TrainConfig
     from kdtune.data import BatchLoader

@@ -134,6 +134,34 @@ def test_distpro_block_order_and_upsampling():
     assert out.shape == (2, 4, 4, 4)
 
 
+@pytest.mark.parametrize("name", ["conv3x3", "distpro"])
+def test_pool_first_runs_the_convs_on_the_pooled_student_map(name):
+    """pool_first: the same layers applied to the student map block-averaged to the teacher's size."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 2, 2)
+    pooled = build_transform(name, s.shape, t.shape, pool_first=True).eval()
+    on_small = build_transform(name, (2, 3, 2, 2), t.shape).eval()  # same layers, built for a 2x2 student map
+    on_small.load_state_dict(pooled.state_dict())
+    seen = []
+    first_conv = next(m for m in pooled.modules() if isinstance(m, nn.Conv2d))
+    first_conv.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[-2:]))
+    out, t_out = pooled(s, t)
+    assert seen == [(2, 2)] and t_out is t  # the convs saw the 2x2 map, the teacher passes unchanged
+    block_mean = s.reshape(2, 3, 2, 4, 2, 4).mean((3, 5))  # 4x4 block averages
+    torch.testing.assert_close(out, on_small(block_mean, t)[0])
+    assert "pool_first=True" in repr(pooled)
+
+
+@pytest.mark.parametrize("name", ["conv3x3", "distpro"])
+def test_pool_first_changes_nothing_when_the_student_map_is_smaller(name):
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 4, 4, 4)
+    plain = build_transform(name, s.shape, t.shape).eval()
+    pooled = build_transform(name, s.shape, t.shape, pool_first=True).eval()
+    pooled.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(pooled(s, t)[0], plain(s, t)[0])
+
+
 def test_linear_value_vectors_and_tokens():
     torch.manual_seed(2)
     for s_shape, t_shape in [((3, 4), (3, 6)), ((3, 5, 4), (3, 5, 6))]:

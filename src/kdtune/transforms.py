@@ -141,6 +141,12 @@ def resize_spatial(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
 
 
+def shrink_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Average-pool ``x`` (N, C, H, W) to ``size`` if it is at least as large on both axes; else unchanged."""
+    h, w = x.shape[-2:]
+    return resize_spatial(x, size) if h >= int(size[0]) and w >= int(size[1]) else x
+
+
 # --------------------------------------------------------------------------- parameter-free
 
 
@@ -246,11 +252,17 @@ class Conv3x3Adapter(FeatureTransform):
     has no ReLU so the output can match signed teacher features. Resize as in ``conv1x1``.
 
     Shapes: (N, Cs, Hs, Ws), (N, Ct, Ht, Wt) -> (N, Ct, Ht, Wt), (N, Ct, Ht, Wt).
+
+    Args:
+        pool_first: when the student map is larger than the teacher's, pool it to the teacher's
+            H x W *before* the convs — (Hs Ws) / (Ht Wt) times fewer multiply-adds (16x from 28x28
+            to 7x7) for a different function (convs on the pooled map). Default: convs first.
     """
 
-    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], pool_first: bool = False) -> None:
         super().__init__(s_shape, t_shape)
         self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
+        self.pool_first = bool(pool_first)
         cs, ct = self.s_shape[1], self.t_shape[1]
         self.block = nn.Sequential(
             nn.Conv2d(cs, ct, 3, padding=1, bias=False),
@@ -261,7 +273,12 @@ class Conv3x3Adapter(FeatureTransform):
         )
 
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if self.pool_first:
+            s = shrink_to(s, t.shape[-2:])
         return resize_spatial(self.block(s), t.shape[-2:]), t
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", pool_first=True" if self.pool_first else "")
 
 
 class SpatialSelfAttention(nn.Module):
@@ -298,14 +315,18 @@ class DistProBlock(FeatureTransform):
     Args:
         kernel_size: kernel of the second and third convs (odd).
         attention_kernel: kernel of the attention conv (odd).
+        pool_first: when the student map is larger than the teacher's, pool it to the teacher's
+            H x W before conv1 (every layer then runs at the teacher's size: (Hs Ws) / (Ht Wt)
+            times cheaper). Not Fig. 4's order, so off by default.
     """
 
     def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], kernel_size: int = 3,
-                 attention_kernel: int = 3) -> None:
+                 attention_kernel: int = 3, pool_first: bool = False) -> None:
         super().__init__(s_shape, t_shape)
         self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
         if kernel_size % 2 == 0 or attention_kernel % 2 == 0:
             raise ValueError("distpro: kernel sizes must be odd so the spatial size is kept")
+        self.pool_first = bool(pool_first)
         cs, ct = self.s_shape[1], self.t_shape[1]
         pad = kernel_size // 2
         self.conv1 = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
@@ -316,9 +337,14 @@ class DistProBlock(FeatureTransform):
                                    nn.BatchNorm2d(ct))
 
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if self.pool_first:
+            s = shrink_to(s, t.shape[-2:])
         x = self.conv2(self.attention(self.conv1(s)))  # (N, Ct, Hs, Ws)
         x = resize_spatial(x, t.shape[-2:])  # (N, Ct, Ht, Wt)
         return self.conv3(x), t
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", pool_first=True" if self.pool_first else "")
 
 
 # --------------------------------------------------------------------------- vector / token adapters

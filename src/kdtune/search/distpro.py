@@ -89,7 +89,9 @@ def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[i
                  connections: Literal["all", "j>=i", "same"] = "all",
                  transforms: Sequence[str] = DEFAULT_TRANSFORMS, distance: str = "hcl",
                  teacher_stages: Sequence[str] | None = None,
-                 student_stages: Sequence[str] | None = None) -> tuple[list[Pathway], list[PathwayInfo]]:
+                 student_stages: Sequence[str] | None = None,
+                 transform_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+                 ) -> tuple[list[Pathway], list[PathwayInfo]]:
     """DistPro's search space (§3.1, Fig. 2): stage connections × N candidate transforms.
 
     Each (teacher stage i, student stage j, transform k) is one pathway named ``t{i}-s{j}:{k}``
@@ -104,6 +106,7 @@ def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[i
         transforms: transform registry names (default: 1×1 adapter, 3×3 block, DistPro's Fig. 4 block).
         distance: distance registry name (HCL by default; ``mse``, ``l1`` selectable).
         teacher_stages, student_stages: explicit module paths overriding the automatic stages.
+        transform_kwargs: extra arguments per transform name, e.g. ``{"distpro": {"pool_first": True}}``.
 
     Returns:
         The pathways (module paths resolved) and their :class:`PathwayInfo` (stage indices kept,
@@ -111,16 +114,21 @@ def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[i
     """
     if not transforms:
         raise ValueError("search_space: give at least one candidate transform")
+    transform_kwargs = dict(transform_kwargs or {})
+    unknown = sorted(set(transform_kwargs) - set(transforms))
+    if unknown:
+        raise ValueError(f"search_space: transform_kwargs for {unknown}, which are not candidate transforms "
+                         f"{list(transforms)}")
     t_stages = _stages(teacher, input_shape, teacher_stages)
     s_stages = _stages(student, input_shape, student_stages)
     pairs = connect_stages(len(t_stages), len(s_stages), connections)
     pathways, infos = [], []
     for i, j in pairs:
         for tf in transforms:
-            name = f"t{i}-s{j}:{tf}"
+            name, kwargs = f"t{i}-s{j}:{tf}", dict(transform_kwargs.get(tf, {}))
             pathways.append(Pathway(teacher=t_stages[i], student=s_stages[j], transform=tf, distance=distance,
-                                    weight=1.0, name=name))
-            infos.append(PathwayInfo(name, t_stages[i], s_stages[j], i, j, tf, distance))
+                                    weight=1.0, name=name, transform_kwargs=kwargs))
+            infos.append(PathwayInfo(name, t_stages[i], s_stages[j], i, j, tf, distance, dict(kwargs)))
     return pathways, infos
 
 
@@ -152,7 +160,8 @@ def pathways_from_process(process: Process, teacher: nn.Module | None = None, st
         staged = p.teacher_stage is not None and p.student_stage is not None
         out.append(Pathway(teacher=f"stage:{p.teacher_stage}" if staged else p.teacher,
                            student=f"stage:{p.student_stage}" if staged else p.student,
-                           transform=p.transform, distance=p.distance, weight=1.0, name=p.name))
+                           transform=p.transform, distance=p.distance, weight=1.0, name=p.name,
+                           transform_kwargs=dict(p.transform_kwargs)))
     return out
 
 
@@ -627,7 +636,7 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
             raise ValueError("a DistPro search needs a held-out split for L_val: set data.val_fraction: 0.2 "
                              "(the paper's 80/20 split of the training set)")
         pathways, infos = search_space(teacher, student, input_shape, dp.connections, dp.transforms, dp.distance,
-                                       dp.teacher_stages, dp.student_stages)
+                                       dp.teacher_stages, dp.student_stages, dp.transform_kwargs)
         kwargs = {"learned": [p.name for p in pathways], "normalization": dp.normalization, "g": dp.g,
                   "init": dp.init, "tau": dp.tau, "alpha_optimizer": dp.alpha_optimizer, "alpha_lr": dp.alpha_lr,
                   "alpha_betas": dp.alpha_betas, "alpha_weight_decay": dp.alpha_weight_decay}

@@ -199,13 +199,17 @@ class PathwayInfo:
     student_stage: int | None = None
     transform: str | None = None
     distance: str | None = None
+    transform_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of the transform (e.g. ``{pool_first: true}``), rebuilt with it in retraining."""
 
     @property
     def key(self) -> tuple[Any, ...]:
-        """Identity used to match pathways across pairs: stage indices + transform + distance."""
+        """Identity used to match pathways across pairs: stage indices + transform (and its
+        arguments) + distance."""
+        transform = (self.transform, json.dumps(self.transform_kwargs, sort_keys=True))
         if self.teacher_stage is not None and self.student_stage is not None:
-            return ("stage", self.teacher_stage, self.student_stage, self.transform, self.distance)
-        return ("path", self.teacher, self.student, self.transform, self.distance)
+            return ("stage", self.teacher_stage, self.student_stage, transform, self.distance)
+        return ("path", self.teacher, self.student, transform, self.distance)
 
 
 class ProcessMismatchError(ValueError):
