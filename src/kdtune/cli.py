@@ -68,8 +68,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     print(format_table(comparison_rows(args.runs)))
     out = Path(args.out) if args.out else Path(args.runs[0]) / "comparison.png"
-    plot_comparison(args.runs, out)
-    print(f"plot: {out}")
+    if plot_comparison(args.runs, out) is not None:
+        print(f"plot: {out}")
     for run in args.runs:  # each run's path weights over training (Adaptive Distillation Fig. 4)
         weights = plot_weights(run)
         if weights is not None:

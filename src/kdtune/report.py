@@ -26,11 +26,26 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+#: What a search writes in its run directory (Auto-KD, the weight search); with ``final: false`` a
+#: search trains no run of its own, so the directory has no ``metrics.jsonl``.
+SEARCH_FILES = ("autokd.json", "search.json")
+
+
+def is_search_only(run_dir: str | Path) -> bool:
+    """A search's directory without a final training run (``autokd.final`` / ``search.final`` false)."""
+    run_dir = Path(run_dir)
+    return not (run_dir / "metrics.jsonl").exists() and any((run_dir / f).exists() for f in SEARCH_FILES)
+
+
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    """``summary.json`` of a finished run, or a partial one built from its metrics."""
+    """``summary.json`` of a finished run, or a partial one built from its metrics (empty for a
+    search without a final run)."""
     path = Path(run_dir) / "summary.json"
     if path.exists():
         return json.loads(path.read_text())
+    if is_search_only(run_dir):
+        return {"epochs": None, "test_acc": None, "agreement_error": None, "train_seconds": None,
+                "search_only": True}
     rows = read_metrics(run_dir)
     last = rows[-1] if rows else {}
     return {"epochs": len(rows), "test_acc": last.get("test_acc"), "agreement_error": last.get("agreement_error"),
@@ -71,7 +86,7 @@ def comparison_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         s = read_summary(d)
         rows.append({"run": Path(d).name, "epochs": s.get("epochs"), "test_acc": s.get("test_acc"),
                      "agreement_error": s.get("agreement_error"), "seconds": s.get("train_seconds"),
-                     "unfinished": s.get("unfinished", False)})
+                     "unfinished": s.get("unfinished", False), "search_only": s.get("search_only", False)})
     return rows
 
 
@@ -82,27 +97,31 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
     lines = ["| run | epochs | test acc % | agreement err % | time s |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        mark = " (unfinished)" if r.get("unfinished") else ""
+        mark = " (unfinished)" if r.get("unfinished") else " (search only)" if r.get("search_only") else ""
         secs = "—" if r.get("seconds") is None else f"{r['seconds']:.0f}"
-        lines.append(f"| {r['run']}{mark} | {r['epochs']} | {pct(r['test_acc'])} | "
+        epochs = "—" if r.get("epochs") is None else r["epochs"]
+        lines.append(f"| {r['run']}{mark} | {epochs} | {pct(r['test_acc'])} | "
                      f"{pct(r['agreement_error'])} | {secs} |")
     return "\n".join(lines)
 
 
-def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> None:
-    """Test accuracy per epoch of several runs in one PNG."""
+def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> Path | None:
+    """Test accuracy per epoch of several runs in one PNG; None (no file) when no run has a test curve."""
+    curves = {Path(d).name: [r for r in read_metrics(d) if "test_acc" in r]
+              for d in run_dirs if not is_search_only(d)}  # a search-only directory has no curve of its own
+    curves = {name: rows for name, rows in curves.items() if rows}
+    if not curves:
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for d in run_dirs:
-        rows = read_metrics(d)
-        rows = [r for r in rows if "test_acc" in r]
-        if rows:
-            ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], "o-", label=Path(d).name)
+    for name, rows in curves.items():
+        ax.plot([r["epoch"] for r in rows], [r["test_acc"] for r in rows], "o-", label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 accuracy")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return Path(path)
 
 
 def read_steps(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -123,7 +123,7 @@ TINY = tiny_autokd("ak", trials=3, final=False, layer_weights="train_free",
                    teacher_layers=["stage:-1", "stage:1"], student_layers=["stage:-1", "stage:1"])
 
 
-def test_kdtune_run_autokd_search_then_spec_run_then_resume(tmp_path):
+def test_kdtune_run_autokd_search_then_spec_run_then_resume(tmp_path, capsys):
     from kdtune.cli import main
 
     exported = tmp_path / "specs" / "best_fmnist.yaml"
@@ -137,6 +137,11 @@ def test_kdtune_run_autokd_search_then_spec_run_then_resume(tmp_path):
     for t in info["trials"]:
         summary = json.loads((tmp_path / t["run_dir"] / "summary.json").read_text())
         assert summary["eval_split"] == "val" and summary["reward"] == t["reward"]
+    # `kdtune report` on the search (no final run): a "search only" row, the tree and the best spec.
+    assert main(["report", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "(search only) | — | — |" in printed and f"tree: {run_dir / 'tree.png'}" in printed
+    assert "Auto-KD best spec" in printed and not (run_dir / "comparison.png").exists()
     # Resume: the study already holds 3 trials, so nothing is trained again.
     assert main(["run", "--resume", str(run_dir), "autokd.trials=3"]) == 0
     assert json.loads((run_dir / "autokd.json").read_text())["complete_trials"] == 3
