@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -81,15 +82,26 @@ def test_cache_for_other_data_fails_loudly(tmp_path):
         raise AssertionError("expected a label mismatch error")
 
 
-def test_sparse_student_keeps_its_sparsity_through_prune_and_regrow():
+@pytest.mark.parametrize("channels_last", [False, True])  # channels-last weights have no flat view
+def test_sparse_student_keeps_its_sparsity_through_prune_and_regrow(channels_last):
     d = make_distiller()
     sparse = SparseStudent(0.5, regrow_every=2, regrow_fraction=0.3, seed=0)
     from kdtune.config import TrainConfig
-    tr = Trainer(d, BatchLoader(data(), 8, seed=0), None, TrainConfig(epochs=1, progress=False, channels_last=False),
-                 callbacks=[sparse])
+    first: dict[str, torch.Tensor] = {}
+
+    class KeepFirstMasks(Callback):
+        def on_fit_start(self, trainer):
+            first.update({k: m.clone() for k, m in sparse.masks.items()})
+
+    tr = Trainer(d, BatchLoader(data(), 8, seed=0), None,
+                 TrainConfig(epochs=1, progress=False, channels_last=channels_last),
+                 callbacks=[sparse, KeepFirstMasks()])
     tr.fit()
     check_sparsity(d.student, 0.5)
     assert abs(sparse.density() - 0.5) < 0.02
+    assert any(not torch.equal(first[k], m) for k, m in sparse.masks.items())  # masks moved (5 steps, every 2)
+    for name, w in sparse._params.items():  # zero exactly where the mask is off
+        assert not w[~sparse.masks[name]].any()
 
 
 def test_subset_and_early_stop():

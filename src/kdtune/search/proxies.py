@@ -207,7 +207,11 @@ class SparseStudent(Callback):
             drop = active[w.flatten()[active].abs().argsort()[:k]]
             grow = inactive[torch.randperm(len(inactive), generator=self.g)[:k]]
             mask[drop], mask[grow] = False, True
-            w.view(-1)[grow] = 0.0  # regrown weights start from zero (SET)
+            grown = torch.zeros_like(mask)
+            grown[grow] = True
+            # Regrown weights start from zero (SET). Through a mask of w's shape, not w.view(-1): a
+            # channels-last weight has no flat view in logical order.
+            w.masked_fill_(grown.view_as(w), 0.0)
             self.masks[name] = mask.view_as(w)
 
     def density(self) -> float:
