@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -138,8 +140,9 @@ def main() -> int:
 
     rho = spearman([r[1] for r in rows], [r[4] for r in rows])
     cost = sum(r[5] for r in rows) / sum(r[3] for r in rows)
-    lines = [f"Auto-KD proxy fidelity — `python benchmarks/autokd_proxy.py {' '.join(sys.argv[1:])}`, "
-             f"{datetime.date.today()}, {platform.processor() or platform.machine()}, torch threads default",
+    command = " ".join(["python benchmarks/autokd_proxy.py", *sys.argv[1:]])
+    lines = [f"Auto-KD proxy fidelity — `{command}`, {datetime.date.today()}, "
+             f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
              "", "| spec | proxy reward | proxy val acc % | proxy s | full val acc % | full s |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {r:.4f} | {100 * pa:.2f} | {ps:.1f} | {100 * fa:.2f} | {fs:.1f} |"
