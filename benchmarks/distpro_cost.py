@@ -3,6 +3,8 @@
     python benchmarks/distpro_cost.py --process runs/fmnist_distpro_process.json        # full measurement
     python benchmarks/distpro_cost.py --steps 2 --reps 2 --batch 16 --per-class 4 --search-steps 3 \
         --random-teacher --no-write                                                   # smoke test
+    python benchmarks/distpro_cost.py --pool-first     # 3x3 adapters pool first (own RESULTS section;
+                                                       # dropping from a short search unless --process)
 
 Measured on the FMNIST-5k pair (shipped ResNet-56 teacher -> ResNet-8 student), the search space of
 configs/fmnist/distpro_search.yaml (all 3 x 3 stage pairs x 3 transforms = 27 HCL pathways):
@@ -226,7 +228,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from run import write_section
 
-        write_section("distpro_cost", body)
+        write_section("distpro_cost_pool_first" if args.pool_first else "distpro_cost", body)
 
 
 if __name__ == "__main__":
