@@ -237,6 +237,12 @@ def table_markdown(name: str, seeds: list[int], out: Path, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_after(info: dict, n: int) -> str:
+    """Best reward among the first ``n`` finished trials of a search (``autokd.json``), as text."""
+    done = sorted((t for t in info["trials"] if t["state"] == "COMPLETE"), key=lambda t: t["number"])[:n]
+    return f"{max(t['reward'] for t in done):.3f}" if len(done) == n else "—"
+
+
 def search_table_markdown(name: str, seeds: list[int], out: Path, command: str) -> str:
     """A table of search-only rows (``autokd.json`` of each run): best spec, reward, trials, cost."""
     title, rows = TABLES[name]
@@ -244,20 +250,21 @@ def search_table_markdown(name: str, seeds: list[int], out: Path, command: str) 
              f"Command: `{command}` — {datetime.date.today().isoformat()}, {platform.machine()}, "
              f"{os.cpu_count()} cores. Seed(s) {', '.join(map(str, seeds))}. Best spec = the trial with the "
              "highest reward on the validation split; its file is committed for the final-training table.", "",
-             "| search | seed | best spec | best reward | its val acc % | trials | proxy training s | "
-             "teacher cache s | spec file |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+             "| search | seed | best spec | best reward | best after 10 / 20 trials | its val acc % | trials | "
+             "proxy training s | teacher cache s | spec file |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for label, _config, overrides in rows:
         export = next((o.split("=", 1)[1] for o in overrides if o.startswith("autokd.export=")), "")
         for seed in seeds:
             run = finished_run(out, slug(label), seed, "autokd.json")
             if run is None:
-                lines.append(f"| {label} | {seed} | not run | | | | | | |")
+                lines.append(f"| {label} | {seed} | not run | | | | | | | |")
                 continue
             info = json.loads((run / "autokd.json").read_text())
             best = next(t for t in info["trials"] if t["number"] == info["best_trial"])
             key = DistillerSpec(**info["best_spec"]).key()
-            lines.append(f"| {label} | {seed} | `{key}` | {info['best_reward']:.4f} | {100 * best['val_acc']:.2f} | "
+            lines.append(f"| {label} | {seed} | `{key}` | {info['best_reward']:.4f} | {best_after(info, 10)} / "
+                         f"{best_after(info, 20)} | {100 * best['val_acc']:.2f} | "
                          f"{info['complete_trials']} | {info['trials_train_seconds']:.0f} | "
                          f"{info['cache_build_seconds'] or 0:.0f} | `{export}` |")
     return "\n".join(lines) + "\n"
