@@ -54,6 +54,36 @@ def test_evaluate_accuracy_and_agreement_by_hand(tiny_data):
     assert m["agreement_error"] == pytest.approx((s_pred != t_pred).float().mean().item())
 
 
+def test_runs_with_one_teacher_key_compute_the_teachers_test_predictions_once(tiny_data):
+    calls = []
+    key = ("teacher-test-key", id(tiny_data))  # unique to this test: the cache lives for the process
+    first = distiller()
+    first.teacher.register_forward_hook(lambda *a: calls.append("first"))
+    m1 = Trainer(first, BatchLoader(tiny_data, 10), BatchLoader(tiny_data, 7, shuffle=False), cfg(),
+                 teacher_key=key).evaluate()
+    second = distiller()  # same teacher weights (seeded), another run
+    second.teacher.register_forward_hook(lambda *a: calls.append("second"))
+    m2 = Trainer(second, BatchLoader(tiny_data, 10), BatchLoader(tiny_data, 7, shuffle=False), cfg(),
+                 teacher_key=key).evaluate()
+    assert "first" in calls and "second" not in calls  # the second run reused the predictions
+    assert m2["teacher_test_acc"] == m1["teacher_test_acc"]
+    Trainer(second, BatchLoader(tiny_data, 10), BatchLoader(tiny_data, 7, shuffle=False), cfg()).evaluate()
+    assert "second" in calls  # no key: computed
+
+
+def test_teacher_key_needs_a_checkpointed_teacher_and_names_the_test_set():
+    from kdtune.config import RunConfig, from_dict
+    from kdtune.recipe import teacher_key
+
+    base = {"student": {"name": "resnet8"}, "data": {"test_limit": 100}}
+    assert teacher_key(from_dict(RunConfig, base)) is None  # no teacher
+    assert teacher_key(from_dict(RunConfig, {**base, "teacher": {"name": "resnet56"}})) is None  # seed-dependent
+    zoo = {**base, "teacher": {"name": "resnet56", "checkpoint": "zoo:resnet56_fashion_mnist"}}
+    other_test = {**zoo, "data": {"test_limit": 200}}
+    assert teacher_key(from_dict(RunConfig, zoo)) is not None
+    assert teacher_key(from_dict(RunConfig, zoo)) != teacher_key(from_dict(RunConfig, other_test))
+
+
 def test_lr_schedules():
     c = TrainConfig(epochs=10)
     assert lr_factor(0, 10, c) == 1.0

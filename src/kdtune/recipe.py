@@ -131,7 +131,16 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
         raise ValueError("eval_split='val' needs a validation split: set data.val_fraction > 0 (e.g. 0.2)")
     test_loader = BatchLoader(splits.val if eval_split == "val" else splits.test, d.eval_batch_size, shuffle=False)
     return Trainer(distiller, train_loader, test_loader, cfg.train, run_dir=run_dir, callbacks=callbacks,
-                   seed=cfg.seed)
+                   seed=cfg.seed, teacher_key=teacher_key(cfg) if eval_split == "test" else None)
+
+
+def teacher_key(cfg: RunConfig) -> tuple[Any, ...] | None:
+    """What fixes the teacher's test predictions: its checkpointed weights and the test images.
+    None when the teacher's weights depend on the seed (no checkpoint) or there is none."""
+    t = cfg.teacher
+    if t is None or t.checkpoint is None:
+        return None
+    return (t.name, t.checkpoint, repr(sorted(t.kwargs.items())), cfg.data.dataset, cfg.data.root, cfg.data.test_limit)
 
 
 def _shared_run_dir(cfg: RunConfig) -> Path:

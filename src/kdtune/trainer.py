@@ -20,7 +20,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,11 @@ def _as_loader(data: BatchLoader | ImageDataset, train: bool, seed: int) -> Batc
     return BatchLoader(data, batch_size=128 if train else 500, shuffle=train, seed=seed)
 
 
+#: Teacher predictions on a test set, shared by the runs of one process that pass the same
+#: ``teacher_key`` (a frozen teacher's test predictions do not change between runs).
+_TEACHER_TEST_PREDS: dict[Hashable, Tensor] = {}
+
+
 class Trainer:
     """Trains a distiller's student (and its adapters / learned weights).
 
@@ -112,11 +117,15 @@ class Trainer:
         run_dir: where metrics, checkpoints and the summary go (``None``: nothing written).
         callbacks: :class:`Callback` objects.
         seed: seeds the training RNG at the start of :meth:`fit`.
+        teacher_key: identity of the (frozen) teacher's weights *and* the test set; runs in one
+            process given the same key compute the teacher's test predictions once (``kdtune
+            quickstart`` trains several rows against one shipped teacher). ``None``: not shared.
     """
 
     def __init__(self, distiller: Distiller, train: BatchLoader | ImageDataset,
                  test: BatchLoader | ImageDataset | None = None, config: TrainConfig | None = None,
-                 run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), seed: int = 0) -> None:
+                 run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), seed: int = 0,
+                 teacher_key: Hashable | None = None) -> None:
         self.cfg = config or TrainConfig()
         self.dist: DistInfo = init_distributed()
         self.distiller, self.seed = distiller, seed
@@ -150,7 +159,8 @@ class Trainer:
         self.global_step = 0
         self.nan_steps = 0
         self.history: list[dict[str, Any]] = []
-        self._teacher_test_preds: Tensor | None = None
+        self.teacher_key = teacher_key
+        self._teacher_test_preds: Tensor | None = _TEACHER_TEST_PREDS.get(teacher_key) if teacher_key else None
 
     # ------------------------------------------------------------------ files
 
@@ -358,10 +368,13 @@ class Trainer:
         metrics.update({f"test_acc/{k}": v / len(label) for k, v in extra_correct.items()})
         teacher = self.distiller.teacher
         if teacher is not None:
-            if self._teacher_test_preds is None or loader is not self.test_loader:
+            cached = self._teacher_test_preds
+            if cached is None or loader is not self.test_loader or len(cached) != len(label):
                 t_pred = torch.cat([teacher(x).argmax(1) for x, _ in loader])
                 if loader is self.test_loader:
                     self._teacher_test_preds = t_pred
+                    if self.teacher_key is not None:
+                        _TEACHER_TEST_PREDS[self.teacher_key] = t_pred
             else:
                 t_pred = self._teacher_test_preds
             metrics["agreement_error"] = float((pred != t_pred).float().mean())
