@@ -1,4 +1,4 @@
-# make demo : set up everything on a fresh machine, then run the quickstart table (≈ 5 min on 2 cores)
+# make demo : set up everything on a fresh machine, then run the quickstart table (≤ 5 min on 2 cores)
 # make test : set up everything, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
