@@ -76,6 +76,18 @@ def count_macs(d: Distiller, x: torch.Tensor) -> dict[str, int]:
     return counts
 
 
+def process_macs(process: Process, transform_kwargs: dict[str, dict] | None = None) -> dict[str, int]:
+    """:func:`count_macs` of ResNet-56 -> ResNet-8 with the process's pathways (their transforms
+    rebuilt with ``transform_kwargs`` per transform name when given). Untrained models: MACs only."""
+    teacher = create_model("resnet56", in_channels=1, num_classes=10)
+    student = create_model("resnet8", in_channels=1, num_classes=10)
+    pathways = pathways_from_process(process, teacher, student, SHAPE)
+    for p in pathways:
+        p.transform_kwargs = {**p.transform_kwargs, **(transform_kwargs or {}).get(str(p.transform), {})}
+    d = Distiller(student, teacher, pathways, weighting="equal", input_shape=SHAPE)
+    return count_macs(d, torch.zeros(2, *SHAPE))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--process", default=str(ROOT / DISTPRO_PROCESS))
@@ -86,13 +98,12 @@ def main() -> None:
     args = p.parse_args()
 
     process = Process.load(args.process)
-    teacher = create_model("resnet56", in_channels=1, num_classes=10)  # MACs only: weights do not matter
-    student = create_model("resnet8", in_channels=1, num_classes=10)
-    pathways = pathways_from_process(process, teacher, student, SHAPE)
-    d = Distiller(student, teacher, pathways, weighting="equal", input_shape=SHAPE)
-    macs = count_macs(d, torch.zeros(2, *SHAPE))
+    macs = process_macs(process)
     path_macs = torch.tensor([float(macs[n]) for n in process.names])  # (P,)
     model_macs = macs["student"] + macs["teacher"]
+    # The same pathways with the 3x3 adapters pooling first (distpro.transform_kwargs pool_first).
+    pooled = process_macs(process, {"conv3x3": {"pool_first": True}, "distpro": {"pool_first": True}})
+    pooled_total = sum(pooled[n] for n in process.names)
 
     steps = args.retrain_epochs * -(-args.images // args.batch)
     _, tilde = process.stretch(steps)  # (T', P) α̃ per retrain step
@@ -120,6 +131,8 @@ def main() -> None:
         f"({100 * float(path_macs.sum()) / (model_macs + float(path_macs.sum())):.0f} % of a step's forward MACs; "
         "the teacher runs without backward).",
         "- Costliest transforms (M MACs): " + ", ".join(f"{n} {m / 1e6:.1f}" for n, m in top) + ".",
+        f"- With `pool_first` on the conv3x3 and distpro adapters (`distpro.transform_kwargs`): all "
+        f"{len(process.names)} transforms {pooled_total / 1e6:.1f} M.",
     ]
     body = "\n".join(lines) + "\n"
     print(body)

@@ -106,10 +106,10 @@ def main(out: str = "runs/quickstart", epochs: int = 8, per_class: int = 200, jo
          test_images: int | None = None) -> int:
     """Train every row and print the table.
 
-    ``jobs`` single-threaded worker processes train the rows side by side; ``jobs=1`` trains them
-    one after the other in this process with torch's threads. On the 2-core machine both take about
-    the same wall time (197 s with 2 workers, 189 s in one 2-thread process: benchmarks/RESULTS.md);
-    workers keep each row's time independent of the others' thread count.
+    ``jobs`` single-threaded worker processes train the rows side by side (longest chain first);
+    ``jobs=1`` trains them one after the other in this process with torch's threads. Rows of one
+    worker share the teacher's test predictions (``Trainer(teacher_key=...)``). Timing of the
+    default: benchmarks/RESULTS.md, ``make demo`` section.
     """
     from kdtune.zoo import teacher_record
 

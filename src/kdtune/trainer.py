@@ -160,7 +160,8 @@ class Trainer:
         self.nan_steps = 0
         self.history: list[dict[str, Any]] = []
         self.teacher_key = teacher_key
-        self._teacher_test_preds: Tensor | None = _TEACHER_TEST_PREDS.get(teacher_key) if teacher_key else None
+        self._teacher_test_preds: Tensor | None = (_TEACHER_TEST_PREDS.get(teacher_key)
+                                                     if teacher_key is not None else None)
 
     # ------------------------------------------------------------------ files
 
