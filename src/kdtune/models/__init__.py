@@ -24,9 +24,4 @@ def list_models() -> list[str]:
 
 
 # Importing the family modules registers their models.
-from kdtune.models import resnet, wrn  # noqa: E402,F401
-
-try:  # families added by other modules of the zoo
-    from kdtune.models import mobilenetv2, shufflenet, vgg  # noqa: F401
-except ImportError:  # pragma: no cover - while a family is being written
-    pass
+from kdtune.models import mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: E402,F401

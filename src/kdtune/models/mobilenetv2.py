@@ -23,6 +23,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdtune.models import MODELS
+from kdtune.models.layers import init_conv_weights
 
 #: Inverted residual stages: (expansion t, output channels c, blocks n, first stride s).
 #: The expansion of stages 2..7 is replaced by the model's ``expansion``.
@@ -101,9 +102,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(planes, last, 1)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(last, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv2(self.blocks(self.conv1(x)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdtune.models import MODELS
+from kdtune.models.layers import init_conv_weights, stage
 
 
 class BasicBlock(nn.Module):
@@ -47,20 +48,12 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
-        self.layer1 = self._stage(widths[0], widths[1], n, 1)
-        self.layer2 = self._stage(widths[1], widths[2], n, 2)
-        self.layer3 = self._stage(widths[2], widths[3], n, 2)
+        self.layer1 = stage(BasicBlock, widths[0], widths[1], n, 1)
+        self.layer2 = stage(BasicBlock, widths[1], widths[2], n, 2)
+        self.layer3 = stage(BasicBlock, widths[2], widths[3], n, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    @staticmethod
-    def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [BasicBlock(in_planes, planes, stride)]
-        layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
-        return nn.Sequential(*layers)
+        init_conv_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

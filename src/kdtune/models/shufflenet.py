@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.models import MODELS
+from kdtune.models.layers import init_conv_weights
 
 
 class ChannelShuffle(nn.Module):
@@ -36,12 +37,6 @@ class ChannelShuffle(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-def _init_convs(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
 # ----------------------------------------------------------------------------- ShuffleNetV1
@@ -111,7 +106,7 @@ class ShuffleNetV1(nn.Module):
         self.layer3 = self._stage(widths[1], widths[2], units[2], groups)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
-        _init_convs(self)
+        init_conv_weights(self)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, units: int, groups: int,
@@ -220,7 +215,7 @@ class ShuffleNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(widths[3])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
-        _init_convs(self)
+        init_conv_weights(self)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, units: int) -> nn.Sequential:

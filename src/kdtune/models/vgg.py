@@ -22,6 +22,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdtune.models import MODELS
+from kdtune.models.layers import init_conv_weights
 
 #: Conv widths per block (CRD's cfg "S", "A", "B", "D", "E").
 CONFIGS: dict[int, list[list[int]]] = {
@@ -66,9 +67,7 @@ class VGG(nn.Module):
         self.block4 = _block(cfg[3][-1], cfg[4])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cfg[4][-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_conv_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool0(self.block0(x))

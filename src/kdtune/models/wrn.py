@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from kdtune.models import MODELS
+from kdtune.models.layers import init_conv_weights, stage
 
 
 class WideBlock(nn.Module):
@@ -43,22 +44,14 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = (16, 16 * k, 32 * k, 64 * k)
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.block1 = self._group(widths[0], widths[1], n, 1)
-        self.block2 = self._group(widths[1], widths[2], n, 2)
-        self.block3 = self._group(widths[2], widths[3], n, 2)
+        self.block1 = stage(WideBlock, widths[0], widths[1], n, 1)
+        self.block2 = stage(WideBlock, widths[1], widths[2], n, 2)
+        self.block3 = stage(WideBlock, widths[2], widths[3], n, 2)
         self.bn = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    @staticmethod
-    def _group(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [WideBlock(in_planes, planes, stride)]
-        layers += [WideBlock(planes, planes, 1) for _ in range(blocks - 1)]
-        return nn.Sequential(*layers)
+        init_conv_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
