@@ -364,3 +364,6 @@ def test_distpro_transform_kwargs_must_name_candidate_transforms() -> None:
     assert cfg.distpro is not None and cfg.distpro.transform_kwargs == {"distpro": {"pool_first": True}}
     with pytest.raises(ConfigError, match=r"distpro\.transform_kwargs.*conv3x3"):
         build(distpro={"transforms": ["conv1x1"], "transform_kwargs": {"conv3x3": {"pool_first": True}}})
+    # A misspelt option fails when the config loads, not when the search builds its adapters.
+    with pytest.raises(ConfigError, match=r"distpro\.transform_kwargs.*'pool_frist'.*its options: \['pool_first'\]"):
+        build(distpro={"transforms": ["conv3x3"], "transform_kwargs": {"conv3x3": {"pool_frist": True}}})

@@ -16,6 +16,7 @@ from kdtune.transforms import (
     SpatialSelfAttention,
     build_transform,
     resize_spatial,
+    transform_options,
 )
 
 # name -> (student shape, teacher shape, expected student-out shape, expected teacher-out shape)
@@ -274,6 +275,13 @@ def test_build_passes_options():
     f = torch.tensor([[[[3.0, -4.0]]]])
     a, _ = tf(f, f)
     np.testing.assert_allclose(a.numpy(), [[3 / 5, 4 / 5]], rtol=1e-6)
+
+
+def test_unknown_option_is_refused_with_the_allowed_ones():
+    assert transform_options("conv3x3") == ["pool_first"]
+    assert transform_options("conv1x1") == []
+    with pytest.raises(ValueError, match=r"no options \['pool_frist'\]; its options: \['pool_first'\]"):
+        build_transform("conv3x3", (2, 16, 28, 28), (2, 64, 7, 7), pool_frist=True)
 
 
 def test_shapes_must_be_shapes():

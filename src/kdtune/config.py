@@ -775,6 +775,13 @@ class DistProConfig:
         extra = sorted(set(self.transform_kwargs) - set(self.transforms))
         _require(not extra, "transform_kwargs", f"names transforms that are not candidates: {extra} "
                  f"(transforms: {self.transforms})")
+        from kdtune.transforms import check_transform_options  # torch-heavy: only when a section has kwargs
+
+        for name, kwargs in self.transform_kwargs.items():
+            try:
+                check_transform_options(name, kwargs)
+            except (KeyError, ValueError) as e:
+                _require(False, "transform_kwargs", str(e).strip("'\""))
         _require(self.radius > 0, "radius", f"must be > 0, got {self.radius}")
         _require(self.alpha_lr > 0, "alpha_lr", f"must be > 0, got {self.alpha_lr}")
         _require(self.alpha_weight_decay >= 0, "alpha_weight_decay", f"must be >= 0, got {self.alpha_weight_decay}")

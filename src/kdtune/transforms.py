@@ -22,7 +22,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -54,7 +55,9 @@ __all__ = [
     "autokd_mask",
     "autokd_multi_scale",
     "build_transform",
+    "check_transform_options",
     "resize_spatial",
+    "transform_options",
 ]
 
 Shape = tuple[int, ...]
@@ -412,6 +415,23 @@ class TokenMLP(FeatureTransform):
 # --------------------------------------------------------------------------- factory
 
 
+def transform_options(name: str) -> list[str]:
+    """The keyword options a registered transform takes besides its shapes, e.g. ``["pool_first"]``."""
+    params = inspect.signature(TRANSFORMS.get(name).__init__).parameters
+    return [p for p in params if p not in ("self", "s_shape", "t_shape")
+            and params[p].kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+
+def check_transform_options(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the allowed options when ``kwargs`` has one ``name`` does not take."""
+    params = inspect.signature(TRANSFORMS.get(name).__init__).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return  # takes any option: the transform checks its own
+    unknown = sorted(set(kwargs) - set(transform_options(name)))
+    if unknown:
+        raise ValueError(f"transform {name!r} has no options {unknown}; its options: {transform_options(name)}")
+
+
 def build_transform(
     name_or_module: str | type[FeatureTransform] | FeatureTransform,
     s_shape: Sequence[int],
@@ -448,6 +468,8 @@ def build_transform(
     cls = TRANSFORMS.get(name_or_module)
     if not (isinstance(cls, type) and issubclass(cls, FeatureTransform)):
         raise TypeError(f"expected a FeatureTransform name, class or instance, got {name_or_module!r}")
+    if isinstance(name_or_module, str):
+        check_transform_options(name_or_module, kwargs)
     return cls(s_shape, t_shape, **kwargs)
 
 

@@ -53,6 +53,7 @@ from kdtune.data import BatchLoader
 from kdtune.distiller import Distiller, TeacherOutput
 from kdtune.pathways import Pathway, connect_stages
 from kdtune.trainer import Callback, Trainer
+from kdtune.transforms import check_transform_options
 from kdtune.weighting.process import (
     DistProWeighting,
     PathwayInfo,
@@ -119,6 +120,8 @@ def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[i
     if unknown:
         raise ValueError(f"search_space: transform_kwargs for {unknown}, which are not candidate transforms "
                          f"{list(transforms)}")
+    for name, kwargs in transform_kwargs.items():
+        check_transform_options(name, kwargs)
     t_stages = _stages(teacher, input_shape, teacher_stages)
     s_stages = _stages(student, input_shape, student_stages)
     pairs = connect_stages(len(t_stages), len(s_stages), connections)
