@@ -16,7 +16,8 @@ process stretched to the retrain length:
 
 It also gives the transforms' share of a retrain step's forward MACs (student + teacher +
 transforms), the ceiling on what dropping can save. The paper's Table 3 also lists accuracy per
-τ: that needs one 30-epoch retrain per τ and is not run by this script. Writes between ``<!-- table:distpro_dropping -->`` markers in RESULTS.md unless ``--no-write``.
+τ: that needs one 30-epoch retrain per τ and is not run by this script.
+Writes between ``<!-- table:distpro_dropping -->`` markers in RESULTS.md unless ``--no-write``.
 """
 
 from __future__ import annotations
