@@ -70,8 +70,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("AT + KD", "configs/fmnist/at_kd.yaml", []),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
-    # then `distpro` (Table 1: baselines equal / final / process; `distpro_10` is it at 10 epochs) and
-    # `distpro_fast` (Fig. 5 / Table 2).
+    # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
+    # 10 epochs) and `distpro_fast` (Fig. 5 / Table 2).
     "distpro_search": ("DistPro search: FMNIST-5k split 80/20, 27 pathways (3x3 stages x 3 transforms), 10 epochs; "
                        "test accuracy of the searching student (80 % of the data)", [
         ("DistPro search", "configs/fmnist/distpro_search.yaml", [f"distpro.export={DISTPRO_PROCESS_FIG4}"]),
@@ -87,26 +87,23 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"process={DISTPRO_PROCESS}", "baseline=final"]),
         ("DistPro process", "configs/fmnist/distpro_retrain.yaml", [f"process={DISTPRO_PROCESS}", "baseline=process"]),
     ]),
-    # Table 1 at a third of the protocol's length: a 30-epoch 27-pathway retrain costs ~1 core-hour on this
-    # machine (the `distpro` table ~10 core-hours with its baselines), so this is the table that was run.
-    "distpro_10": ("DistPro (Table 1) on FMNIST-5k, ResNet-56 -> ResNet-8, 10 epochs for every row "
-                   "(the protocol otherwise), 27 HCL pathways", [
-        ("student alone, 10 epochs", "configs/fmnist/student.yaml", ["epochs=10"]),
-        ("KD, 10 epochs", "configs/fmnist/kd.yaml", ["epochs=10"]),
+    # Table 1 at shorter schedules: a 30-epoch 27-pathway retrain costs 1-2 core-hours on this machine
+    # (the `distpro` table 10-20 with its baselines), so these are the tables that were run.
+    **{f"distpro_{epochs}": (f"DistPro (Table 1) on FMNIST-5k, ResNet-56 -> ResNet-8, {epochs} epochs for every "
+                             "row (the protocol otherwise), 27 HCL pathways", [
+        (f"student alone, {epochs} epochs", "configs/fmnist/student.yaml", [f"epochs={epochs}"]),
+        (f"KD, {epochs} epochs", "configs/fmnist/kd.yaml", [f"epochs={epochs}"]),
         *[(label, "configs/fmnist/distpro_retrain.yaml",
-           [f"process={DISTPRO_PROCESS}", f"baseline={mode}", "epochs=10"])
+           [f"process={DISTPRO_PROCESS}", f"baseline={mode}", f"epochs={epochs}"])
           for label, mode in (("pathways, equal weights 1/L", "equal"), ("pathways, final alpha_T", "final"),
                               ("DistPro process", "process"))],
-    ]),
-    # The longer schedules are the `distpro_10` and `distpro` tables' rows (same process file, not trained twice).
+    ]) for epochs in (5, 10)},
+    # Every row replays the same process file, stretched to the run's length (rows of the tables above).
     "distpro_fast": ("DistPro 'faster distillation' (Fig. 5 / Table 2): one process file stretched to 5, 10 "
                      "and 30 epochs", [
-        *[(f"{mode}, 5 epochs", "configs/fmnist/distpro_retrain.yaml",
-           [f"process={DISTPRO_PROCESS}", f"baseline={mode}", "epochs=5"]) for mode in ("equal", "process")],
-        ("equal, 10 epochs", "@distpro_10/pathways, equal weights 1/L", []),
-        ("process, 10 epochs", "@distpro_10/DistPro process", []),
-        ("equal, 30 epochs", "@distpro/pathways, equal weights 1/L", []),
-        ("process, 30 epochs", "@distpro/DistPro process", []),
+        (f"{mode}, {epochs} epochs", f"@{table}/{label}", [])
+        for epochs, table in ((5, "distpro_5"), (10, "distpro_10"), (30, "distpro"))
+        for mode, label in (("equal", "pathways, equal weights 1/L"), ("process", "DistPro process"))
     ]),
     # MetaDistiller's Tables 1 and 4 on FMNIST-5k: no teacher; final output and ensemble of all exits.
     "selfdistill": ("FMNIST-5k, teacher-free self-distillation (exits; MetaDistiller), 30 epochs", [
