@@ -10,7 +10,7 @@ from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader
 from kdtune.distiller import Distiller
 from kdtune.pathways import Pathway
-from kdtune.report import plot_weights, read_steps
+from kdtune.report import plot_weights, read_steps, weight_series
 from kdtune.trainer import Trainer
 
 
@@ -49,3 +49,23 @@ def test_plot_weights_without_weights_and_report(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     assert f"weights: {run / 'weights.png'}" in capsys.readouterr().out
     assert (run / "weights.png").stat().st_size > 0
+
+
+def test_weight_series_labels_only_the_heaviest_paths_when_there_are_many():
+    keys = [f"w/p{i}" for i in range(27)] + ["w/at:a->a", "w/at:b->b"]
+    rows = [{"step": s, **{f"w/p{i}": i * s / 1000 for i in range(27)}, "w/at:a->a": 0.5, "w/at:b->b": 0.5}
+            for s in (1, 2)]
+    lines = weight_series(rows, keys, max_labelled=8)
+    assert len(lines) == 28  # the two AT terms share one weight: one line
+    labelled = [line["label"] for line in lines if line["label"] is not None]
+    assert labelled == ["at (2 terms)", "p26", "p25", "p24", "p23", "p22", "p21", "p20"]  # by peak weight
+    others = [line for line in lines if line["label"] is None]
+    assert [line["others_label"] for line in others] == ["other 20 paths"] + [None] * 19
+    assert lines[1]["steps"] == [1, 2] and lines[1]["values"] == [0.026, 0.052]
+
+
+def test_weight_series_keeps_every_label_when_few():
+    rows = [{"step": 1, "w/kd": 0.3, "w/at:x": None}, {"step": 2, "w/kd": 0.2, "w/at:x": 0.7}]
+    lines = weight_series(rows, ["w/at:x", "w/kd"])
+    assert [(line["label"], line["steps"], line["values"]) for line in lines] == [
+        ("at:x", [2], [0.7]), ("kd", [1, 2], [0.3, 0.2])]

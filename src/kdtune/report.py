@@ -132,6 +132,37 @@ def read_steps(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def weight_series(rows: list[dict[str, Any]], keys: list[str], max_labelled: int = 8) -> list[dict[str, Any]]:
+    """The lines of the path-weight plot, from ``steps.jsonl`` rows and their ``w/<term>`` keys.
+
+    Terms whose weights are identical at every step (the terms of one path) make one line, labelled by
+    the path. With more than ``max_labelled`` lines (DistPro's 27 pathways) only the ``max_labelled``
+    with the highest peak weight keep a label, first; the others get ``label=None`` and an
+    ``others_label`` ("other N paths") on the first of them, so the legend stays readable.
+
+    Returns:
+        ``[{"label", "steps", "values", "others_label"}]``, labelled lines first.
+    """
+    series: dict[tuple[float | None, ...], list[str]] = {}
+    for k in keys:
+        series.setdefault(tuple(r.get(k) for r in rows), []).append(k[2:])
+    lines = []
+    for ys, terms in series.items():
+        prefixes = {t.split(":", 1)[0] for t in terms}
+        label = terms[0] if len(terms) == 1 else (f"{prefixes.pop()} ({len(terms)} terms)" if len(prefixes) == 1
+                                                  else ", ".join(terms))
+        pts = [(r["step"], y) for r, y in zip(rows, ys, strict=True) if y is not None]
+        lines.append({"label": label, "steps": [s for s, _ in pts], "values": [y for _, y in pts],
+                      "others_label": None})
+    if len(lines) > max_labelled:
+        lines.sort(key=lambda line: max(line["values"], default=0.0), reverse=True)
+        others = lines[max_labelled:]
+        for line in others:
+            line["label"] = None
+        others[0]["others_label"] = f"other {len(others)} paths"
+    return lines
+
+
 def plot_weights(run_dir: str | Path, path: str | Path | None = None) -> Path | None:
     """Weight of every distillation path over training, from ``steps.jsonl`` (Adaptive Distillation Fig. 4).
 
@@ -148,21 +179,16 @@ def plot_weights(run_dir: str | Path, path: str | Path | None = None) -> Path | 
     if not keys:
         return None
     cos_keys = sorted({k for r in rows for k in r if k.startswith("cos/") and k != "cos/mean"})
-    # Identical series (terms of one path) are drawn once.
-    series: dict[tuple[float | None, ...], list[str]] = {}
-    for k in keys:
-        series.setdefault(tuple(r.get(k) for r in rows), []).append(k[2:])
     fig, axes = plt.subplots(1, 2 if cos_keys else 1, figsize=(11 if cos_keys else 6, 4), squeeze=False)
     ax = axes[0, 0]
-    steps = [r["step"] for r in rows]
     values: list[float] = []
-    for ys, terms in series.items():
-        prefixes = {t.split(":", 1)[0] for t in terms}
-        label = terms[0] if len(terms) == 1 else (f"{prefixes.pop()} ({len(terms)} terms)" if len(prefixes) == 1
-                                                  else ", ".join(terms))
-        pts = [(s, y) for s, y in zip(steps, ys, strict=True) if y is not None]
-        ax.plot([s for s, _ in pts], [y for _, y in pts], label=label)
-        values += [y for _, y in pts]
+    for i, line in enumerate(weight_series(rows, keys)):
+        steps, ys = line["steps"], line["values"]
+        if line["label"] is None:  # beyond the labelled few: thin grey, one legend entry for all of them
+            ax.plot(steps, ys, color="0.7", linewidth=0.6, label=line["others_label"])
+        else:
+            ax.plot(steps, ys, label=line["label"], color=f"C{i % 10}")
+        values += ys
     positive = [v for v in values if v > 0]
     if positive and len(positive) == len(values) and max(positive) / min(positive) > 100:
         ax.set_yscale("log")
