@@ -224,9 +224,11 @@ def train(out: Path, label: str, config: str, overrides: list[str], seed: int, t
 
 
 def mean_std(values: list[float]) -> str:
+    """Percent, mean ± sample std; one value is printed alone (a spread of one run would read as 0)."""
     m = statistics.mean(values)
-    s = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * m:.2f} ± {100 * s:.2f}"
+    if len(values) == 1:
+        return f"{100 * m:.2f}"
+    return f"{100 * m:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 def table_markdown(name: str, seeds: list[int], out: Path, command: str) -> str:
