@@ -87,8 +87,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"process={DISTPRO_PROCESS}", "baseline=final"]),
         ("DistPro process", "configs/fmnist/distpro_retrain.yaml", [f"process={DISTPRO_PROCESS}", "baseline=process"]),
     ]),
-    # Table 1 at shorter schedules: a 30-epoch 27-pathway retrain costs 1-2 core-hours on this machine
-    # (the `distpro` table 10-20 with its baselines), so these are the tables that were run.
+    # Table 1 at shorter schedules: a 30-epoch 27-pathway retrain took up to 1.6 core-hours on the
+    # 2026-12-01 machine (the `distpro` table about 10), so these are the tables that were run.
     **{f"distpro_{epochs}": (f"DistPro (Table 1) on FMNIST-5k, ResNet-56 -> ResNet-8, {epochs} epochs for every "
                              "row (the protocol otherwise), 27 HCL pathways", [
         (f"student alone, {epochs} epochs", "configs/fmnist/student.yaml", [f"epochs={epochs}"]),
