@@ -1,4 +1,5 @@
-# make demo : set up everything on a fresh machine, then run the quickstart table (≤ 5 min on 2 cores)
+# make demo : set up everything on a fresh machine, then run the quickstart table (3 min 51 s on 2 cores on
+#             2026-11-22; 11 min 9 s on 2026-12-01, when this machine ran ~3× slower)
 # make test : set up everything, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
