@@ -2,6 +2,7 @@
 
     python scripts/train_teacher.py resnet56 --epochs 15
     python scripts/train_teacher.py wrn_40_2 --epochs 8
+    python scripts/train_teacher.py wrn_40_2 --epochs 4 --lr 0.05 --init-shipped   # continue the shipped one
 
 Writes ``src/kdtune/zoo/<model>_fashion_mnist.pt`` (fp16 state dict, small enough to ship) and
 ``<same>.json`` (the training record: per-epoch loss/accuracy/time, final test accuracy measured
@@ -58,6 +59,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ZOO)
+    p.add_argument("--init-shipped", action="store_true",
+                   help="start from the shipped teacher's weights (a warm restart: a new cosine schedule from "
+                        "--lr); its record keeps the earlier training under 'previous'")
     p.add_argument("--evaluate-only", action="store_true",
                    help="re-measure a shipped teacher's test accuracies into its record (no training)")
     args = p.parse_args()
@@ -68,6 +72,13 @@ def main() -> None:
     torch.manual_seed(args.seed)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     model = create_model(args.model, in_channels=1, num_classes=10).to(memory_format=torch.channels_last)
+    stem = args.out / f"{args.model}_fashion_mnist"
+    previous = None
+    if args.init_shipped:  # continue training the shipped weights instead of starting from scratch
+        from kdtune.zoo import load_teacher
+
+        model.load_state_dict(load_teacher(stem.name).state_dict())
+        previous = json.loads(stem.with_suffix(".json").read_text())
     loader = BatchLoader(train, 128, shuffle=True, augment=Augment(2, True), seed=args.seed, channels_last=True)
     test_loader = BatchLoader(test, 500, shuffle=False, channels_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -76,6 +87,8 @@ def main() -> None:
               "command": " ".join(["python", *sys.argv]), "seed": args.seed, "epochs": [],
               "torch": torch.__version__, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "date": datetime.date.today().isoformat()}
+    if previous is not None:
+        record["previous"] = previous
     start = time.time()
     for epoch in range(args.epochs):
         model.train()
@@ -104,7 +117,6 @@ def main() -> None:
     record["test_acc_first_2000"] = test_accuracy(model, first)  # what tests/test_zoo.py re-measures
     record["train_seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{args.model}_fashion_mnist"
     tmp = stem.with_suffix(".pt.tmp")
     torch.save(state, tmp)
     tmp.replace(stem.with_suffix(".pt"))
