@@ -239,3 +239,64 @@ def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path, tiny_da
     summary = tr.fit()
     assert [("test_acc" in r) for r in tr.history] == [False, True, False, True, True]
     assert summary["test_acc"] == tr.history[-1]["test_acc"] and (tmp_path / "curves.png").exists()
+
+
+# --------------------------------------------------------------------------- any loader
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
+
+
+def test_dataloader_with_two_workers_trains_and_resumes_exactly(tmp_path, fmnist_small):
+    from kdtune.data import Augment, DatasetLoader, SampleDataset
+
+    train = SampleDataset(fmnist_small[0].subset(range(48)), Augment(2, True))  # crops and flips in the workers
+
+    def trainer(run_dir, callbacks=()):
+        torch.manual_seed(0)
+        d = Distiller(TinyNet(4), TinyNet(6), logit_losses=["kd"], input_shape=(1, 28, 28))
+        return Trainer(d, DatasetLoader(train, 16, seed=3, workers=2), None, cfg(), run_dir=run_dir,
+                       callbacks=callbacks, seed=0)
+
+    straight = trainer(tmp_path / "a")
+    straight.fit()
+    assert straight.global_step == 6
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "b", [StopAfterFirstEpoch()]).fit()
+    resumed = trainer(tmp_path / "b")
+    resumed.fit(resume=True)
+    a, b = straight.distiller.state_dict(), resumed.distiller.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other_seed = trainer(None)
+    other_seed.train_loader.seed = 4  # another order and other crops: other weights (the test can fail)
+    other_seed.fit()
+    assert not torch.equal(other_seed.distiller.state_dict()["student.head.weight"], a["student.head.weight"])
+
+
+def test_a_users_dataloader_and_a_map_style_dataset_train(fmnist_small):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = fmnist_small[0].images[:32].float() / 255
+    y = fmnist_small[0].labels[:32]
+    seen_epochs = []
+
+    class Sampler(torch.utils.data.RandomSampler):
+        def set_epoch(self, epoch):
+            seen_epochs.append(epoch)
+
+    ds = TensorDataset(x, y)
+    loader = DataLoader(ds, batch_size=8, sampler=Sampler(ds, generator=torch.Generator().manual_seed(0)))
+    tr = Trainer(Distiller(TinyNet(4)), loader, ds, cfg())
+    tr.fit()
+    assert tr.global_step == 8 and seen_epochs == [0, 1]  # the sampler is told each epoch
+    assert len(tr.test_loader) == 1  # the map-style test Dataset is read in batches of 500
+    assert 0 <= tr.history[-1]["test_acc"] <= 1
+
+
+def test_data_without_a_length_is_a_clear_error(tiny_data):
+    batches = ((torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)) for _ in range(3))
+    with pytest.raises(TypeError, match="with len\\(\\).*got generator"):
+        Trainer(Distiller(TinyNet(4)), batches, None, cfg())

@@ -17,7 +17,7 @@ from torch import nn
 
 from kdtune.checkpoint import load_checkpoint, load_state_strict
 from kdtune.config import ModelConfig, RunConfig, load_config, save_config
-from kdtune.data import Augment, BatchLoader, ImageDataset, balanced_subset, load_dataset, train_val_split
+from kdtune.data import Images, balanced_subset, dataset_augment, load_dataset, make_loader, train_val_split
 from kdtune.distiller import Distiller, LogitLoss
 from kdtune.distributed import init_distributed
 from kdtune.models import create_model
@@ -30,9 +30,9 @@ from kdtune.zoo import ZOO_PREFIX, load_teacher
 class Splits:
     """Training, held-out validation (may be None) and test sets of a run."""
 
-    train: ImageDataset
-    val: ImageDataset | None
-    test: ImageDataset
+    train: Images
+    val: Images | None
+    test: Images
 
 
 def load_splits(cfg: RunConfig) -> Splits:
@@ -41,8 +41,14 @@ def load_splits(cfg: RunConfig) -> Splits:
     The validation split is always carved from the training data — never from the test set.
     """
     d = cfg.data
-    train = load_dataset(d.dataset, "train", d.root)
-    test = load_dataset(d.dataset, "test", d.root)
+    options = {}
+    if d.image_size is not None:
+        if d.dataset != "folder":
+            raise ValueError(f"data.image_size resizes image files (data.dataset: folder); {d.dataset!r} images "
+                             f"keep their size — remove data.image_size")
+        options["image_size"] = d.image_size
+    train = load_dataset(d.dataset, "train", d.root, **options)
+    test = load_dataset(d.dataset, "test", d.root, **options)
     if d.train_per_class is not None:
         train = balanced_subset(train, d.train_per_class, d.subset_seed)
     if d.test_limit is not None:
@@ -110,7 +116,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)  # model and adapter initialisation depend on it
     splits = load_splits(cfg)
-    input_shape = tuple(splits.train.images.shape[1:])
+    input_shape = splits.train.input_shape
     if cfg.selfdistill is not None:  # teacher-free self-distillation: exits (+ label generator) on the student
         from kdtune.selfdistill import from_config
 
@@ -125,11 +131,12 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
     else:
         distiller = build_distiller(cfg, splits.train.in_channels, splits.train.num_classes, input_shape)
     d = cfg.data
-    train_loader = BatchLoader(splits.train, d.batch_size, shuffle=True, augment=Augment(d.crop_padding, d.flip),
-                               seed=cfg.seed)
+    train_loader = make_loader(splits.train, d.batch_size, shuffle=True, seed=cfg.seed, workers=d.workers,
+                               augment=dataset_augment(d.dataset, d.crop_padding, d.flip))
     if eval_split == "val" and splits.val is None:
         raise ValueError("eval_split='val' needs a validation split: set data.val_fraction > 0 (e.g. 0.2)")
-    test_loader = BatchLoader(splits.val if eval_split == "val" else splits.test, d.eval_batch_size, shuffle=False)
+    test_loader = make_loader(splits.val if eval_split == "val" else splits.test, d.eval_batch_size,
+                              shuffle=False, workers=d.workers)
     return Trainer(distiller, train_loader, test_loader, cfg.train, run_dir=run_dir, callbacks=callbacks,
                    seed=cfg.seed, teacher_key=teacher_key(cfg) if eval_split == "test" else None)
 

@@ -5,9 +5,16 @@ One training step reads top to bottom in :meth:`Trainer.train_step`::
     out = model(x, y, step)            # teacher once (no_grad), student, every term, weighting
     loss.backward(); optimizer.step(); scheduler.step()
 
+Training data is any iterable of ``(x, y)`` batches with a length: kdtune's
+:class:`~kdtune.data.BatchLoader` (in memory, the fast path) or :class:`~kdtune.data.DatasetLoader`,
+a ``torch.utils.data.DataLoader``, or a map-style ``Dataset`` (wrapped in a DatasetLoader).
+
 Everything a step draws at random depends on (seed, epoch) — batch order and augmentation come
-from :class:`~kdtune.data.BatchLoader` — or on the RNG state saved in the checkpoint, so a run
-resumed from its last checkpoint reproduces the uninterrupted run exactly.
+from kdtune's loaders — or on the RNG state saved in the checkpoint, so a run resumed from its
+last checkpoint reproduces the uninterrupted run exactly. A user's ``DataLoader`` resumes exactly
+too when its order and augmentation come from torch's RNG or a seeded generator (its
+``sampler.set_epoch`` is called every epoch); one reading state outside them (a stream, a file that
+changes, an unseeded NumPy RNG in the main process) resumes with other batches.
 
 Run directory (when ``run_dir`` is given): ``metrics.jsonl`` (a row per epoch), ``steps.jsonl``
 (loss, terms and weights every ``log_every`` steps), ``checkpoints/last.pt``, ``summary.json``,
@@ -20,7 +27,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdtune.checkpoint import load_checkpoint, load_state_strict, rng_state, save_atomic, set_rng_state
 from kdtune.config import TrainConfig
-from kdtune.data import BatchLoader, ImageDataset
+from kdtune.data import BatchLoader, DatasetLoader, ImageDataset
 from kdtune.distiller import Distiller
 from kdtune.distributed import DistInfo, barrier, init_distributed
 
@@ -94,10 +101,43 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def _as_loader(data: BatchLoader | ImageDataset, train: bool, seed: int) -> BatchLoader:
-    if isinstance(data, BatchLoader):
-        return data
-    return BatchLoader(data, batch_size=128 if train else 500, shuffle=train, seed=seed)
+#: What the trainer takes as data: any iterable of (x, y) batches with a length, or a dataset.
+Batches = Iterable[tuple[Tensor, Tensor]] | ImageDataset | torch.utils.data.Dataset
+
+
+def as_batches(data: Batches, train: bool, seed: int) -> Iterable[tuple[Tensor, Tensor]]:
+    """A loader for ``data``: an :class:`ImageDataset` -> :class:`BatchLoader` and a map-style
+    ``Dataset`` -> :class:`DatasetLoader` (batch 128 shuffled for training, 500 in order for
+    evaluation); an iterable of batches is used as it is."""
+    size = 128 if train else 500
+    if isinstance(data, ImageDataset):
+        return BatchLoader(data, batch_size=size, shuffle=train, seed=seed)
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return DatasetLoader(data, batch_size=size, shuffle=train, seed=seed)
+    if not hasattr(data, "__iter__") or not hasattr(data, "__len__"):
+        raise TypeError(f"training data must be an iterable of (x, y) batches with len() (the lr schedule needs "
+                        f"the steps per epoch), e.g. a DataLoader, or a map-style Dataset; got {type(data).__name__}")
+    return data
+
+
+def _shard(loader: Iterable[tuple[Tensor, Tensor]], dist: DistInfo, role: str) -> None:
+    """Give each rank its own share of the batches under torchrun."""
+    shard = getattr(loader, "shard", None)
+    if shard is not None:
+        shard(dist.rank, dist.world_size)
+    elif dist.enabled and not isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler):
+        raise ValueError(f"under torchrun the {role} DataLoader needs sampler=DistributedSampler(dataset) so each "
+                         f"rank reads its own shard (or pass the Dataset itself and kdtune adds one)")
+
+
+def set_loader_epoch(loader: Iterable[tuple[Tensor, Tensor]], epoch: int) -> None:
+    """Tell a loader (or its sampler) which epoch starts: its order and augmentation follow it."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
+                                                                 "sampler", None)):
+        set_epoch = getattr(obj, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+            return
 
 
 #: Teacher predictions on a test set, shared by the runs of one process that pass the same
@@ -110,9 +150,11 @@ class Trainer:
 
     Args:
         distiller: the model to train; ``Distiller(student)`` trains the student alone.
-        train: training batches (a :class:`BatchLoader`, or a dataset: batch 128, shuffled).
-        test: evaluation batches, evaluated after every epoch (top-1 accuracy, and top-1
-            agreement error with the teacher when there is one).
+        train: training batches: any iterable of ``(x, y)`` with a length (a :class:`BatchLoader`,
+            ``DataLoader`` ...), or a dataset (:class:`ImageDataset` or map-style ``Dataset``:
+            batch 128, shuffled).
+        test: evaluation batches (same kinds; a dataset is read in batches of 500), evaluated after
+            every epoch (top-1 accuracy, and top-1 agreement error with the teacher when there is one).
         config: optimiser, schedule, epochs ... (:class:`~kdtune.config.TrainConfig`).
         run_dir: where metrics, checkpoints and the summary go (``None``: nothing written).
         callbacks: :class:`Callback` objects.
@@ -122,21 +164,18 @@ class Trainer:
             quickstart`` trains several rows against one shipped teacher). ``None``: not shared.
     """
 
-    def __init__(self, distiller: Distiller, train: BatchLoader | ImageDataset,
-                 test: BatchLoader | ImageDataset | None = None, config: TrainConfig | None = None,
+    def __init__(self, distiller: Distiller, train: Batches,
+                 test: Batches | None = None, config: TrainConfig | None = None,
                  run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), seed: int = 0,
                  teacher_key: Hashable | None = None) -> None:
         self.cfg = config or TrainConfig()
         self.dist: DistInfo = init_distributed()
         self.distiller, self.seed = distiller, seed
-        self.train_loader = _as_loader(train, True, seed)
-        self.test_loader = _as_loader(test, False, seed) if test is not None else None
-        self.train_loader.rank, self.train_loader.world_size = self.dist.rank, self.dist.world_size
+        self.train_loader = as_batches(train, True, seed)
+        self.test_loader = as_batches(test, False, seed) if test is not None else None
+        _shard(self.train_loader, self.dist, "training")
         if self.cfg.channels_last:
             distiller.to(memory_format=torch.channels_last)
-            for loader in (self.train_loader, self.test_loader):
-                if loader is not None:
-                    loader.channels_last = True
         self.model: nn.Module = distiller
         if self.dist.enabled:
             # Pathways that a strategy may skip (DistPro's dropping) leave parameters unused.
@@ -237,6 +276,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """A loader's batch as the model takes it (memory format)."""
+        if self.cfg.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """One optimiser step on a batch; returns the distiller's output dict."""
         for cb in self.callbacks:
@@ -265,11 +310,12 @@ class Trainer:
     def train_epoch(self) -> dict[str, Any]:
         """One pass over the training loader; returns mean loss / terms / weights and speed."""
         self.distiller.train()
-        self.train_loader.set_epoch(self.epoch)
+        set_loader_epoch(self.train_loader, self.epoch)
         sums: dict[str, Tensor] = {}
         correct, seen, t0 = torch.zeros((), dtype=torch.long), 0, time.perf_counter()
         with self._progress(len(self.train_loader)) as advance:
-            for x, y in self.train_loader:
+            for batch in self.train_loader:
+                x, y = self.prepare_batch(*batch)
                 out = self.train_step(x, y)
                 for k, v in out.items():
                     if v.ndim == 0:
@@ -338,7 +384,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
+    def evaluate(self, loader: Iterable[tuple[Tensor, Tensor]] | None = None) -> dict[str, float]:
         """Top-1 accuracy, CE loss and (with a teacher) top-1 agreement error on ``loader``.
 
         Agreement error (Adaptive Distillation, eq. 7) is the fraction of samples where the
@@ -356,7 +402,8 @@ class Trainer:
         extra_fn = getattr(self.distiller, "eval_logits", None)
         preds, labels, loss_sum = [], [], 0.0
         extra_correct: dict[str, int] = {}
-        for x, y in loader:
+        for batch in loader:
+            x, y = self.prepare_batch(*batch)
             logits = student(x)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             preds.append(logits.argmax(1))
@@ -371,7 +418,7 @@ class Trainer:
         if teacher is not None:
             cached = self._teacher_test_preds
             if cached is None or loader is not self.test_loader or len(cached) != len(label):
-                t_pred = torch.cat([teacher(x).argmax(1) for x, _ in loader])
+                t_pred = torch.cat([teacher(self.prepare_batch(*batch)[0]).argmax(1) for batch in loader])
                 if loader is self.test_loader:
                     self._teacher_test_preds = t_pred
                     if self.teacher_key is not None:

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from kdtune.capture import FeatureCapture, find_stage_outputs
 from kdtune.config import ModelConfig, RunConfig
-from kdtune.data import Augment, BatchLoader
+from kdtune.data import BatchLoader, DatasetLoader, dataset_augment, make_loader
 from kdtune.distances import cka
 from kdtune.pathways import resolve_stage
 from kdtune.search.mcts import run_tree_search, tree_statistics
@@ -115,8 +115,9 @@ REWARD_FLOOR = -5.0
 
 
 @torch.no_grad()
-def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader, student_layers: Sequence[str],
-                   teacher_layers: Sequence[str], max_cka_samples: int = 1000) -> dict[str, float]:
+def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader | DatasetLoader,
+                   student_layers: Sequence[str], teacher_layers: Sequence[str],
+                   max_cka_samples: int = 1000) -> dict[str, float]:
     """Validation metrics a reward is made of.
 
     Returns ``ce`` (mean CE), ``acc``, ``cka`` (linear CKA of the raw features, mean over the layer
@@ -276,7 +277,7 @@ def _probe_models(cfg: RunConfig, teachers: Sequence[ModelConfig]) -> tuple[nn.M
     splits = load_splits(cfg)
     student = build_model(cfg.student, splits.train.in_channels, splits.train.num_classes)
     models = [build_model(mc, splits.train.in_channels, splits.train.num_classes) for mc in teachers]
-    x, _ = next(iter(BatchLoader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)))
+    x, _ = next(iter(make_loader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)))
     return student, models, x
 
 
@@ -308,7 +309,7 @@ class TrialContext:
         assert splits.val is not None
         self.train = proxy_subset(splits.train, ak.subset, cfg.data.split_seed)
         self.val = splits.val
-        self.input_shape = tuple(self.train.images.shape[1:])
+        self.input_shape = self.train.input_shape
         self.epochs = proxy_epochs(cfg.train.epochs, ak.epoch_fraction)
         self.plan = make_plan(cfg)
         self.cache: TeacherCache | None = None
@@ -319,13 +320,13 @@ class TrialContext:
             self.cache = TeacherCache(run_dir / "teacher_cache", self.train_loader(), self.epochs)
             self.cache_seconds = self.cache.build(distiller)
 
-    def train_loader(self) -> BatchLoader:
+    def train_loader(self) -> BatchLoader | DatasetLoader:
         d = self.cfg.data
-        return BatchLoader(self.train, d.batch_size, shuffle=True, augment=Augment(d.crop_padding, d.flip),
-                           seed=self.cfg.seed)
+        return make_loader(self.train, d.batch_size, shuffle=True, seed=self.cfg.seed, workers=d.workers,
+                           augment=dataset_augment(d.dataset, d.crop_padding, d.flip))
 
-    def val_loader(self) -> BatchLoader:
-        return BatchLoader(self.val, self.cfg.data.eval_batch_size, shuffle=False)
+    def val_loader(self) -> BatchLoader | DatasetLoader:
+        return make_loader(self.val, self.cfg.data.eval_batch_size, shuffle=False, workers=self.cfg.data.workers)
 
     def trainer(self, spec: DistillerSpec, run_dir: Path | None, proxies: bool = True) -> Trainer:
         """A trainer of the proxy run of ``spec`` (``proxies=False``: no cache, dense student)."""
