@@ -70,6 +70,10 @@ class TeacherCache:
     """
 
     def __init__(self, directory: str | Path, loader: BatchLoader | DatasetLoader, epochs: int) -> None:
+        if not hasattr(loader, "fingerprint"):
+            raise ValueError(f"the teacher cache replays a loader's batches, so its order must be seeded: use a "
+                             f"kdtune BatchLoader or DatasetLoader, not a {type(loader).__name__} (or autokd.cache: "
+                             f"false)")
         self.directory, self.loader, self.epochs = Path(directory), loader, int(epochs)
         self._epoch: int | None = None
         self._data: dict[str, Any] | None = None
