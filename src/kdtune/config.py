@@ -480,6 +480,9 @@ class RunConfig:
     """Global seed (model init, data order, augmentation)."""
     output_dir: str = "runs"
     """Directory under which the run directory ``<output_dir>/<name>`` is created."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before names are resolved (they register the user's models, ...);
+    ``kdtune run --plugin`` adds to them. Only these modules are imported — YAML stays data."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data settings."""
     student: ModelConfig

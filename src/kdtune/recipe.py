@@ -15,13 +15,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdtune.checkpoint import load_checkpoint, load_state_strict
+from kdtune.checkpoint import load_checkpoint, load_state_strict, model_state
 from kdtune.config import ModelConfig, RunConfig, load_config, save_config
 from kdtune.data import Images, balanced_subset, dataset_augment, load_dataset, make_loader, train_val_split
 from kdtune.distiller import Distiller, LogitLoss
 from kdtune.distributed import init_distributed
 from kdtune.models import create_model
 from kdtune.pathways import Pathway
+from kdtune.plugins import import_plugins
 from kdtune.trainer import Callback, Trainer
 from kdtune.zoo import ZOO_PREFIX, load_teacher
 
@@ -60,7 +61,9 @@ def load_splits(cfg: RunConfig) -> Splits:
 
 
 def build_model(mc: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """A zoo model, optionally with weights from a path or a shipped teacher (``zoo:<name>``)."""
+    """A registered model (or a user's ``module:callable``), optionally with weights from a checkpoint
+    file (loaded with ``weights_only=True``; see :func:`~kdtune.checkpoint.model_state` for the
+    layouts understood) or a shipped teacher (``zoo:<name>``)."""
     if mc.name == "teacher_ensemble":  # several teachers (Auto-KD multi-teacher), built member by member
         from kdtune.search.multiteacher import build_ensemble
 
@@ -69,9 +72,9 @@ def build_model(mc: ModelConfig, in_channels: int, num_classes: int) -> nn.Modul
         return load_teacher(mc.checkpoint)
     model = create_model(mc.name, in_channels=in_channels, num_classes=num_classes, **mc.kwargs)
     if mc.checkpoint:
-        state = load_checkpoint(mc.checkpoint)
-        state = state.get("student", state) if isinstance(state.get("student"), dict) else state
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        state = model_state(load_checkpoint(mc.checkpoint))
+        state = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for k, v in state.items()}
         load_state_strict(model, state, f"{mc.name} ({mc.checkpoint})")
     return model
 
@@ -112,6 +115,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
     (``data.val_fraction``) instead of the test set — for searches, which must never select on
     test accuracy; the trainer's ``test_*`` metrics then are validation metrics.
     """
+    import_plugins(cfg.plugins)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)  # model and adapter initialisation depend on it
@@ -171,6 +175,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
     ``autokd`` section runs the Auto-KD search (:func:`kdtune.search.autokd.run_autokd`), or trains
     with the distiller spec file ``autokd.spec``.
     """
+    import_plugins(cfg.plugins)  # the user's models must be registered before any name is looked up
     path = Path(run_dir) if run_dir is not None else _shared_run_dir(cfg)
     if cfg.autokd is not None:  # Auto-KD: search distiller designs, or (autokd.spec) train with one
         from kdtune.search.autokd import run_autokd, spec_config
