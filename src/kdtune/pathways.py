@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from kdtune.capture import Selector
 from kdtune.distances import DISTANCES
 from kdtune.losses import LOSSES
 from kdtune.transforms import FeatureTransform, ShapeMismatchError, build_transform
@@ -39,6 +40,10 @@ class Pathway:
         weight: the term's weight (default: the method's usual weight, else 1).
         name: the term's name in logs (default ``"<method or distance>:<teacher>-><student>"``).
         transform_kwargs, distance_kwargs: extra arguments, merged over the method's defaults.
+        selector: picks the feature out of a module output that is not one tensor (a tuple, list
+            or dict, e.g. a transformer block returning ``(hidden, attention)``): an int index, a
+            str key (or attribute), or a callable ``output -> Tensor``; used on both sides.
+        teacher_selector, student_selector: the same for one side only (override ``selector``).
 
     Example:
         >>> Pathway(teacher="layer3", student="blocks.2", transform="conv1x1", distance="mse")
@@ -53,6 +58,14 @@ class Pathway:
     name: str | None = None
     transform_kwargs: dict[str, Any] = field(default_factory=dict)
     distance_kwargs: dict[str, Any] = field(default_factory=dict)
+    selector: Selector = None
+    teacher_selector: Selector = None
+    student_selector: Selector = None
+
+    def selectors(self) -> tuple[Selector, Selector]:
+        """(teacher, student) selectors: the per-side one, else the shared one."""
+        return (self.selector if self.teacher_selector is None else self.teacher_selector,
+                self.selector if self.student_selector is None else self.student_selector)
 
     def resolved(self) -> Pathway:
         """A copy with method defaults filled in: transform, distance, weight, kwargs and name."""

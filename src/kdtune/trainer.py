@@ -130,6 +130,19 @@ def _shard(loader: Iterable[tuple[Tensor, Tensor]], dist: DistInfo, role: str) -
                          f"rank reads its own shard (or pass the Dataset itself and kdtune adds one)")
 
 
+def _first_batch(loader: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """One batch of a loader without starting worker processes where the samples can be read directly."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DatasetLoader) and len(dataset) > 0:
+        samples = [dataset[i] for i in range(min(2, len(dataset)))]
+        return torch.utils.data.default_collate(samples)
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise ValueError("the training data yields no batches (empty dataset, or drop_last with fewer samples "
+                         "than a batch)") from None
+
+
 def set_loader_epoch(loader: Iterable[tuple[Tensor, Tensor]], epoch: int) -> None:
     """Tell a loader (or its sampler) which epoch starts: its order and augmentation follow it."""
     for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
@@ -176,6 +189,10 @@ class Trainer:
         _shard(self.train_loader, self.dist, "training")
         if self.cfg.channels_last:
             distiller.to(memory_format=torch.channels_last)
+        check_input = getattr(distiller, "check_input", None)
+        if check_input is not None:  # a student that cannot take the real data fails now, not at step 1
+            # (the teacher is checked when the Distiller is built; cached-teacher runs never run it)
+            check_input(self.prepare_batch(*_first_batch(self.train_loader))[0][:2], roles=("student",))
         self.model: nn.Module = distiller
         if self.dist.enabled:
             # Pathways that a strategy may skip (DistPro's dropping) leave parameters unused.
@@ -404,7 +421,7 @@ class Trainer:
         extra_correct: dict[str, int] = {}
         for batch in loader:
             x, y = self.prepare_batch(*batch)
-            logits = student(x)
+            logits = self._logits("student", student(x))
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             preds.append(logits.argmax(1))
             labels.append(y)
@@ -418,7 +435,8 @@ class Trainer:
         if teacher is not None:
             cached = self._teacher_test_preds
             if cached is None or loader is not self.test_loader or len(cached) != len(label):
-                t_pred = torch.cat([teacher(self.prepare_batch(*batch)[0]).argmax(1) for batch in loader])
+                t_pred = torch.cat([self._logits("teacher", teacher(self.prepare_batch(*batch)[0])).argmax(1)
+                                    for batch in loader])
                 if loader is self.test_loader:
                     self._teacher_test_preds = t_pred
                     if self.teacher_key is not None:
@@ -428,6 +446,10 @@ class Trainer:
             metrics["agreement_error"] = float((pred != t_pred).float().mean())
             metrics["teacher_test_acc"] = float((t_pred == label).float().mean())
         return metrics
+
+    def _logits(self, role: str, output: Any) -> Tensor:
+        logits_of = getattr(self.distiller, "logits_of", None)
+        return logits_of(role, output) if logits_of is not None else output
 
     # ------------------------------------------------------------------ fit
 

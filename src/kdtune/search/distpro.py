@@ -304,7 +304,7 @@ class DistProSearch:
         student = self.distiller.student
         params = {n.removeprefix("student."): v for n, v in student_params.items()}
         bufs = {n: b.clone() for n, b in student.named_buffers()}
-        return F.cross_entropy(functional_call(student, (params, bufs), (xv,)), yv)
+        return F.cross_entropy(self.distiller.logits_of("student", functional_call(student, (params, bufs), (xv,))), yv)
 
     def _alpha_grad(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int,
                     teacher: TeacherOutput) -> Tensor:
