@@ -286,6 +286,12 @@ class TrainConfig:
     """Learning-rate schedule."""
     channels_last: bool = True
     """Use channels-last memory format (faster convolutions on CPU)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: ``auto`` takes a GPU when torch sees one (under torchrun: the process's
+    LOCAL_RANK GPU), else the CPU."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: student and teacher forwards under bfloat16 autocast (CPU or GPU); losses, adapters
+    and optimiser state stay fp32."""
     deterministic: bool = False
     """Ask torch for deterministic algorithms (slower)."""
     threads: int | None = None

@@ -309,11 +309,17 @@ class Distiller(nn.Module):
             pending, self._pending_teacher = self._pending_teacher, None
             teacher_output = pending[1] if pending is not None and pending[0] is x else self.teacher_forward(x)
         logits = self.student_logits(x)
+        with torch.autocast(logits.device.type, enabled=False):  # losses in fp32 whatever the forward's precision
+            return self._losses(logits, y, step, teacher_output)
+
+    def _losses(self, logits: Tensor, y: Tensor, step: int, teacher_output: TeacherOutput | None) -> dict[str, Tensor]:
+        logits = logits.float()
         task = F.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "task": task}
         loss = self.task_weight * task
         if teacher_output is not None:
             out["teacher_logits"] = teacher_output.logits
+            teacher_output = TeacherOutput(teacher_output.logits.float(), teacher_output.features)
             terms = self.distill_terms(logits, y, teacher_output, step)
             if terms:
                 distill, weights = self.weighting(terms, step)

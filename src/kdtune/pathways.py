@@ -114,7 +114,8 @@ class PathwayLoss(nn.Module):
         self.distance_kwargs = dict(distance_kwargs)
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
-        s, t = self.transform(student_feature, teacher_feature)
+        # fp32 (no-ops on fp32 features): a bf16-autocast forward's features are compared in full precision.
+        s, t = self.transform(student_feature.float(), teacher_feature.float())
         return self.distance(s, t, **self.distance_kwargs)
 
     @torch.no_grad()

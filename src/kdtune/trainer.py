@@ -40,7 +40,7 @@ from kdtune.checkpoint import load_checkpoint, load_state_strict, rng_state, sav
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, DatasetLoader, ImageDataset
 from kdtune.distiller import Distiller
-from kdtune.distributed import DistInfo, barrier, init_distributed
+from kdtune.distributed import DistInfo, barrier, init_distributed, resolve_device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,11 +182,16 @@ class Trainer:
                  run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), seed: int = 0,
                  teacher_key: Hashable | None = None) -> None:
         self.cfg = config or TrainConfig()
-        self.dist: DistInfo = init_distributed()
+        self.device = resolve_device(self.cfg.device)
+        self.dist: DistInfo = init_distributed(cuda=self.device.type == "cuda")
         self.distiller, self.seed = distiller, seed
+        distiller.to(self.device)  # the teacher moves with it (Distiller._apply)
         self.train_loader = as_batches(train, True, seed)
         self.test_loader = as_batches(test, False, seed) if test is not None else None
         _shard(self.train_loader, self.dist, "training")
+        for loader in (self.train_loader, self.test_loader):
+            if self.device.type == "cuda" and hasattr(loader, "pin_memory"):
+                loader.pin_memory = True  # page-locked batches: the copies below overlap with compute
         if self.cfg.channels_last:
             distiller.to(memory_format=torch.channels_last)
         check_input = getattr(distiller, "check_input", None)
@@ -196,7 +201,8 @@ class Trainer:
         self.model: nn.Module = distiller
         if self.dist.enabled:
             # Pathways that a strategy may skip (DistPro's dropping) leave parameters unused.
-            self.model = DistributedDataParallel(distiller, find_unused_parameters=True)
+            self.model = DistributedDataParallel(distiller, find_unused_parameters=True,
+                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # A module may keep parameters out of this optimiser by listing the rest in
         # trainable_parameters() (MetaDistiller's label generator has its own Adam on a meta-gradient).
         select = getattr(distiller, "trainable_parameters", None)
@@ -294,16 +300,22 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """A loader's batch as the model takes it (memory format)."""
+        """A loader's batch as the model takes it: on its device, in its memory format."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.cfg.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
+
+    def autocast(self) -> torch.autocast:
+        """The forward's precision context: bfloat16 autocast with ``precision: bf16``, else off."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """One optimiser step on a batch; returns the distiller's output dict."""
         for cb in self.callbacks:
             cb.on_batch_start(self, x, y)
-        out = self.model(x, y, self.global_step)
+        with self.autocast():
+            out = self.model(x, y, self.global_step)
         loss = out["loss"]
         if not torch.isfinite(loss):
             self._non_finite(out)
@@ -329,7 +341,7 @@ class Trainer:
         self.distiller.train()
         set_loader_epoch(self.train_loader, self.epoch)
         sums: dict[str, Tensor] = {}
-        correct, seen, t0 = torch.zeros((), dtype=torch.long), 0, time.perf_counter()
+        correct, seen, t0 = torch.zeros((), dtype=torch.long, device=self.device), 0, time.perf_counter()
         with self._progress(len(self.train_loader)) as advance:
             for batch in self.train_loader:
                 x, y = self.prepare_batch(*batch)
@@ -421,11 +433,14 @@ class Trainer:
         extra_correct: dict[str, int] = {}
         for batch in loader:
             x, y = self.prepare_batch(*batch)
-            logits = self._logits("student", student(x))
+            with self.autocast():
+                logits = self._logits("student", student(x)).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             preds.append(logits.argmax(1))
             labels.append(y)
-            for name, extra in (extra_fn(x) if extra_fn else {}).items():
+            with self.autocast():
+                extras = extra_fn(x) if extra_fn else {}
+            for name, extra in extras.items():
                 extra_correct[name] = extra_correct.get(name, 0) + int((extra.argmax(1) == y).sum())
         student.train(was_training)
         pred, label = torch.cat(preds), torch.cat(labels)
@@ -435,14 +450,15 @@ class Trainer:
         if teacher is not None:
             cached = self._teacher_test_preds
             if cached is None or loader is not self.test_loader or len(cached) != len(label):
-                t_pred = torch.cat([self._logits("teacher", teacher(self.prepare_batch(*batch)[0])).argmax(1)
-                                    for batch in loader])
+                with self.autocast():
+                    t_pred = torch.cat([self._logits("teacher", teacher(self.prepare_batch(*batch)[0])).argmax(1)
+                                        for batch in loader])
                 if loader is self.test_loader:
                     self._teacher_test_preds = t_pred
                     if self.teacher_key is not None:
                         _TEACHER_TEST_PREDS[self.teacher_key] = t_pred
             else:
-                t_pred = self._teacher_test_preds
+                t_pred = self._teacher_test_preds.to(pred.device)  # may come from a run on another device
             metrics["agreement_error"] = float((pred != t_pred).float().mean())
             metrics["teacher_test_acc"] = float((t_pred == label).float().mean())
         return metrics

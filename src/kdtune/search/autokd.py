@@ -124,7 +124,8 @@ def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader |
     pairs, on the first ``max_cka_samples`` samples), ``l1`` (``mean_n ||softmax(p_S) - softmax(p_T)||_1``,
     Table 9's L1 to the teacher; the paper does not say on what, we use the outputs).
     """
-    x0 = next(iter(loader))[0]
+    device = next(student.parameters()).device  # the loader yields CPU batches; the models may be on a GPU
+    x0 = next(iter(loader))[0].to(device)
     s_paths = _resolve(student, x0, student_layers, "student")
     t_paths = _resolve(teacher, x0, teacher_layers, "teacher")
     was = student.training
@@ -135,6 +136,7 @@ def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader |
     with FeatureCapture(student, list(dict.fromkeys(s_paths)), detach=True) as s_cap, \
             FeatureCapture(teacher, list(dict.fromkeys(t_paths)), detach=True) as t_cap:
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             ps, pt = student(x), teacher(x)
             ce_sum += float(F.cross_entropy(ps, y, reduction="sum"))
             correct += int((ps.argmax(1) == y).sum())

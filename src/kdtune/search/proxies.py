@@ -140,7 +140,9 @@ class CachedTeacher(Callback):
             raise RuntimeError(f"teacher cache {self.cache.directory}: batch {self._index - 1} of epoch "
                                f"{trainer.epoch} has other labels than the training batch; the cache was "
                                f"built for other data, batch size or seed: delete it to rebuild")
-        out = TeacherOutput(stored["logits"], dict(stored["features"]))
+        # The cache lives on the CPU; the distiller may train on a GPU.
+        out = TeacherOutput(stored["logits"].to(x.device),
+                            {k: v.to(x.device) for k, v in stored["features"].items()})
         trainer.distiller.reuse_teacher_output(x, out)
 
 
