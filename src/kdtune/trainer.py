@@ -360,6 +360,9 @@ class Trainer:
         row = {f"train_{k}": float(v) / n for k, v in sums.items() if not k.startswith("w/")}
         row.update({k: float(v) / n for k, v in sums.items() if k.startswith("w/")})
         row.update(train_acc=float(correct) / max(1, seen), seconds=seconds, img_per_s=seen / seconds)
+        if self.device.type == "cuda":  # peak memory of the epoch's steps
+            row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
         return row
 
     def _log_step(self, out: dict[str, Tensor]) -> None:

@@ -61,4 +61,4 @@ def list_models() -> list[str]:
 
 
 # Importing the family modules registers their models.
-from kdtune.models import mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: E402,F401
+from kdtune.models import mobilenetv2, resnet, shufflenet, vgg, vit, wrn  # noqa: E402,F401
