@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from kdtune.capture import FeatureCapture, Selector, describe_output, find_stage_outputs, get_module, probe
 from kdtune.capture import select_output as _pick
 from kdtune.losses import LOSSES
-from kdtune.pathways import Pathway, PathwayLoss, resolve_stage
+from kdtune.pathways import Pathway, PathwayLoss, full_precision, resolve_stage
 from kdtune.weighting import Weighting, build_weighting
 
 
@@ -313,13 +313,13 @@ class Distiller(nn.Module):
             return self._losses(logits, y, step, teacher_output)
 
     def _losses(self, logits: Tensor, y: Tensor, step: int, teacher_output: TeacherOutput | None) -> dict[str, Tensor]:
-        logits = logits.float()
+        logits = full_precision(logits)
         task = F.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "task": task}
         loss = self.task_weight * task
         if teacher_output is not None:
             out["teacher_logits"] = teacher_output.logits
-            teacher_output = TeacherOutput(teacher_output.logits.float(), teacher_output.features)
+            teacher_output = TeacherOutput(full_precision(teacher_output.logits), teacher_output.features)
             terms = self.distill_terms(logits, y, teacher_output, step)
             if terms:
                 distill, weights = self.weighting(terms, step)

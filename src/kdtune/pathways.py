@@ -26,6 +26,12 @@ from kdtune.transforms import FeatureTransform, ShapeMismatchError, build_transf
 STAGE_PREFIX = "stage:"
 
 
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in fp32 if it is a reduced-precision float (bf16/fp16 from an autocast forward);
+    fp32 and fp64 tensors unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 @dataclass
 class Pathway:
     """A teacher -> student distillation path.
@@ -114,8 +120,8 @@ class PathwayLoss(nn.Module):
         self.distance_kwargs = dict(distance_kwargs)
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
-        # fp32 (no-ops on fp32 features): a bf16-autocast forward's features are compared in full precision.
-        s, t = self.transform(student_feature.float(), teacher_feature.float())
+        # A bf16-autocast forward's features are aligned and compared in full precision.
+        s, t = self.transform(full_precision(student_feature), full_precision(teacher_feature))
         return self.distance(s, t, **self.distance_kwargs)
 
     @torch.no_grad()

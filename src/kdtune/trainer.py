@@ -41,6 +41,7 @@ from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, DatasetLoader, ImageDataset
 from kdtune.distiller import Distiller
 from kdtune.distributed import DistInfo, barrier, init_distributed, resolve_device
+from kdtune.pathways import full_precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -437,7 +438,7 @@ class Trainer:
         for batch in loader:
             x, y = self.prepare_batch(*batch)
             with self.autocast():
-                logits = self._logits("student", student(x)).float()
+                logits = full_precision(self._logits("student", student(x)))
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             preds.append(logits.argmax(1))
             labels.append(y)
