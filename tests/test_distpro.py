@@ -19,7 +19,7 @@ from kdtune.checkpoint import load_checkpoint
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, train_val_split
 from kdtune.distiller import Distiller
-from kdtune.search.distpro import DistProCallback, DistProSearch, search_space, virtual_step
+from kdtune.search.distpro import DistProCallback, DistProSearch, pathways_from_process, search_space, virtual_step
 from kdtune.trainer import Callback, Trainer
 from kdtune.weighting.process import DistProWeighting, Process, normalize
 
@@ -206,8 +206,9 @@ def test_teacher_runs_once_per_search_step_and_alpha_is_not_trained_by_main_opti
     assert len(calls) == 1
 
 
-def test_dropping_skips_pathway_computation_and_logs_kept_fraction():
-    d, _ = make(tau=0.5)
+def test_search_computes_every_pathway_below_tau_and_logs_what_replay_keeps():
+    """Dropping (α̃ ≤ τ) is a replay saving (§3.4): a search step computes every pathway's loss."""
+    d, infos = make(tau=0.5)
     n = len(d.weighting.learned)
     alpha = torch.full((n,), 1.0)
     alpha[: n // 2] = 0.2  # half at or below tau
@@ -217,13 +218,24 @@ def test_dropping_skips_pathway_computation_and_logs_kept_fraction():
         p.transform.register_forward_hook(lambda m, a, o, name=p.name: ran.append(name))
     x, y, xv, yv = batches()
     out = d(x, y)
-    assert sorted(ran) == sorted(d.weighting.learned[n // 2:])
-    assert out["pathways_kept"].item() == pytest.approx(0.5)
-    assert not any(name in out for name in d.weighting.learned[: n // 2])
-    # A dropped pathway's α̃ still gets a hypergradient (through the normaliser), so it can come back.
+    assert sorted(ran) == sorted(d.weighting.learned)
+    assert all(name in out for name in d.weighting.learned)
+    assert out["pathways_kept"].item() == pytest.approx(0.5)  # what a replay of this step would keep
+    ran.clear()
     opt = make_optimizer(d, "sgd")
-    hyper = DistProSearch(d, "exact").hypergradient(x, y, xv, yv, opt)
-    assert hyper[: n // 2].abs().max() > 0
+    DistProSearch(d).step(x, y, xv, yv, opt)  # every look-ahead forward computes every pathway too
+    counts = {name: ran.count(name) for name in d.weighting.learned}
+    assert min(counts.values()) == max(counts.values()) > 0
+    # The replay of the same α̃ drops the pathways at or below τ.
+    process = Process(infos, [0], normalize(alpha)[None], alpha[None], tau=0.5)
+    replay = Distiller(copy.deepcopy(d.student), copy.deepcopy(d.teacher), pathways_from_process(process),
+                       weighting="process", weighting_kwargs={"process": process, "total_steps": 1}, input_shape=SHAPE)
+    ran.clear()
+    for p in replay.pathways:
+        p.transform.register_forward_hook(lambda m, a, o, name=p.name: ran.append(name))
+    out = replay(x, y)
+    assert sorted(ran) == sorted(d.weighting.learned[n // 2:])
+    assert not any(name in out for name in d.weighting.learned[: n // 2])
 
 
 def test_alpha_optimiser_adam_and_sgd():

@@ -144,7 +144,8 @@ def test_transform_kwargs_are_recorded_in_the_process_and_rebuilt(tmp_path):
         search_space(teacher, student, SHAPE, "same", ("conv1x1",), transform_kwargs={"distpro": {}})
 
 
-def test_replay_in_trainer_stretches_to_run_length(tmp_path, tiny_data):
+@pytest.mark.parametrize("callbacks", [[], [ProcessReplay()]], ids=["trainer", "ProcessReplay"])
+def test_replay_in_trainer_stretches_to_run_length(tmp_path, tiny_data, callbacks):
     from kdtune.config import TrainConfig
     from kdtune.data import BatchLoader
     from kdtune.trainer import Trainer
@@ -157,9 +158,13 @@ def test_replay_in_trainer_stretches_to_run_length(tmp_path, tiny_data):
     d = Distiller(student, teacher, pathways_from_process(process), weighting="process",
                   weighting_kwargs={"process": process}, input_shape=SHAPE)
     cfg = TrainConfig(epochs=2, progress=False, log_every=1, channels_last=False)
-    trainer = Trainer(d, BatchLoader(tiny_data, 8, seed=0), None, cfg, run_dir=tmp_path, callbacks=[ProcessReplay()])
+    trainer = Trainer(d, BatchLoader(tiny_data, 8, seed=0), None, cfg, run_dir=tmp_path, callbacks=callbacks)
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * len(trainer.train_loader)  # a row per step: the first and the last are logged
+    for row, alpha in ((rows[0], process.alpha[0]), (rows[-1], process.alpha[-1])):  # exact endpoints
+        logged = {n: a for n, a in zip(process.names, alpha.tolist(), strict=True) if f"w/{n}" in row}
+        assert len(logged) >= 3 and {n: row[f"w/{n}"] for n in logged} == pytest.approx(logged, abs=1e-7)
     kept = [r["pathways_kept"] for r in rows]
     assert kept[0] == 1.0 and kept[-1] == 0.75  # α̃ of pathway 0 crosses 0.5 halfway through the run
     assert "t0-s0:conv1x1" not in rows[-1] and "t0-s0:conv1x1" in rows[0]

@@ -10,8 +10,11 @@ process ``A_k = {α_t^k}``. Two strategies live here:
   :class:`Process`, linearly stretched to the retrain length (Alg. 1 line 8), or one of the
   baselines of Table 1: ``equal`` (1/L) and ``final`` (α_T held constant).
 
-Both drop the pathways with ``α̃ ≤ τ`` (τ = 0.5, §3.4): the distiller then skips their transform
-and loss entirely. Terms outside the process (e.g. a KD logit loss) keep their configured weight.
+The replay drops the pathways with ``α̃ ≤ τ`` (τ = 0.5, §3.4): the distiller then skips their
+transform and loss entirely, the KD-time saving of §3.4. The search never drops: every pathway is
+computed at every search step, so the hypergradient of a pathway whose α̃ sank below τ still
+measures that pathway (a dropped pathway's loss would be missing from L_train, and its α̃ would
+move only through the normaliser). Terms outside the process keep their configured weight.
 
 A :class:`Process` file is plain JSON — pathway descriptions, the step grid, α and α̃ per step::
 
@@ -96,7 +99,8 @@ class DistProWeighting(Weighting):
         normalization: see :func:`normalize`; ``biased_softmax`` with ``g = 1`` is eq. 2.
         g: the bias of the biased softmax.
         init: the initial α̃ ("we set an initial value α₀ = 1", §3.3).
-        tau: pathways with ``α̃ ≤ tau`` are dropped (not computed, §3.4); ``None`` keeps all.
+        tau: the replay drops pathways with ``α̃ ≤ tau`` (§3.4; recorded in the process file); the
+            search computes every pathway and only logs the fraction a replay would keep.
         alpha_optimizer: ``adam`` or ``sgd`` for α̃.
         alpha_lr: its learning rate γ (eq. 4; 0.05 in §4.1).
         alpha_betas, alpha_eps: Adam's betas and epsilon.
@@ -134,7 +138,7 @@ class DistProWeighting(Weighting):
         return normalize(self.alpha_tilde, self.normalization, self.g)
 
     def kept_mask(self) -> Tensor:
-        """(L,) bool: the learned pathways computed this step (``α̃ > τ``)."""
+        """(L,) bool: the learned pathways a replay of this step would compute (``α̃ > τ``)."""
         if self.tau is None:
             return torch.ones(len(self.learned), dtype=torch.bool)
         return self.alpha_tilde.detach() > self.tau
@@ -147,12 +151,10 @@ class DistProWeighting(Weighting):
         return weights
 
     def active(self, step: int) -> set[str] | None:
+        """Every term (None): the search never drops a pathway (dropping is a replay saving, §3.4)."""
         kept = self.kept_mask().tolist()
-        self.diagnostics = {"pathways_kept": sum(kept) / len(kept)}  # logged per step by the trainer
-        if self.tau is None:
-            return None
-        dropped = {n for n, keep in zip(self.learned, kept, strict=True) if not keep}
-        return {n for n in self.names if n not in dropped}
+        self.diagnostics = {"pathways_kept": sum(kept) / len(kept)}  # what a replay would keep; logged per step
+        return None
 
     @torch.no_grad()
     def update_alpha(self, hypergradient: Tensor) -> None:
