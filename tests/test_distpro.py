@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,17 @@ from kdtune.checkpoint import load_checkpoint
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, train_val_split
 from kdtune.distiller import Distiller
-from kdtune.search.distpro import DistProCallback, DistProSearch, pathways_from_process, search_space, virtual_step
+from kdtune.search.distpro import (
+    DistProCallback,
+    DistProSearch,
+    logit_losses_from_process,
+    logit_pathway,
+    pathways_from_process,
+    search_space,
+    virtual_step,
+)
 from kdtune.trainer import Callback, Trainer
-from kdtune.weighting.process import DistProWeighting, Process, normalize
+from kdtune.weighting.process import DistProWeighting, Process, distance_from_uniform, normalize
 
 SHAPE = (1, 8, 8)
 
@@ -269,6 +278,48 @@ def test_search_in_trainer_writes_process_and_logs(tmp_path, tiny_data):
     assert all("pathways_kept" in r for r in rows)
     raw = json.loads((tmp_path / "process.json").read_text())  # inspectable: names, grid, values
     assert {"pathways", "steps", "alpha", "alpha_tilde"} <= raw.keys()
+    # How far α moved from uniform: per epoch in metrics.jsonl, at the end in the process file.
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train_alpha_max_vs_uniform"] >= 1.0 and r["train_alpha_kl_from_uniform"] >= 0 for r in epochs)
+    moved = raw["meta"]["alpha_from_uniform"]
+    assert moved == pytest.approx(cb.alpha_from_uniform()) and moved["largest_alpha"] > moved["uniform_alpha"]
+
+
+def test_distance_from_uniform_by_hand():
+    """Shares p = α / Σα of α = (0.1, 0.1, 0.2): p = (1/4, 1/4, 1/2); max p·L = 1.5;
+    KL(p ‖ 1/3) = 2 · 1/4 log(3/4) + 1/2 log(3/2) = 0.0589 nats."""
+    got = distance_from_uniform(torch.tensor([0.1, 0.1, 0.2]))
+    assert got["alpha_max_vs_uniform"] == pytest.approx(1.5)
+    assert got["alpha_kl_from_uniform"] == pytest.approx(0.5 * math.log(0.75) + 0.5 * math.log(1.5))
+    assert distance_from_uniform(torch.full((4,), 0.2)) == pytest.approx(
+        {"alpha_max_vs_uniform": 1.0, "alpha_kl_from_uniform": 0.0})
+
+
+def test_logit_pathway_is_learned_recorded_and_replayed(tmp_path, tiny_data):
+    """KD on the logits as one more pathway: its own α̃ moves in the search, the process records it
+    (kind logit, its kwargs), and the replay weights the KD term with the process's α."""
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=6), TinyNet(width=4)
+    pathways, infos = search_space(teacher, student, SHAPE, "same", ("conv1x1",))
+    loss, info = logit_pathway("kd", {"tau": 2.0})
+    infos = [*infos, info]
+    d = Distiller(student, teacher, pathways, [loss], weighting="distpro",
+                  weighting_kwargs={"learned": [p.name for p in infos]}, input_shape=SHAPE)
+    train, val = train_val_split(tiny_data, 0.2, seed=0)
+    cb = DistProCallback(BatchLoader(val, 4, shuffle=True, seed=0), infos)
+    cfg = TrainConfig(epochs=1, progress=False, channels_last=False)
+    Trainer(d, BatchLoader(train, 8, seed=0), None, cfg, run_dir=tmp_path, callbacks=[cb]).fit()
+    proc = Process.load(tmp_path / "process.json")
+    assert proc.names[-1] == "kd" and proc.pathways[-1].kind == "logit"
+    assert proc.pathways[-1].loss_kwargs == {"tau": 2.0}  # the catalogue's kd defaults, tau overridden
+    assert proc.alpha_tilde[-1, -1] != 1.0  # the logit pathway's α̃ moved
+    replay = Distiller(TinyNet(width=4), TinyNet(width=6), pathways_from_process(proc),
+                       logit_losses_from_process(proc), weighting="process",
+                       weighting_kwargs={"process": proc, "mode": "final"}, input_shape=SHAPE)
+    assert [ll.name for ll in replay.logit_losses] == ["kd"] and replay.logit_losses[0].kwargs["tau"] == 2.0
+    x, y, _, _ = batches()
+    out = replay(x, y)
+    assert out["w/kd"].item() == pytest.approx(proc.alpha[-1, -1].item())
 
 
 
