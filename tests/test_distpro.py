@@ -436,3 +436,26 @@ def test_checkpoint_carries_the_recorded_process(tmp_path, tiny_data):
     (tmp_path / "b" / "process.json").unlink()
     with pytest.raises(RuntimeError, match="no recorded process.*process.json"):
         search(tmp_path / "b", resume=True)
+
+
+def test_configs_logit_pathway_search_and_kd_baseline(tiny_data):
+    """``distpro.logit_pathway: true`` adds KD as a learned pathway (a configured kd supplies its tau);
+    ``baseline=kd`` on the retrain config trains plain KD, no process needed."""
+    from types import SimpleNamespace
+
+    from kdtune.config import RunConfig, from_dict
+    from kdtune.search.distpro import from_config
+
+    splits = SimpleNamespace(train=tiny_data, val=tiny_data)
+    base = {"student": {"name": "resnet8"}, "teacher": {"name": "resnet14"},
+            "data": {"val_fraction": 0.2}}
+    cfg = from_dict(RunConfig, {**base, "distpro": {"connections": "same", "transforms": ["conv1x1"], "logit_pathway": True},
+                     "distill": {"logit_losses": [{"name": "kd", "kwargs": {"tau": 2}}]}})
+    d, (cb,) = from_config(cfg, splits, SHAPE)
+    assert d.weighting.learned[-1] == "kd" and cb.infos[-1].kind == "logit" and cb.infos[-1].loss_kwargs["tau"] == 2
+    assert [ll.name for ll in d.logit_losses] == ["kd"]
+    assert all(p.endswith(".relu:input") for p in d._student_capture.paths.values())  # pre-activation taps
+    kd_cfg = from_dict(RunConfig, {**base, "distill": {"weighting": {"name": "process", "kwargs": {"mode": "kd"}}}})
+    d, callbacks = from_config(kd_cfg, splits, SHAPE)
+    assert callbacks == [] and len(d.pathways) == 0 and [ll.name for ll in d.logit_losses] == ["kd"]
+    assert d.logit_losses[0].kwargs["tau"] == 4.0 and type(d.weighting).__name__ == "FixedWeighting"

@@ -654,7 +654,8 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
     * ``distill.weighting.name: process`` -> the retrain: pathways from the process file (by stage
       index on this teacher/student: transfer) unless ``distill.pathways`` lists them (with the
       process's names), weighting ``process`` (kwargs ``file``, ``mode``: process | final | equal,
-      ``tau``), and :class:`ProcessReplay`.
+      ``tau``), and :class:`ProcessReplay`. ``mode: kd`` trains plain KD instead (no process, no
+      pathways; the configured logit losses, else the catalogue's ``kd``), for a KD row in the same table.
 
     Args:
         cfg: a :class:`~kdtune.config.RunConfig`; splits: its :class:`~kdtune.recipe.Splits`.
@@ -699,6 +700,12 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
         return distiller, [DistProCallback(val, infos, dp.hypergradient, dp.radius, meta, dp.export)]
 
     kwargs = dict(dc.weighting.kwargs)
+    if kwargs.get("mode") == "kd":  # `baseline=kd`: plain KD in the same protocol, for the same table
+        if dc.pathways:
+            raise ValueError("baseline kd trains plain KD on the logits: remove distill.pathways")
+        losses = logit_losses or [LogitLoss("kd")]  # the configured logit losses, else Hinton KD (tau 4)
+        return Distiller(student, teacher, [], losses, weighting="fixed", task_weight=dc.task_weight,
+                         input_shape=input_shape), []
     file = kwargs.pop("file", None)
     if file is None:
         raise ValueError("weighting 'process' needs the process file of a DistPro search: "
