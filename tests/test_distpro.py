@@ -449,8 +449,9 @@ def test_configs_logit_pathway_search_and_kd_baseline(tiny_data):
     splits = SimpleNamespace(train=tiny_data, val=tiny_data)
     base = {"student": {"name": "resnet8"}, "teacher": {"name": "resnet14"},
             "data": {"val_fraction": 0.2}}
-    cfg = from_dict(RunConfig, {**base, "distpro": {"connections": "same", "transforms": ["conv1x1"], "logit_pathway": True},
-                     "distill": {"logit_losses": [{"name": "kd", "kwargs": {"tau": 2}}]}})
+    search = {"connections": "same", "transforms": ["conv1x1"], "logit_pathway": True}
+    cfg = from_dict(RunConfig, {**base, "distpro": search,
+                                "distill": {"logit_losses": [{"name": "kd", "kwargs": {"tau": 2}}]}})
     d, (cb,) = from_config(cfg, splits, SHAPE)
     assert d.weighting.learned[-1] == "kd" and cb.infos[-1].kind == "logit" and cb.infos[-1].loss_kwargs["tau"] == 2
     assert [ll.name for ll in d.logit_losses] == ["kd"]
