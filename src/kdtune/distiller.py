@@ -22,9 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.capture import FeatureCapture, find_stage_outputs, get_module, probe
+from kdtune.capture import (
+    FeatureCapture,
+    feature_shape,
+    find_stage_outputs,
+    get_module,
+    pre_activation_path,
+    probe,
+    split_tap,
+)
 from kdtune.losses import LOSSES
-from kdtune.pathways import Pathway, PathwayLoss, resolve_stage
+from kdtune.pathways import Pathway, PathwayLoss, resolve_stage, split_pre_activation
 from kdtune.weighting import Weighting, build_weighting
 
 
@@ -124,11 +132,11 @@ class Distiller(nn.Module):
         t_stages = find_stage_outputs(self.teacher, example) if needs_stages else []
         built = []
         for p in pathways:
-            s_path = resolve_stage(p.student, s_stages, "student")
-            t_path = resolve_stage(p.teacher, t_stages, "teacher")
+            s_path = self._resolve_path(self.student, p.student, s_stages, "student", example)
+            t_path = self._resolve_path(self.teacher, p.teacher, t_stages, "teacher", example)
             p = Pathway(**{**p.__dict__, "student": s_path, "teacher": t_path}).resolved()
-            s_shape = self._shape(self.student, s_info, s_path, "student")
-            t_shape = self._shape(self.teacher, t_info, t_path, "teacher")
+            s_shape = self._shape(self.student, s_info, s_path, "student", example)
+            t_shape = self._shape(self.teacher, t_info, t_path, "teacher", example)
             built.append(p.build(s_shape, t_shape))
             self._student_paths.append(s_path)
             self._teacher_paths.append(t_path)
@@ -136,8 +144,18 @@ class Distiller(nn.Module):
         return built
 
     @staticmethod
-    def _shape(model: nn.Module, info: Mapping[str, Any], path: str, role: str) -> tuple[int, ...]:
-        get_module(model, path)  # a wrong path fails here, listing the closest real ones
+    def _resolve_path(model: nn.Module, path: str, stages: Sequence[str], role: str, example: Tensor) -> str:
+        """``stage:<i>`` -> its module path; a ``:pre`` suffix -> the pre-activation capture path."""
+        base, pre = split_pre_activation(path)
+        base = resolve_stage(base, stages, role)
+        return pre_activation_path(model, base, example) if pre else base
+
+    @staticmethod
+    def _shape(model: nn.Module, info: Mapping[str, Any], path: str, role: str, example: Tensor) -> tuple[int, ...]:
+        module_path, input_tap = split_tap(path)
+        get_module(model, module_path)  # a wrong path fails here, listing the closest real ones
+        if input_tap:
+            return feature_shape(model, path, example)
         if path not in info or info[path].shape is None:
             raise ValueError(f"{role} module {path!r} produced no tensor output in a probe forward "
                              f"(unused by forward, or returns a tuple/dict: capture it with a selector)")
