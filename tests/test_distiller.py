@@ -221,7 +221,7 @@ def test_a_wrong_selector_names_the_outputs_keys():
         Distiller(TinyNet(4), DictOut(TinyNet(6)), logit_losses=["kd"], input_shape=(1, 8, 8), teacher_output="logit")
     with pytest.raises(ValueError, match=r"student TupleOut.*out of range.*tuple\[Tensor"):
         Distiller(TupleOut(TinyNet(4)), TinyNet(6), input_shape=(1, 8, 8), student_output=2)
-    with pytest.raises(ValueError, match=r"student TupleOut, module 'stage': module output "
+    with pytest.raises(ValueError, match=r"student TupleOut, module 'stage': output of 'stage' \(PairBlock.*\) "
                                          r"tuple\[Tensor\(2, 8, 4, 4\), Tensor\(2, 8\)\] has no key or "
                                          r"attribute 'x'. Fix: Pathway\(\.\.\., student_sel"):
         Distiller(TupleOut(TinyNet(4)), TupleOut(TinyNet(6)), input_shape=(1, 8, 8), teacher_output=1,

@@ -258,6 +258,9 @@ class ScheduleConfig:
     """``step``: epochs between decays."""
     milestones: list[int] = field(default_factory=list)
     """``multistep``: epochs at which the rate decays."""
+    milestone_fractions: list[float] = field(default_factory=list)
+    """``multistep``: fractions of the run (0..1) at which the rate decays, instead of ``milestones``;
+    scales with ``epochs`` (DistPro §4.1's search: [0.25, 0.5, 0.75], epochs 10/20/30 of 40)."""
     gamma: float = 0.1
     """``step``/``multistep``: decay factor."""
     warmup_epochs: int = 0
@@ -272,6 +275,11 @@ class ScheduleConfig:
             "milestones",
             f"must be increasing epochs >= 1, got {self.milestones}",
         )
+        fractions = list(self.milestone_fractions)
+        _require(fractions == sorted(fractions) and all(0 < f < 1 for f in fractions), "milestone_fractions",
+                 f"must be increasing fractions of the run in (0, 1), got {fractions}")
+        _require(not (fractions and self.milestones), "milestone_fractions",
+                 "give milestones (epochs) or milestone_fractions, not both")
 
 
 @dataclass
@@ -762,6 +770,12 @@ class DistProConfig:
     from a 28x28 student stage to a 7x7 teacher stage; not Fig. 4's order)."""
     distance: str = "hcl"
     """Distance of every pathway: ``hcl`` (ReviewKD), ``mse``, ``l1``."""
+    tap: Literal["pre", "post"] = "pre"
+    """Stage value the pathways read: ``pre`` (before the stage's final activation, as ReviewKD's HCL and
+    the released DistPro code) or ``post`` (the stage output). Recorded per pathway in the process."""
+    logit_pathway: bool = False
+    """Add KD on the logits as one more pathway with its own α (a configured ``kd`` logit loss supplies
+    its kwargs, else the catalogue's tau 4); recorded in the process and replayed like the others."""
     teacher_stages: list[str] | None = None
     """Teacher module paths of the stages; null finds the stage outputs automatically."""
     student_stages: list[str] | None = None
@@ -773,7 +787,7 @@ class DistProConfig:
     init: float = 1.0
     """Initial α̃ (α₀ = 1, §3.3)."""
     tau: float | None = 0.5
-    """Pathways with α̃ <= tau are not computed (§3.4); null keeps all."""
+    """A replay of the process skips pathways with α̃ <= tau (§3.4); null keeps all. The search computes all."""
     hypergradient: Literal["finite_difference", "exact"] = "finite_difference"
     """Eq. 5 (finite difference, ε = radius / ‖∇θ' L_val‖) or exact double backward."""
     radius: float = 0.01

@@ -22,10 +22,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.capture import FeatureCapture, Selector, describe_output, find_stage_outputs, get_module, probe
+from kdtune.capture import (
+    FeatureCapture,
+    Selector,
+    describe_output,
+    feature_shape,
+    find_stage_outputs,
+    get_module,
+    pre_activation_path,
+    probe,
+    split_tap,
+)
 from kdtune.capture import select_output as _pick
 from kdtune.losses import LOSSES
-from kdtune.pathways import Pathway, PathwayLoss, full_precision, resolve_stage
+from kdtune.pathways import Pathway, PathwayLoss, full_precision, resolve_stage, split_pre_activation
 from kdtune.weighting import Weighting, build_weighting
 
 
@@ -150,8 +160,8 @@ class Distiller(nn.Module):
         t_stages = find_stage_outputs(self.teacher, example) if needs_stages else []
         built = []
         for p in pathways:
-            s_path = resolve_stage(p.student, s_stages, "student")
-            t_path = resolve_stage(p.teacher, t_stages, "teacher")
+            s_path = self._resolve_path(self.student, p.student, s_stages, "student", example)
+            t_path = self._resolve_path(self.teacher, p.teacher, t_stages, "teacher", example)
             p = Pathway(**{**p.__dict__, "student": s_path, "teacher": t_path}).resolved()
             t_sel, s_sel = p.selectors()
             s_shape = self._shape(self.student, s_info, s_path, s_sel, example, "student")
@@ -167,31 +177,38 @@ class Distiller(nn.Module):
         return built
 
     @staticmethod
+    def _resolve_path(model: nn.Module, path: str, stages: Sequence[str], role: str, example: Tensor) -> str:
+        """``stage:<i>`` -> its module path; a ``:pre`` suffix -> the pre-activation capture path."""
+        base, pre = split_pre_activation(path)
+        base = resolve_stage(base, stages, role)
+        return pre_activation_path(model, base, example) if pre else base
+
+    @staticmethod
     def _shape(model: nn.Module, info: Mapping[str, Any], path: str, selector: Selector, example: Tensor,
                role: str) -> tuple[int, ...]:
-        """Shape of the (selected) output of module ``path`` in a probe forward."""
-        module = get_module(model, path)  # a wrong path fails here, listing the closest real ones
-        if selector is None and path in info and info[path].shape is not None:
+        """Shape of the feature a capture of ``path`` (through ``selector``) gives in a probe forward."""
+        module_path, input_tap = split_tap(path)
+        get_module(model, module_path)  # a wrong path fails here, listing the closest real ones
+        if selector is None:
+            if input_tap:
+                return feature_shape(model, path, example)
+            if path not in info or info[path].shape is None:
+                raise ValueError(f"{role} module {path!r} produced no tensor output in a probe forward (unused by "
+                                 f"forward, or returns a tuple/dict: pick a tensor with Pathway(..., {role}_selector="
+                                 f"<key or index>))")
             return tuple(info[path].shape)
-        outputs: list[Any] = []
-        handle = module.register_forward_hook(lambda mod, args, out: outputs.append(out))
         was_training = model.training
         try:
             model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), FeatureCapture(model, {path: path}, {path: selector}, detach=True) as capture:
                 model(example)
-        finally:
-            handle.remove()
-            model.train(was_training)
-        if not outputs:
-            raise ValueError(f"{role} module {path!r} ({type(module).__name__}) is not called by the "
-                             f"{role}'s forward; pick another (`kdtune probe` lists the modules that run)")
-        try:
-            return tuple(_pick(outputs[-1], selector).shape)
+                return tuple(capture[path].shape)
         except (TypeError, IndexError, KeyError) as err:
             msg = err.args[0] if err.args else str(err)
             raise OutputError(f"{role} {type(model).__name__}, module {path!r}: {msg.rstrip('.')}. Fix: "
                               f"Pathway(..., {role}_selector=<key or index>) (or selector= for both sides)") from None
+        finally:
+            model.train(was_training)
 
     # ------------------------------------------------------------------ modes and devices
 

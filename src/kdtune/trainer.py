@@ -85,7 +85,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Multiplier of the base lr at a given optimiser step (schedules are stepped per batch).
 
     cosine: 0.5 (1 + cos(pi t / T)) over all steps; step: gamma^floor(epoch / step_size);
-    multistep: gamma^(#milestones passed); constant: 1. Optional linear warm-up first.
+    multistep: gamma^(#milestones passed; ``milestone_fractions`` f count at step f * total steps);
+    constant: 1. Optional linear warm-up first.
     """
     s = cfg.schedule
     warm = s.warmup_epochs * steps_per_epoch
@@ -97,6 +98,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / total))
     if s.name == "step":
         return s.gamma ** (epoch // s.step_size)
+    if s.name == "multistep" and s.milestone_fractions:
+        return s.gamma ** sum(step >= f * cfg.epochs * steps_per_epoch for f in s.milestone_fractions)
     if s.name == "multistep":
         return s.gamma ** sum(epoch >= m for m in s.milestones)
     return 1.0
