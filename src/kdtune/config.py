@@ -37,6 +37,7 @@ from kdtune.registry import closest
 __all__ = [
     "ALIASES",
     "AutoKDConfig",
+    "CalibrateConfig",
     "ConfigError",
     "DataConfig",
     "DistProConfig",
@@ -198,6 +199,30 @@ class WeightingConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """Weights measured on the first batches (:mod:`kdtune.calibration`) instead of catalogue constants.
+
+    Each distillation term's gradient norm on the student's parameters is set to ``ratio`` times the
+    task (cross-entropy) gradient's norm, measured on the first ``batches`` training batches. A weight
+    the config gives explicitly then multiplies the calibrated one (weight 2 = twice the ratio).
+    """
+
+    ratio: float = 1.0
+    """Target ||grad term|| / ||grad CE|| of every term at weight 1 (kdtune.calibration says why 1)."""
+    batches: int = 4
+    """Training batches (of epoch 0, the run's own) the gradient norms are averaged over."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Measured calibrated weight per term, written by the run (config.yaml); a resumed run reuses them."""
+    grad_norms: dict[str, float] = field(default_factory=dict)
+    """Measured mean gradient norms (``task`` and each term), written by the run with ``weights``."""
+
+    def __post_init__(self) -> None:
+        _require(self.ratio > 0, "ratio", f"must be > 0, got {self.ratio}")
+        _require(self.batches >= 1, "batches", f"must be >= 1, got {self.batches}")
+        _require(all(w >= 0 for w in self.weights.values()), "weights", f"must be >= 0, got {self.weights}")
+
+
+@dataclass
 class DistillConfig:
     """What the student learns from: labels, logit losses, feature pathways and their weighting."""
 
@@ -209,6 +234,8 @@ class DistillConfig:
     """Feature pathways (empty: none)."""
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     """How the terms are aggregated."""
+    calibrate: CalibrateConfig | None = None
+    """Calibrated term weights (``distill.calibrate.ratio=1`` switches it on); null: catalogue / given weights."""
 
     def __post_init__(self) -> None:
         _require(self.task_weight >= 0, "task_weight", f"must be >= 0, got {self.task_weight}")

@@ -329,7 +329,7 @@ class TrialContext:
 
     def trainer(self, spec: DistillerSpec, run_dir: Path | None, proxies: bool = True) -> Trainer:
         """A trainer of the proxy run of ``spec`` (``proxies=False``: no cache, dense student)."""
-        from kdtune.recipe import build_distiller, seed_everything
+        from kdtune.recipe import build_distiller, calibrate_run, seed_everything
 
         ak = _autokd(self.cfg)
         trial_cfg = spec_config(self.cfg, spec, self.plan)
@@ -342,8 +342,10 @@ class TrialContext:
             callbacks.append(CachedTeacher(self.cache))
         if proxies and ak.sparsity > 0:
             callbacks.append(SparseStudent(ak.sparsity, ak.regrow_every, ak.regrow_fraction, seed=self.cfg.seed))
-        return Trainer(distiller, self.train_loader(), self.val_loader(), trial_cfg.train, run_dir=run_dir,
-                       callbacks=callbacks, seed=self.cfg.seed)
+        trainer = Trainer(distiller, self.train_loader(), self.val_loader(), trial_cfg.train, run_dir=run_dir,
+                          callbacks=callbacks, seed=self.cfg.seed)
+        calibrate_run(trial_cfg, trainer)  # W_f / W_p then multiply the calibrated weights
+        return trainer
 
     def evaluate(self, spec: DistillerSpec, run_dir: Path | None = None) -> dict[str, Any]:
         """Train the proxy of ``spec`` and score it on validation; a finished trial dir is reused."""
