@@ -377,6 +377,9 @@ class StudyConfig:
     """Seconds between a running trial's heartbeats; one silent for 3x as long is failed and retried."""
     max_retry: int = 2
     """Retries of a trial whose worker died (its training resumes from its last checkpoint)."""
+    kd_incumbent: bool = True
+    """Score plain KD (logits only, tau 4, weight 1; calibrated with distill.calibrate) in the same study;
+    the final run uses it when no searched design beats it on validation."""
 
     def __post_init__(self) -> None:
         _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
@@ -401,6 +404,8 @@ class SearchConfig(StudyConfig):
     trial_epochs: int | None = None
     """Epochs of each trial (a shorter schedule as a cheap proxy); null: ``train.epochs``. The final run
     always trains ``train.epochs``."""
+    incumbents: list[dict[str, float]] = field(default_factory=list)
+    """Hand-chosen v (path -> weight, e.g. ``{at: 1000, kd: 1}``) scored in the same study as incumbents."""
 
     def __post_init__(self) -> None:
         _require(bool(self.space), "space", "must give at least one path, e.g. {at: [10, 100, 1000], kd: [0.1, 1]}")
@@ -423,6 +428,9 @@ class SearchConfig(StudyConfig):
                  f"must be set for the {self.sampler!r} sampler (only grid defaults to its size)")
         _require(self.trial_epochs is None or self.trial_epochs >= 1, "trial_epochs",
                  f"must be >= 1 or null, got {self.trial_epochs}")
+        for i, v in enumerate(self.incumbents):
+            _require(all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in v.values()),
+                     f"incumbents.{i}", f"must map paths to weights >= 0, got {v!r}")
         super().__post_init__()
 
 
@@ -471,6 +479,12 @@ class AutoKDConfig(StudyConfig):
     """Proxy: share of ``train.epochs`` a trial trains for (early stop, §2.3); 1 = all."""
     export: str | None = None
     """Also write the best spec to this path (a stable name for ``autokd_final`` configs to train from)."""
+    min_steps: int = 150
+    """Proxy: least optimiser steps of a trial; subset, then epochs, are raised (with a message) to reach it."""
+    incumbents: list[str] = field(default_factory=list)
+    """Distiller spec YAMLs of hand designs scored in the same study as incumbents (beside plain KD)."""
+    fidelity_check: int = 0
+    """Also train the top-k designs by proxy reward in full and report the proxy's Spearman rho; 0: off."""
 
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
@@ -484,6 +498,9 @@ class AutoKDConfig(StudyConfig):
         _require(0 < self.subset <= 1, "subset", f"must be in (0, 1], got {self.subset}")
         _require(0 < self.epoch_fraction <= 1, "epoch_fraction", f"must be in (0, 1], got {self.epoch_fraction}")
         _require(self.space in ("table1", "extended"), "space", f"must be table1 or extended, got {self.space!r}")
+        _require(self.min_steps >= 1, "min_steps", f"must be >= 1, got {self.min_steps}")
+        _require(self.fidelity_check == 0 or self.fidelity_check >= 2, "fidelity_check",
+                 f"must be 0 (off) or >= 2 (a rank correlation needs two designs), got {self.fidelity_check}")
         super().__post_init__()
 
 
