@@ -211,3 +211,14 @@ def test_a_calibrated_run_records_weights_and_resumes_with_them(tmp_path, one_th
 
     cfg = load_config(run_dir / "config.yaml", ["distill.calibrate.weights.kd=7.0"])
     assert prepare(cfg, None).distiller.weighting.scales["kd"] == 7.0
+
+
+def test_distpro_pathway_weights_start_from_the_calibrated_ones():
+    """DistPro's search weights alpha (eq. 2; biased softmax of alpha~ = 1 with g = 1: 1/3 each of two)
+    multiply the calibrated scales, so its hypergradient moves weights around the calibrated point."""
+    x, y = _batch()
+    d = _distiller("distpro")
+    record = d.calibrate([(x, y)], ratio=1.0)
+    out = d(x, y)
+    for name, c in record.weights.items():
+        assert float(out[f"w/{name}"]) == pytest.approx(c / 3, rel=1e-5)
