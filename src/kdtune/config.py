@@ -480,7 +480,8 @@ class AutoKDConfig(StudyConfig):
     export: str | None = None
     """Also write the best spec to this path (a stable name for ``autokd_final`` configs to train from)."""
     min_steps: int = 150
-    """Proxy: least optimiser steps of a trial; subset, then epochs, are raised (with a message) to reach it."""
+    """Proxy: least optimiser steps of a trial; subset, then epochs, are raised (with a message) to reach it
+    (kdtune.search.proxies says why 150)."""
     incumbents: list[str] = field(default_factory=list)
     """Distiller spec YAMLs of hand designs scored in the same study as incumbents (beside plain KD)."""
     fidelity_check: int = 0

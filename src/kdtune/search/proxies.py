@@ -14,7 +14,12 @@
   memory/FLOPs, and changes what a trial's student can learn.
 * **Data subset** (:func:`proxy_subset`) and **early stop** (:func:`proxy_epochs`): 20 % of the
   training data and 20 % of the epochs by default, raised by :func:`proxy_budget` when they would
-  give a trial fewer than ``autokd.min_steps`` optimiser steps (a 4-step proxy ranks noise).
+  give a trial fewer than ``autokd.min_steps`` optimiser steps (a 4-step proxy ranks noise). The
+  default 150: plain KD (ResNet-56 -> ResNet-8, Fashion-MNIST, 6 epochs, 1 seed) reaches 44.3 %
+  test accuracy after 42 steps -- what the default 0.2 x 0.2 proxy of FMNIST-5k's 80 % split gets --
+  and 78.1 % after 150 (``kdtune run configs/fmnist/kd.yaml data.train_per_class=80|320
+  train.epochs=6 data.test_limit=2000``): at 42 steps a trial measures how fast a design starts,
+  at 150 where it is heading, for about a minute of one core per trial.
 * **Fidelity** (:func:`spearman`): the rank correlation between proxy rewards and full-training
   accuracies of the same candidates (``autokd.fidelity_check``).
 """
