@@ -222,3 +222,10 @@ def test_distpro_pathway_weights_start_from_the_calibrated_ones():
     out = d(x, y)
     for name, c in record.weights.items():
         assert float(out[f"w/{name}"]) == pytest.approx(c / 3, rel=1e-5)
+
+
+def test_weight_lines_say_which_weights_the_strategy_sets():
+    d = _distiller("distpro", learned=["kd"])
+    assert d.weight_lines() == ["term kd: weight 1 (catalogue; x the weight DistProWeighting sets)",
+                                "term l2_logit: weight 1 (catalogue)"]
+    assert _distiller("mgda").weight_lines()[0] == "term kd: weight 1 (catalogue; x the weight MGDAWeighting sets)"

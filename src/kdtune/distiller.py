@@ -254,11 +254,13 @@ class Distiller(nn.Module):
     def weight_lines(self) -> list[str]:
         """One line per term: its weight and where it comes from (printed at the start of a run)."""
         w = self.weighting
-        by = f"; x the weight {type(w).__name__} sets" if not w.uses_base_weights else ""
+        learned = set(getattr(w, "learned", ()))  # DistPro's search / replayed process set these terms' weights
         cal = self.calibration.weights if self.calibration is not None else {}
         lines = []
         for name in w.names:
-            value = (w.base_weights[name] if w.uses_base_weights else 1.0) * w.scales[name]
+            set_by_strategy = not w.uses_base_weights or name in learned
+            by = f"; x the weight {type(w).__name__} sets" if set_by_strategy else ""
+            value = (1.0 if set_by_strategy else w.base_weights[name]) * w.scales[name]
             source = self.weight_sources[name]
             if name in cal:
                 user = f" x user weight {w.base_weights[name]:g}" if source == "user" else ""

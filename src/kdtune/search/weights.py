@@ -415,8 +415,8 @@ def retrain_best(final_cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback,
     from kdtune.recipe import prepare  # recipe imports this module: import at call time
 
     final_cfg.data.val_fraction = 0.0  # retrain on all the training data, evaluate on test
-    save_config(final_cfg, run_dir / "best_config.yaml")
     trainer = prepare(final_cfg, run_dir, callbacks)
+    save_config(final_cfg, run_dir / "best_config.yaml")  # after prepare: with calibrated weights, if measured
     summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
     summary[key] = search_summary
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
