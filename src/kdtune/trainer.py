@@ -488,6 +488,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        if self.cfg.progress and self.dist.is_main:  # each term's weight and where it comes from
+            for line in getattr(self.distiller, "weight_lines", list)():
+                print(line, flush=True)
         start = time.perf_counter()
         while self.epoch < self.cfg.epochs:
             for cb in self.callbacks:
@@ -538,4 +541,10 @@ class Trainer:
             "student_parameters": sum(p.numel() for p in self.distiller.student.parameters()),
             "extra_parameters": sum(p.numel() for p in self.distiller.extra_parameters()),
             "world_size": self.dist.world_size,
+            **self._calibration_summary(),
         }
+
+    def _calibration_summary(self) -> dict[str, Any]:
+        """``calibration``: measured gradient norms and calibrated weights (``distill.calibrate``)."""
+        record = getattr(self.distiller, "calibration", None)
+        return {"calibration": record.to_dict()} if record is not None else {}
