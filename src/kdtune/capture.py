@@ -475,17 +475,7 @@ def probe(model: nn.Module, example_input: Tensor | tuple | Mapping) -> dict[str
 
         return hook
 
-    modes = [(m, m.training) for _, m in modules]
-    handles = [m.register_forward_hook(make_hook(path)) for path, m in modules]
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, training in modes:
-            m.train(training)  # per module: a model may deliberately keep some parts in eval
+    _eval_forward(model, example_input, [(m, make_hook(path)) for path, m in modules])
 
     types = {path: type(m).__name__ for path, m in modules}
     ran = sorted(finished, key=finished.__getitem__)
@@ -498,7 +488,8 @@ def probe(model: nn.Module, example_input: Tensor | tuple | Mapping) -> dict[str
 
 def _eval_forward(model: nn.Module, example_input: Tensor | tuple | Mapping,
                   hooks: Sequence[tuple[nn.Module, Callable[..., None]]]) -> None:
-    """One eval-mode, no-grad forward with the given forward hooks; modes restored, hooks removed."""
+    """One eval-mode, no-grad forward with the given forward hooks; hooks removed, and every module's own
+    mode restored (a model may deliberately keep some parts in eval)."""
     modes = [(m, m.training) for m in model.modules()]
     handles = [m.register_forward_hook(h) for m, h in hooks]
     try:
