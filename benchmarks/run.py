@@ -44,6 +44,8 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 #: 3 seeds x 3 pathway rows affordable on 2 cores. The first search (Fig. 4 order) is kept beside it.
 DISTPRO_PROCESS = "benchmarks/data/distpro_process_fmnist5k_pooled.json"
 DISTPRO_PROCESS_FIG4 = "benchmarks/data/distpro_process_fmnist5k.json"
+#: The process of the search with issue 13's fixes (pre-activation taps, no dropping while searching, step decay).
+DISTPRO_PROCESS_FIXED = "benchmarks/data/distpro_process_fmnist5k_fixed.json"
 POOL_FIRST = "distpro.transform_kwargs={conv3x3: {pool_first: true}, distpro: {pool_first: true}}"
 
 #: An override that makes a row a search only (no final training): its run ends with ``autokd.json``.
@@ -117,6 +119,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DistPro search", "configs/fmnist/distpro_search.yaml", [f"distpro.export={DISTPRO_PROCESS_FIG4}"]),
         ("DistPro search, pool_first adapters", "configs/fmnist/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS}", POOL_FIRST]),
+        # Issue 13's fixed search: every pathway computed in every step, pre-activation HCL taps, no attention
+        # sigmoid, §4.1's step decay (configs/fmnist/distpro_search.yaml's defaults now).
+        ("DistPro search, issue-13 fixes, pool_first adapters", "configs/fmnist/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_FIXED}", POOL_FIRST]),
     ]),
     # Issue 14: a CNN teacher distilled into a transformer (token features). Not run yet: the lead decides.
     "vit": ("FMNIST-5k, ResNet-56 teacher -> ViT student (vit_tiny, patch 4), 30 epochs, AdamW", [
