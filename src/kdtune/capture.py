@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from kdtune.errors import KdtuneError
 from kdtune.registry import closest
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 Selector = int | str | Callable[[Any], Tensor] | None
 
 
-class _MessageKeyError(KeyError):
+class _MessageKeyError(KdtuneError, KeyError):
     """A KeyError whose ``str()`` is its message (plain KeyError prints the repr of its argument)."""
 
     def __str__(self) -> str:

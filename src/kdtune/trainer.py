@@ -34,9 +34,11 @@ from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, ImageDataset
 from kdtune.distiller import Distiller
 from kdtune.distributed import DistInfo, barrier, init_distributed
+from kdtune.errors import KdtuneError
+from kdtune import jsonutil
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(KdtuneError, RuntimeError):
     """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
 
 
@@ -184,7 +186,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "rng": rng_state(),
-            "history": json.dumps(self.history),
+            "history": jsonutil.dumps(self.history),
             "callbacks": self._callback_states(),
         }
 
@@ -224,7 +226,7 @@ class Trainer:
             if type(cb).__name__ in states:
                 cb.load_state_dict(states[type(cb).__name__])
         # Rows logged after this checkpoint belong to work that is about to be redone.
-        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history), mode="w")
+        self._write("metrics.jsonl", "".join(jsonutil.dumps(r) + "\n" for r in self.history), mode="w")
         self._truncate_steps_log()
 
     def _truncate_steps_log(self) -> None:
@@ -293,7 +295,7 @@ class Trainer:
             return
         row = {"step": self.global_step, "epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
         row.update({k: float(v.detach()) for k, v in out.items() if v.ndim == 0})
-        self._write("steps.jsonl", json.dumps(row) + "\n")
+        self._write("steps.jsonl", jsonutil.dumps(row) + "\n")
 
     def _progress(self, total: int):
         """A context giving ``advance(n_images, loss, acc)``: a rich bar on a terminal, else silent."""
@@ -407,14 +409,14 @@ class Trainer:
                 row.update(self.evaluate())
             self.epoch += 1
             self.history.append(row)
-            self._write("metrics.jsonl", json.dumps(row) + "\n")
+            self._write("metrics.jsonl", jsonutil.dumps(row) + "\n")
             self._report_epoch(row)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, row)
             if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.epochs:
                 self.save_checkpoint()
         summary = self.summary(time.perf_counter() - start)
-        self._write("summary.json", json.dumps(summary, indent=2) + "\n", mode="w")
+        self._write("summary.json", jsonutil.dumps(summary, indent=2) + "\n", mode="w")
         if self.run_dir is not None and self.dist.is_main:
             from kdtune.report import plot_curves, plot_weights
 

@@ -53,6 +53,7 @@ from kdtune.search.multiteacher import ensemble_config, logits_module, member_na
 from kdtune.search.proxies import CachedTeacher, SparseStudent, TeacherCache, proxy_epochs, proxy_subset
 from kdtune.search.space import DistillerSpec, Level, levels
 from kdtune.trainer import Callback, NonFiniteLossError, Trainer
+from kdtune import jsonutil
 
 # --------------------------------------------------------------------------- train-free weights (eq. 5-6)
 
@@ -365,7 +366,7 @@ class TrialContext:
         summary["reward"] = reward_from(summary["reward_metrics"], ak.reward)
         summary["eval_split"] = "val"
         if summary_path is not None:
-            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            summary_path.write_text(jsonutil.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -424,7 +425,7 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
             "cache_build_seconds": ctx.cache_seconds, "mu": ctx.plan.mu,
             "trials_train_seconds": sum(t.user_attrs.get("train_seconds") or 0.0 for t in complete),
             "trials": trials_table(study)}
-    (run_dir / "autokd.json").write_text(json.dumps(info, indent=2) + "\n")
+    (run_dir / "autokd.json").write_text(jsonutil.dumps(info, indent=2) + "\n")
     plot_search(run_dir, space)
     print(f"best spec {best_spec.key()}  reward {best.value:.4f} ({len(complete)} trials; {run_dir / 'best.yaml'})",
           flush=True)

@@ -31,6 +31,7 @@ from kdtune.checkpoint import load_checkpoint, save_atomic
 from kdtune.data import BatchLoader, ImageDataset, train_val_split
 from kdtune.distiller import Distiller, TeacherOutput
 from kdtune.trainer import Callback, Trainer
+from kdtune import jsonutil
 
 # --------------------------------------------------------------------------- subset / early stop
 
@@ -103,7 +104,7 @@ class TeacherCache:
                 batches.append({"labels": y, "logits": out.logits,
                                 "features": {k: v.contiguous() for k, v in out.features.items()}})
             save_atomic({"batches": batches}, self.directory / f"epoch_{e}.pt")
-        meta_path.write_text(json.dumps({"fingerprint": fp, "epochs": self.epochs}) + "\n")
+        meta_path.write_text(jsonutil.dumps({"fingerprint": fp, "epochs": self.epochs}) + "\n")
         return time.perf_counter() - t0
 
     def batch(self, epoch: int, index: int) -> dict[str, Any]:

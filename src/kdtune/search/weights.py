@@ -42,6 +42,7 @@ from optuna.trial import TrialState
 from kdtune.config import RunConfig, SearchConfig, StudyConfig, WeightingConfig, save_config
 from kdtune.pathways import Pathway
 from kdtune.weighting.paths import path_of
+from kdtune import jsonutil
 
 if TYPE_CHECKING:
     from kdtune.trainer import Callback
@@ -297,7 +298,7 @@ def train_trial(cfg: RunConfig, v: Mapping[str, float], trials_dir: Path) -> dic
         save_config(trial_cfg, run_dir / "config.yaml")
     summary = trainer.fit(resume=resume)
     summary.update(eval_split="val", val_acc=summary["test_acc"], val_agreement_error=summary.get("agreement_error"))
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(jsonutil.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -343,7 +344,7 @@ def run_search(cfg: RunConfig, run_dir: Path,
             # The search's own cost (the final run's time is its summary's train_seconds).
             "trials_train_seconds": sum(t.user_attrs.get("train_seconds") or 0.0 for t in complete),
             "trials": trials_table(study)}
-    (run_dir / "search.json").write_text(json.dumps(info, indent=2) + "\n")
+    (run_dir / "search.json").write_text(jsonutil.dumps(info, indent=2) + "\n")
     print(f"best v = {best.params}  val acc {100 * best.value:.2f}% "
           f"({len(complete)} trials; {run_dir / 'search.json'})", flush=True)
     search_summary = {k: v for k, v in info.items() if k != "trials"}
@@ -364,5 +365,5 @@ def retrain_best(final_cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback,
     trainer = prepare(final_cfg, run_dir, callbacks)
     summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
     summary[key] = search_summary
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(jsonutil.dumps(summary, indent=2) + "\n")
     return run_dir, summary

@@ -32,7 +32,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from kdtune.errors import KdtuneError
 from kdtune.weighting.base import Weighting
+from kdtune import jsonutil
 
 Normalization = Literal["biased_softmax", "softmax", "l1_biased", "l1", "raw", "sigmoid"]
 NORMALIZATIONS: tuple[str, ...] = ("biased_softmax", "softmax", "l1_biased", "l1", "raw", "sigmoid")
@@ -212,7 +214,7 @@ class PathwayInfo:
         return ("path", self.teacher, self.student, transform, self.distance)
 
 
-class ProcessMismatchError(ValueError):
+class ProcessMismatchError(KdtuneError, ValueError):
     """A process's pathways do not correspond to the distiller's (transfer needs a mapping)."""
 
 
@@ -332,7 +334,7 @@ class Process:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.write_text(jsonutil.dumps(self.to_dict(), indent=1) + "\n")
         tmp.replace(path)
         return path
 
