@@ -29,7 +29,10 @@ _HOME = {
     "Callback": "kdtune.trainer", "Trainer": "kdtune.trainer",
 }
 
-__all__ = sorted(_HOME)
+__all__ = [
+    "Callback", "Distiller", "LogitLoss", "Pathway", "RunConfig", "TeacherOutput", "TrainConfig", "Trainer",
+    "create_model", "list_models", "load_config",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,8 @@ class CheckpointError(KdtuneError, RuntimeError):
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (tmp file + fsync + rename)."""
+    """``torch.save`` to ``path`` atomically (tmp file + fsync + rename); a failed write (e.g. a full
+    disk) raises :class:`CheckpointError` and leaves the previous file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -33,6 +34,10 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # disk full, quota, read-only file system ...
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
+        raise CheckpointError(f"could not write {path}: {err.strerror or err} ({kept}); free space in "
+                              f"{path.parent} and resume") from err
     finally:
         tmp.unlink(missing_ok=True)  # only still there if the write failed
 

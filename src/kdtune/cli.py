@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="comparison plot path (default: <first run>/comparison.png)")
     s.set_defaults(func=_cmd_report)
 
-    s = sub.add_parser("probe", parents=[common], help="output shape of every module of a zoo model, stage outputs marked")
+    s = sub.add_parser("probe", parents=[common],
+                       help="output shape of every module of a zoo model, stage outputs marked")
     s.add_argument("model")
     s.add_argument("--input", default="1,28,28", help="C,H,W of one input")
     s.add_argument("--num-classes", type=int, default=10)
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite OUT if it exists (never the run's own files)")
     s.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("quickstart", parents=[common], help="the demo: distill ResNet-8 from a shipped teacher, print a table")
+    s = sub.add_parser("quickstart", parents=[common],
+                       help="the demo: distill ResNet-8 from a shipped teacher, print a table")
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--epochs", type=int, default=8)
     s.add_argument("--per-class", type=int, default=200)

@@ -21,8 +21,13 @@ class KdtuneError(Exception):
     """Base of the errors kdtune raises on purpose; the message names the problem and the fix."""
 
 
-class RunDirError(KdtuneError, FileNotFoundError):
-    """A path given as a run directory is missing or is not a kdtune run directory."""
+class MissingFileError(KdtuneError, FileNotFoundError):
+    """A file or directory the user named does not exist."""
+
+
+class RunDirError(MissingFileError):
+    """A path given as a run directory is missing, is not a kdtune run directory, or lacks what the
+    command needs (e.g. the checkpoint ``--resume`` continues from)."""
 
 
 class InputFileError(KdtuneError, ValueError):

@@ -175,7 +175,8 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
         return _run_locked(cfg, path, resume, callbacks)
 
 
-def _run_locked(cfg: RunConfig, path: Path, resume: bool, callbacks: tuple[Callback, ...]) -> tuple[Path, dict[str, Any]]:
+def _run_locked(cfg: RunConfig, path: Path, resume: bool,
+                callbacks: tuple[Callback, ...]) -> tuple[Path, dict[str, Any]]:
     if cfg.autokd is not None:  # Auto-KD: search distiller designs, or (autokd.spec) train with one
         from kdtune.search.autokd import run_autokd, spec_config
 

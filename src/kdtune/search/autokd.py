@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from optuna.trial import TrialState
 from torch import Tensor, nn
 
+from kdtune import jsonutil
 from kdtune.capture import FeatureCapture, find_stage_outputs
 from kdtune.config import ModelConfig, RunConfig
 from kdtune.data import Augment, BatchLoader
@@ -53,7 +54,6 @@ from kdtune.search.multiteacher import ensemble_config, logits_module, member_na
 from kdtune.search.proxies import CachedTeacher, SparseStudent, TeacherCache, proxy_epochs, proxy_subset
 from kdtune.search.space import DistillerSpec, Level, levels
 from kdtune.trainer import Callback, NonFiniteLossError, Trainer
-from kdtune import jsonutil
 
 # --------------------------------------------------------------------------- train-free weights (eq. 5-6)
 

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdtune import jsonutil
 from kdtune.checkpoint import load_checkpoint, save_atomic
 from kdtune.data import BatchLoader, ImageDataset, train_val_split
 from kdtune.distiller import Distiller, TeacherOutput
 from kdtune.trainer import Callback, Trainer
-from kdtune import jsonutil
 
 # --------------------------------------------------------------------------- subset / early stop
 

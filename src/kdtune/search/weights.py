@@ -39,10 +39,10 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from kdtune import jsonutil
 from kdtune.config import RunConfig, SearchConfig, StudyConfig, WeightingConfig, save_config
 from kdtune.pathways import Pathway
 from kdtune.weighting.paths import path_of
-from kdtune import jsonutil
 
 if TYPE_CHECKING:
     from kdtune.trainer import Callback

@@ -32,9 +32,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from kdtune.errors import KdtuneError
-from kdtune.weighting.base import Weighting
 from kdtune import jsonutil
+from kdtune.errors import InputFileError, KdtuneError, MissingFileError
+from kdtune.weighting.base import Weighting
 
 Normalization = Literal["biased_softmax", "softmax", "l1_biased", "l1", "raw", "sigmoid"]
 NORMALIZATIONS: tuple[str, ...] = ("biased_softmax", "softmax", "l1_biased", "l1", "raw", "sigmoid")
@@ -354,11 +354,12 @@ class Process:
     def load(cls, path: str | Path) -> Process:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no process file at {path} (a DistPro search writes <run>/process.json)")
+            raise MissingFileError(f"no process file at {path} (a DistPro search writes <run>/process.json)")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputFileError(f"{path}: not a process JSON file ({type(err).__name__}: {err}); "
+                                 f"give the process.json a DistPro search wrote") from None
         return cls.from_dict(data, str(path))
 
 
