@@ -30,7 +30,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from kdtune import jsonutil
-from kdtune.checkpoint import load_checkpoint, load_state_strict, rng_state, save_atomic, set_rng_state
+from kdtune.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_strict,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, ImageDataset
 from kdtune.distiller import Distiller
@@ -181,8 +188,12 @@ class Trainer:
     def _write(self, name: str, text: str, mode: str = "a") -> None:
         if self.run_dir is not None and self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / name, mode) as f:
-                f.write(text)
+            try:
+                with open(self.run_dir / name, mode) as f:
+                    f.write(text)
+            except OSError as err:  # disk full, quota ...: a torn last line is rewritten on resume
+                raise CheckpointError(f"could not write {self.run_dir / name}: {err.strerror or err}; "
+                                      f"{self._kept_state()}. Free space and resume") from err
 
     def state_dict(self) -> dict[str, Any]:
         return {

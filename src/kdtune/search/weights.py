@@ -38,9 +38,11 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from kdtune import jsonutil
 from kdtune.config import RunConfig, SearchConfig, StudyConfig, WeightingConfig, save_config
+from kdtune.errors import KdtuneError
 from kdtune.pathways import Pathway
 from kdtune.weighting.paths import path_of
 
@@ -128,6 +130,10 @@ def make_sampler(spec: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
+class StudyStorageError(KdtuneError, RuntimeError):
+    """The Optuna storage of a search cannot be opened (corrupt file, wrong URL, server down)."""
+
+
 def open_rdb_study(storage: str, study_name: str, sampler: optuna.samplers.BaseSampler,
                    made_with: Mapping[str, Any], heartbeat: int, max_retry: int) -> optuna.Study:
     """Create a maximising study in an RDB storage, or load it if it exists (resume / another worker).
@@ -151,9 +157,17 @@ def open_rdb_study(storage: str, study_name: str, sampler: optuna.samplers.BaseS
             from optuna.storages import RetryFailedTrialCallback
 
             retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=max_retry)}
-        rdb = RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **retry)
-    study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize",
-                                sampler=sampler, load_if_exists=True)
+        try:
+            rdb = RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **retry)
+            study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize",
+                                        sampler=sampler, load_if_exists=True)
+        except SQLAlchemyError as err:  # a corrupt / truncated SQLite file, an unreachable server ...
+            cause = getattr(err, "orig", None) or err  # the driver's own error says it best
+            raise StudyStorageError(
+                f"cannot open the Optuna study {study_name!r} in {storage}: {type(cause).__name__}: "
+                f"{cause}. The file is corrupt or not a study database: restore it from a backup, "
+                f"or move it away to start the search over (finished trials' run directories stay in trials/)"
+            ) from None
     made_with = json.loads(json.dumps(made_with))
     stored = study.user_attrs.get("search")
     if stored is None:
