@@ -34,6 +34,8 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed mid-write
+            stale.unlink(missing_ok=True)
     except OSError as err:  # disk full, quota, read-only file system ...
         kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
         raise CheckpointError(f"could not write {path}: {err.strerror or err} ({kept}); free space in "

@@ -167,9 +167,9 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
     path = Path(run_dir) if run_dir is not None else _shared_run_dir(cfg)
     info = init_distributed()
     if info.is_main:
-        path.mkdir(parents=True, exist_ok=True)  # a directory the caller chose; new_run_dir made its own
-        if cfg.train.progress:
-            print(f"run directory: {path}", flush=True)  # at the start: a crash still says where to look
+        if run_dir is None:  # a name the caller does not know yet: say it now, so a crash still says where to look
+            print(f"run directory: {path}", flush=True)
+        path.mkdir(parents=True, exist_ok=True)  # a directory the caller chose (new_run_dir made its own)
     # One process trains in a directory at a time (ranks of one torchrun job share rank 0's lock).
     with run_lock(path) if info.is_main else nullcontext():
         return _run_locked(cfg, path, resume, callbacks)
