@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TinyNet
 
+from helpers import TinyNet
 from kdtune.checkpoint import CheckpointError, load_checkpoint
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, from_arrays

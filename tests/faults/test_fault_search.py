@@ -12,10 +12,10 @@ from typing import Any
 import optuna
 import pytest
 from faultlib import start_kdtune, wait_for, write_config
-from helpers import tiny_autokd
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from helpers import tiny_autokd
 from kdtune.cli import main
 
 HEARTBEAT = 2  # seconds; a trial is stale 3 heartbeats after its worker's last one
