@@ -162,7 +162,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from kdtune.quickstart import main as quickstart
 
-    return quickstart(args.out, args.epochs, args.per_class, args.jobs, args.test_images)
+    return quickstart(args.out, args.epochs, args.per_class, args.jobs, args.test_images, args.verbose)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-class", type=int, default=200)
     s.add_argument("--jobs", type=int, default=2, help="worker processes training rows side by side (1 thread each)")
     s.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show each row's own log (search trials, Optuna)")
     s.set_defaults(func=_cmd_quickstart)
     return p
 
