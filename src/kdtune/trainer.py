@@ -461,12 +461,14 @@ class Trainer:
             self.epoch += 1
             self._flag_divergence(row)
             self.history.append(row)
-            self._write("metrics.jsonl", jsonutil.dumps(row) + "\n")
             self._report_epoch(row)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, row)
             if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.epochs:
                 self.save_checkpoint()
+            # The row after the checkpoint that holds it: a crash in between loses nothing, since a
+            # resume rewrites metrics.jsonl from the checkpoint's history.
+            self._write("metrics.jsonl", jsonutil.dumps(row) + "\n")
         summary = self.summary(time.perf_counter() - start)
         self._write("summary.json", jsonutil.dumps(summary, indent=2) + "\n", mode="w")
         if self.run_dir is not None and self.dist.is_main:
