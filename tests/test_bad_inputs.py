@@ -8,6 +8,7 @@ per class, 1 epoch, student alone) shared by the module; each case gets its own 
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
 import shutil
@@ -187,6 +188,17 @@ def test_the_nan_run_keeps_its_files_as_they_were_before_the_bad_step(tmp_path, 
     from kdtune.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("lr", ["30", "300"])
+def test_a_diverging_run_is_flagged_in_the_log_and_the_summary(tmp_path, capsys, lr):
+    argv = ["run", str(CONFIGS / "student.yaml"), *TINY, "train.epochs=2", f"train.optimizer.lr={lr}", "teacher=null",
+            f"output_dir={tmp_path / 'runs'}"]
+    assert main(argv) == 0  # finite: the run ends, but says it diverged
+    assert "warning: training diverged: mean training loss" in capsys.readouterr().err
+    (run,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert "x the first step's" in summary["diverged"]
 
 
 def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):

@@ -287,3 +287,10 @@ def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path, tiny_da
     summary = tr.fit()
     assert [("test_acc" in r) for r in tr.history] == [False, True, False, True, True]
     assert summary["test_acc"] == tr.history[-1]["test_acc"] and (tmp_path / "curves.png").exists()
+
+
+def test_without_a_terminal_progress_is_a_line_every_tenth_of_an_epoch(tiny_data, capsys):
+    Trainer(distiller(), BatchLoader(tiny_data, 2), None, cfg(epochs=1, progress=True)).fit()  # 20 batches
+    lines = [line for line in capsys.readouterr().out.splitlines() if "batch " in line]
+    assert [line.split("batch ")[1].split()[0] for line in lines] == [f"{b}/20" for b in range(2, 20, 2)]
+    assert lines[0].startswith("epoch 1/1   10%")
