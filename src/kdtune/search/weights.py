@@ -158,7 +158,11 @@ def open_rdb_study(storage: str, study_name: str, sampler: optuna.samplers.BaseS
 
             retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=max_retry)}
         try:
-            rdb = RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **retry)
+            # Workers sharing a SQLite file wait for each other's writes; SQLite's default 5 s wait
+            # is too short on a loaded machine ("database is locked").
+            engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
+            rdb = RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                             **retry)
             study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize",
                                         sampler=sampler, load_if_exists=True)
         except SQLAlchemyError as err:  # a corrupt / truncated SQLite file, an unreachable server ...
