@@ -67,11 +67,12 @@ def stale_trials_failed(study: optuna.Study) -> bool:
 def test_a_worker_killed_mid_trial_and_resumed_loses_no_finished_trial(tmp_path, make_config, name):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     config = make_config(storage)
-    # The first worker creates the study before the second joins (no race on creating the tables).
+    # The first worker creates the study before the second joins (no race on creating the tables): the
+    # second starts once the first is in its first trial. Nothing here opens the database before that.
     victim = start_kdtune(["run", str(write_config(tmp_path / "a.yaml", config, tmp_path / "a"))])
-    wait_for(lambda: (tmp_path / "study.db").exists() and optuna.get_all_study_names(storage), "the study")
+    wait_for(lambda: next((tmp_path / "a").glob("*/trials/*"), None), "the first worker's first trial")
     other = start_kdtune(["run", str(write_config(tmp_path / "b.yaml", config, tmp_path / "b"))])
-    victim_dir = wait_for(lambda: next((tmp_path / "a").glob("*"), None), "the first worker's run directory")
+    (victim_dir,) = (tmp_path / "a").iterdir()
 
     # Kill the first worker in the middle of a trial, once two trials have finished.
     wait_for(lambda: len(complete(load(storage, name))) >= 2 and running_in(load(storage, name), victim_dir),
