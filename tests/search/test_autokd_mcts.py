@@ -118,7 +118,7 @@ WORKER = textwrap.dedent("""
 #: Seconds between a worker's heartbeats; its trial is stale (failed by any other worker) after 3 of
 #: them. Scaled with the machine's load, so that a live worker slowed down by other jobs is never
 #: taken for a dead one; the tests wait on trial states, never for a guessed duration.
-HEARTBEAT = 2 * max(1, math.ceil(os.getloadavg()[0] / (os.cpu_count() or 1)))
+HEARTBEAT = min(4, max(1, math.ceil(os.getloadavg()[0] / (os.cpu_count() or 1))))
 
 
 def start_worker(tmp_path, n, sleep, log):
