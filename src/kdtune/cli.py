@@ -38,7 +38,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print(f"{name:32s} test acc {100 * rec['test_acc']:.2f}%  ({rec['model']}, {len(rec['epochs'])} epochs)")
         return 0
     for entry in load_catalogue()[KINDS[args.kind]]:
-        weight = f"weight {entry['weight']:<6g} " if "weight" in entry else ""
+        # losses: the catalogue weight each method is run with unless a config gives one (or calibrates)
+        weight = f"weight {entry['weight']:<7g} " if "weight" in entry else ""
         print(f"{entry['name']:18s} {weight}{entry['description']}")
     return 0
 
