@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kdtune.config import RunConfig, TrainConfig, load_config
     from kdtune.distiller import Distiller, LogitLoss, TeacherOutput
-    from kdtune.models import create_model, list_models
+    from kdtune.models import create_model, list_models, register_model
     from kdtune.pathways import Pathway
     from kdtune.trainer import Callback, Trainer
 
@@ -24,14 +24,14 @@ __version__ = "0.1.0"
 _HOME = {
     "RunConfig": "kdtune.config", "TrainConfig": "kdtune.config", "load_config": "kdtune.config",
     "Distiller": "kdtune.distiller", "LogitLoss": "kdtune.distiller", "TeacherOutput": "kdtune.distiller",
-    "create_model": "kdtune.models", "list_models": "kdtune.models",
+    "create_model": "kdtune.models", "list_models": "kdtune.models", "register_model": "kdtune.models",
     "Pathway": "kdtune.pathways",
     "Callback": "kdtune.trainer", "Trainer": "kdtune.trainer",
 }
 
 __all__ = [
     "Callback", "Distiller", "LogitLoss", "Pathway", "RunConfig", "TeacherOutput", "TrainConfig", "Trainer",
-    "create_model", "list_models", "load_config",
+    "create_model", "list_models", "load_config", "register_model",
 ]
 
 

@@ -2,6 +2,7 @@
 
     kdtune list losses                               # models, transforms, distances, weightings, datasets, teachers
     kdtune run configs/fmnist/kd.yaml train.epochs=3 # any config, key=value overrides
+    kdtune run --plugin mypkg.models my.yaml         # the user's own models (registered on import)
     kdtune run --resume runs/<name>                  # continue an interrupted run exactly
     kdtune report runs/a runs/b                      # table + comparison plot
     kdtune probe resnet56 --input 1,28,28            # every module's output shape, stage outputs
@@ -26,10 +27,24 @@ KINDS = {"models": "model", "losses": "loss", "transforms": "transform", "distan
          "weightings": "weighting", "datasets": "dataset", "teachers": "teacher"}
 
 
+def _import_plugins(args: argparse.Namespace) -> None:
+    """Import the ``--plugin`` modules first: they register the user's models before names are looked up."""
+    from kdtune.plugins import import_plugins
+
+    import_plugins(args.plugin)
+
+
+def _catalogue(plugins: bool) -> dict[str, list[dict[str, object]]]:
+    """The registries' entries: a static index (kdtune/catalogue.json, checked by a test to match
+    them), as importing the registries would import torch, seconds for a few lines of text; the
+    registries themselves when plugins may have added entries of their own."""
+    from kdtune.catalogue import live_catalogue, load_catalogue
+
+    return live_catalogue() if plugins else load_catalogue()
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
-    # A static index of the registries (kdtune/catalogue.json, checked by a test to match them):
-    # importing the registries would import torch, seconds for a few lines of text.
-    from kdtune.catalogue import load_catalogue
+    _import_plugins(args)
     from kdtune.zoo import list_teachers, teacher_record
 
     if args.kind == "teachers":
@@ -37,7 +52,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             rec = teacher_record(name)
             print(f"{name:32s} test acc {100 * rec['test_acc']:.2f}%  ({rec['model']}, {len(rec['epochs'])} epochs)")
         return 0
-    for entry in load_catalogue()[KINDS[args.kind]]:
+    for entry in _catalogue(bool(args.plugin))[KINDS[args.kind]]:
         # losses: the catalogue weight each method is run with unless a config gives one (or calibrates)
         weight = f"weight {entry['weight']:<7g} " if "weight" in entry else ""
         print(f"{entry['name']:18s} {weight}{entry['description']}")
@@ -48,6 +63,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kdtune.config import load_config
     from kdtune.recipe import resume_run, run
 
+    _import_plugins(args)
     if args.resume:
         if args.config or args.overrides:
             # `kdtune run cfg.yaml --resume DIR`: the run's own saved config is what resumes.
@@ -57,6 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.config:
             raise SystemExit("kdtune run: give a config file (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
+        # Recorded in the run's config.yaml, so that `--resume` imports them again.
+        cfg.plugins = list(dict.fromkeys([*cfg.plugins, *args.plugin]))
         run_dir, summary = run(cfg)
     acc = summary.get("test_acc")
     agree = summary.get("agreement_error")
@@ -120,6 +138,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from kdtune.capture import find_stage_outputs, probe
     from kdtune.models import create_model
 
+    _import_plugins(args)
     model = create_model(args.model, in_channels=shape[0], num_classes=args.num_classes)
     x = torch.zeros(2, *shape)
     stages = set(find_stage_outputs(model, x))
@@ -173,11 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("list", parents=[common], help="list registered components")
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this Python module first (it registers your models); repeatable")
+
+    s = sub.add_parser("list", parents=[common, plugin], help="list registered components")
     s.add_argument("kind", choices=sorted(KINDS))
     s.set_defaults(func=_cmd_list)
 
-    s = sub.add_parser("run", parents=[common], help="train from a YAML config")
+    s = sub.add_parser("run", parents=[common, plugin], help="train from a YAML config")
     s.add_argument("config", nargs="?", help="YAML config file")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
@@ -188,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="comparison plot path (default: <first run>/comparison.png)")
     s.set_defaults(func=_cmd_report)
 
-    s = sub.add_parser("probe", parents=[common],
-                       help="output shape of every module of a zoo model, stage outputs marked")
+    s = sub.add_parser("probe", parents=[common, plugin],
+                       help="output shape of every module of a model, stage outputs marked")
     s.add_argument("model")
     s.add_argument("--input", default="1,28,28", help="C,H,W of one input")
     s.add_argument("--num-classes", type=int, default=10)
