@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -190,6 +191,70 @@ def test_cifar100_archive_uses_fine_labels(tmp_path: Path) -> None:
     assert train.labels.tolist() == [99, 0, 57, 3] and train.num_classes == 100
     np.testing.assert_array_equal(train.images[1].numpy(), cifar_image(data[1]))
     assert load_cifar100("test", root=str(tmp_path)).labels.tolist() == [42]
+
+
+def official_layout(root: Path, protocol: int) -> tuple[np.ndarray, list[int]]:
+    """``cifar-10-batches-py`` as the archive ships it: bytes keys, every field, and batches.meta."""
+    rng = np.random.default_rng(3)
+    rows, labels = [], []
+    for i in range(1, 6):
+        data = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+        batch = {b"batch_label": b"training batch %d of 5" % i, b"labels": [i, 9 - i], b"data": data,
+                 b"filenames": [b"a_%d.png" % i, b"b_%d.png" % i]}
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=protocol))
+        rows.append(data)
+        labels += [i, 9 - i]
+    test = {b"batch_label": b"testing batch 1 of 1", b"labels": [3], b"data": rows[0][:1], b"filenames": [b"t.png"]}
+    (root / "test_batch").write_bytes(pickle.dumps(test, protocol=protocol))
+    meta = {b"num_cases_per_batch": 10000, b"label_names": [b"airplane", b"automobile"], b"num_vis": 3072}
+    (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+    return np.concatenate(rows), labels
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_official_layout_loads_with_the_restricted_reader(tmp_path: Path, protocol: int) -> None:
+    rows, labels = official_layout(tmp_path, protocol)
+    train = load_cifar10("train", root=str(tmp_path))
+    assert train.labels.tolist() == labels
+    np.testing.assert_array_equal(train.images[7].numpy(), cifar_image(rows[7]))
+    assert load_cifar10("test", root=str(tmp_path)).labels.tolist() == [3]
+
+
+class Payload:
+    """Unpickles to ``func(*args)``: what a crafted dataset file runs if the reader lets it."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+@pytest.mark.parametrize("make", [
+    lambda marker: Payload(open, str(marker), "w"),
+    lambda marker: Payload(os.system, f"touch {marker}"),
+    lambda marker: Payload(eval, f"open({str(marker)!r}, 'w')"),
+    lambda marker: np.array([Payload(open, str(marker), "w")], dtype=object),  # hidden inside an array
+], ids=["open", "os.system", "eval", "object-array"])
+def test_cifar_crafted_pickle_never_executes(tmp_path: Path, make) -> None:
+    from kdtune.data import DatasetFormatError
+
+    official_layout(tmp_path, 2)
+    marker = tmp_path / "PWNED"
+    (tmp_path / "data_batch_3").write_bytes(pickle.dumps({b"data": make(marker), b"labels": [0]}, protocol=2))
+    with pytest.raises(DatasetFormatError, match="data_batch_3: not a batch of the CIFAR python archive"):
+        load_cifar10("train", root=str(tmp_path))
+    assert not marker.exists()
+
+
+def test_cifar_truncated_batch_is_a_clear_error(tmp_path: Path) -> None:
+    from kdtune.data import DatasetFormatError
+
+    official_layout(tmp_path, 2)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DatasetFormatError, match="data_batch_1: not a batch"):
+        load_cifar10("train", root=str(tmp_path))
 
 
 def test_cifar_missing_files(tmp_path: Path) -> None:

@@ -112,11 +112,59 @@ def test_nan_loss_stops_with_terms_and_keeps_last_good_checkpoint(tmp_path, tiny
 
     d = distiller(pathways=[Pathway("blocks.1", "blocks.1", transform="conv1x1", distance=flaky, name="flaky")])
     tr = Trainer(d, BatchLoader(tiny_data, 10), None, cfg(epochs=3), run_dir=tmp_path)
-    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*'flaky': nan.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2.*'flaky': nan.*the checkpoint of epoch 1 is kept at "
+                       + str(tmp_path / "checkpoints" / "last.pt")):
         tr.fit()
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["distiller"].values() if v.is_floating_point())
+
+
+def test_nan_before_the_first_checkpoint_says_none_was_written(tmp_path, tiny_data):
+    def nan_at_once(s, t):
+        return ((s - t) ** 2).mean() * float("nan")
+
+    d = distiller(pathways=[Pathway("blocks.1", "blocks.1", transform="conv1x1", distance=nan_at_once)])
+    tr = Trainer(d, BatchLoader(tiny_data, 10), None, cfg(epochs=2), run_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet") as err:
+        tr.fit()
+    assert "kept at" not in str(err.value)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "summary.json").exists()  # a failed run is never reported as finished
+
+
+def test_tolerated_nan_steps_are_written_as_strict_json_null(tmp_path, tiny_data):
+    import json
+
+    def always_nan(s, t):
+        return ((s - t) ** 2).mean() * float("nan")
+
+    d = distiller(pathways=[Pathway("blocks.1", "blocks.1", transform="conv1x1", distance=always_nan)])
+    tr = Trainer(d, BatchLoader(tiny_data, 10), None, cfg(epochs=1, max_nan_steps=100, log_every=1),
+                 run_dir=tmp_path)
+    tr.fit()
+    strict = {"parse_constant": lambda c: pytest.fail(f"non-standard JSON constant {c}")}
+    rows = [json.loads(line, **strict) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train_loss"] is None
+    for line in (tmp_path / "steps.jsonl").read_text().splitlines():
+        assert json.loads(line, **strict)["loss"] is None
+    assert json.loads((tmp_path / "summary.json").read_text(), **strict)["final"]["train_loss"] is None
+
+
+def test_a_finite_blow_up_is_flagged_as_divergence(tmp_path, tiny_data, capsys):
+    import json
+
+    c = cfg(epochs=2)
+    c.optimizer.lr = 30.0  # the lr=30: the loss reaches ~1e4 in epoch 1, finite, accuracy at chance
+    tr = Trainer(distiller(pathways=[]), BatchLoader(tiny_data, 10), BatchLoader(tiny_data, 20), c, run_dir=tmp_path)
+    summary = tr.fit()
+    assert "first step's" in summary["diverged"] and "at chance" in summary["diverged"]
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged"] == summary["diverged"]
+    assert "warning: training diverged" in capsys.readouterr().err
+
+
+def test_a_healthy_run_is_not_flagged(tiny_data):
+    assert Trainer(distiller(), BatchLoader(tiny_data, 10), None, cfg(epochs=2)).fit()["diverged"] is None
 
 
 def test_nan_steps_can_be_tolerated(tiny_data):
@@ -245,6 +293,13 @@ def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path, tiny_da
     summary = tr.fit()
     assert [("test_acc" in r) for r in tr.history] == [False, True, False, True, True]
     assert summary["test_acc"] == tr.history[-1]["test_acc"] and (tmp_path / "curves.png").exists()
+
+
+def test_without_a_terminal_progress_is_a_line_every_tenth_of_an_epoch(tiny_data, capsys):
+    Trainer(distiller(), BatchLoader(tiny_data, 2), None, cfg(epochs=1, progress=True)).fit()  # 20 batches
+    lines = [line for line in capsys.readouterr().out.splitlines() if "batch " in line]
+    assert [line.split("batch ")[1].split()[0] for line in lines] == [f"{b}/20" for b in range(2, 20, 2)]
+    assert lines[0].startswith("epoch 1/1   10%")
 
 
 # --------------------------------------------------------------------------- any loader

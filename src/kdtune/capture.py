@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from kdtune.errors import KdtuneError
 from kdtune.registry import closest
 
 __all__ = [
@@ -69,7 +70,7 @@ def split_tap(path: str) -> tuple[str, bool]:
 Selector = int | str | Callable[[Any], Tensor] | None
 
 
-class _MessageKeyError(KeyError):
+class _MessageKeyError(KdtuneError, KeyError):
     """A KeyError whose ``str()`` is its message (plain KeyError prints the repr of its argument)."""
 
     def __str__(self) -> str:

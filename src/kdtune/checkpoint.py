@@ -15,13 +15,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdtune.errors import KdtuneError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(KdtuneError, RuntimeError):
     """A checkpoint file is corrupt, not a kdtune checkpoint, or does not fit the model."""
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically (tmp file + fsync + rename)."""
+    """``torch.save`` to ``path`` atomically (tmp file + fsync + rename); a failed write (e.g. a full
+    disk) raises :class:`CheckpointError` and leaves the previous file as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -31,6 +34,12 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a writer that was killed mid-write
+            stale.unlink(missing_ok=True)
+    except OSError as err:  # disk full, quota, read-only file system ...
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} exists"
+        raise CheckpointError(f"could not write {path}: {err.strerror or err} ({kept}); free space in "
+                              f"{path.parent} and resume") from err
     finally:
         tmp.unlink(missing_ok=True)  # only still there if the write failed
 

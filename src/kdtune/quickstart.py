@@ -7,6 +7,8 @@ teacher, and wall time. Each row is a config dict, so a new method is one more e
 
 from __future__ import annotations
 
+import contextlib
+import io
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -88,16 +90,32 @@ def chains(out: str) -> list[Chain]:
     return [distpro_rows(out), autokd_rows(), *([row] for row in ROWS)]
 
 
-def run_chain(chain: Chain, base: dict[str, Any], threads: int) -> list[tuple[str, dict[str, Any], float, str]]:
-    """Train a chain's rows one after the other (in a worker process with ``threads`` torch threads)."""
+#: Rows that are searches, and what their accuracy is (so a search row does not read as a failed method).
+SEARCH_ROWS = {
+    "DistPro search": "search only: its 1-epoch model on 80 % of the images; the retrain row is the result",
+    "Auto-KD MCTS": "4 proxy trials, then the best distiller trained in full: the accuracy is that final run's",
+}
+
+
+def run_chain(chain: Chain, base: dict[str, Any], threads: int,
+              verbose: bool = False) -> list[tuple[str, dict[str, Any], float, str]]:
+    """Train a chain's rows one after the other (in a worker process with ``threads`` torch threads).
+
+    Unless ``verbose``, a row's own output (per-trial lines of the searches, Optuna's INFO log) is
+    kept out of the demo's output; warnings still go to stderr.
+    """
+    import optuna
     import torch
 
     torch.set_num_threads(threads)
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     results = []
     for label, part in chain:
         cfg = from_dict(RunConfig, _merge({**base, "name": row_name(label)}, part))
         t0 = time.perf_counter()
-        run_dir, summary = run(cfg)
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO()):
+            run_dir, summary = run(cfg)
         seconds = time.perf_counter() - t0
         print(f"  {label:16s} test acc {100 * summary['test_acc']:.2f}%  ({seconds:.0f} s)", flush=True)
         results.append((label, summary, seconds, str(run_dir)))
@@ -105,7 +123,7 @@ def run_chain(chain: Chain, base: dict[str, Any], threads: int) -> list[tuple[st
 
 
 def main(out: str = "runs/quickstart", epochs: int = 8, per_class: int = 200, jobs: int = 2,
-         test_images: int | None = None) -> int:
+         test_images: int | None = None, verbose: bool = False) -> int:
     """Train every row and print the table.
 
     ``jobs`` single-threaded worker processes train the rows side by side (longest chain first);
@@ -125,12 +143,12 @@ def main(out: str = "runs/quickstart", epochs: int = 8, per_class: int = 200, jo
     if jobs <= 1:
         import torch
 
-        done = [run_chain(chain, base, torch.get_num_threads()) for chain in chains(out)]
+        done = [run_chain(chain, base, torch.get_num_threads(), verbose) for chain in chains(out)]
     else:
         context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
         with ProcessPoolExecutor(jobs, mp_context=context) as pool:
             todo = chains(out)
-            done = list(pool.map(run_chain, todo, [base] * len(todo), [1] * len(todo)))
+            done = list(pool.map(run_chain, todo, [base] * len(todo), [1] * len(todo), [verbose] * len(todo)))
     total = time.perf_counter() - t0
     by_label = {row[0]: row for chain_rows in done for row in chain_rows}
     print()
@@ -139,7 +157,37 @@ def main(out: str = "runs/quickstart", epochs: int = 8, per_class: int = 200, jo
     for label, _ in [*ROWS, *distpro_rows(out), *autokd_rows()]:
         _, s, seconds, run_dir = by_label[label]
         agree = "—" if s.get("agreement_error") is None else f"{100 * s['agreement_error']:.2f}"
-        print(f"| {label} | {100 * s['test_acc']:.2f} | {agree} | {seconds:.0f} | {Path(run_dir)} |")
-    print(f"\nAll rows: {total:.0f} s wall. One seed on a small subset: differences of a point or two are "
-          "within seed noise here (benchmarks/RESULTS.md has mean ± std over 3 seeds).")
+        shown = f"{label} (search)" if label in SEARCH_ROWS else label
+        print(f"| {shown} | {100 * s['test_acc']:.2f} | {agree} | {seconds:.0f} | {Path(run_dir)} |")
+    print(legend(jobs, total))
+    print(plots_note(out))
     return 0
+
+
+def legend(jobs: int, wall_seconds: float) -> str:
+    """What the table's columns and rows mean, for a reader who has not read the papers."""
+    lines = [
+        "",
+        "test acc %: top-1 accuracy on the test images.",
+        "agreement err %: share of test images on which the student's top-1 class differs from the teacher's",
+        "  (Adaptive Distillation eq. 7): lower = the student mimics the teacher more closely.",
+        f"time s: each row's own time inside its worker; {jobs} worker(s) trained rows side by side, so the column",
+        f"  sums to about {jobs}x the wall time. All rows: {wall_seconds:.0f} s wall.",
+        *(f"(search) {label}: {note}." for label, note in SEARCH_ROWS.items()),
+        "Adaptive AT + KD: its training loss in metrics.jsonl goes below zero by design: the learned weights",
+        "  v = exp(-z) come with a regulariser sum(z) (eq. 5-6) that is negative once a term's loss is below 1.",
+        "One seed on a small subset: differences of a point or two are within seed noise here",
+        "  (benchmarks/RESULTS.md has mean ± std over 3 seeds). `kdtune quickstart -v` shows every row's log.",
+    ]
+    return "\n".join(lines)
+
+
+def plots_note(out: str) -> str:
+    """Where the demo's plots are (each run directory has its own)."""
+    pngs = sorted(Path(out).rglob("*.png"))
+    if not pngs:
+        return ""
+    kinds = sorted({p.name for p in pngs})
+    return (f"\nPlots: {len(pngs)} PNG files in the run directories under {out}/ ({', '.join(kinds)}): "
+            f"curves.png is each run's loss and accuracy per epoch. Compare runs in one plot with "
+            f"`kdtune report {out}/<run> {out}/<run> ...`.")

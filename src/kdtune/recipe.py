@@ -7,6 +7,7 @@ build the pieces themselves (``Distiller`` + ``Trainer``) with their own models.
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +21,11 @@ from kdtune.config import ModelConfig, RunConfig, load_config, save_config
 from kdtune.data import Images, balanced_subset, dataset_augment, load_dataset, make_loader, train_val_split
 from kdtune.distiller import Distiller, LogitLoss
 from kdtune.distributed import init_distributed
+from kdtune.errors import RunDirError
 from kdtune.models import create_model
 from kdtune.pathways import Pathway
 from kdtune.plugins import import_plugins
+from kdtune.rundir import create_run_dir, run_lock
 from kdtune.trainer import Callback, Trainer
 from kdtune.zoo import ZOO_PREFIX, load_teacher
 
@@ -98,13 +101,10 @@ def seed_everything(seed: int) -> None:
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
-    """``<output_dir>/<name>-s<seed>-<timestamp>``; a suffix keeps two fast runs apart."""
+    """Create ``<output_dir>/<name>-s<seed>-<timestamp>`` exclusively (a suffix if it is taken):
+    two runs started in the same second never share a directory."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.output_dir) / f"{cfg.name}-s{cfg.seed}-{stamp}"
-    path, i = base, 1
-    while path.exists():
-        path, i = Path(f"{base}-{i}"), i + 1
-    return path
+    return create_run_dir(Path(cfg.output_dir) / f"{cfg.name}-s{cfg.seed}-{stamp}")
 
 
 def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...] = (),
@@ -170,7 +170,7 @@ def teacher_key(cfg: RunConfig) -> tuple[Any, ...] | None:
 
 
 def _shared_run_dir(cfg: RunConfig) -> Path:
-    """A new run directory, named once by rank 0 under torchrun so every rank uses the same one
+    """A new run directory, created once by rank 0 under torchrun so every rank uses the same one
     (the timestamp could differ between processes)."""
     info = init_distributed()
     name = [str(new_run_dir(cfg)) if info.is_main else ""]
@@ -192,6 +192,18 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
     """
     import_plugins(cfg.plugins)  # the user's models must be registered before any name is looked up
     path = Path(run_dir) if run_dir is not None else _shared_run_dir(cfg)
+    info = init_distributed()
+    if info.is_main:
+        if run_dir is None:  # a name the caller does not know yet: say it now, so a crash still says where to look
+            print(f"run directory: {path}", flush=True)
+        path.mkdir(parents=True, exist_ok=True)  # a directory the caller chose (new_run_dir made its own)
+    # One process trains in a directory at a time (ranks of one torchrun job share rank 0's lock).
+    with run_lock(path) if info.is_main else nullcontext():
+        return _run_locked(cfg, path, resume, callbacks)
+
+
+def _run_locked(cfg: RunConfig, path: Path, resume: bool,
+                callbacks: tuple[Callback, ...]) -> tuple[Path, dict[str, Any]]:
     if cfg.autokd is not None:  # Auto-KD: search distiller designs, or (autokd.spec) train with one
         from kdtune.search.autokd import run_autokd, spec_config
 
@@ -202,20 +214,42 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
         from kdtune.search.weights import run_search
 
         return run_search(cfg, path, callbacks)
+    if resume:
+        resume = _has_checkpoint(path)  # checked under the lock: nobody writes it meanwhile
     trainer = prepare(cfg, path, callbacks)
     if trainer.dist.is_main and not resume:
-        path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, path / "config.yaml")
     summary = trainer.fit(resume=resume)
     return path, summary
 
 
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Whether a plain run can continue from ``checkpoints/last.pt``.
+
+    Without the checkpoint, a run that recorded no epoch yet starts from epoch 1 (nothing is
+    lost, and it says so); one that did record epochs is refused — starting over would truncate
+    its ``metrics.jsonl``, and continuing without the weights that made those metrics is not the
+    same run.
+    """
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return True
+    metrics = run_dir / "metrics.jsonl"
+    epochs = sum(1 for line in metrics.read_text().splitlines() if line.strip()) if metrics.exists() else 0
+    if epochs:
+        raise RunDirError(
+            f"cannot resume {run_dir}: it has {epochs} recorded epoch(s) in metrics.jsonl but no "
+            f"checkpoints/last.pt to continue from; nothing was changed. Start a new run with "
+            f"`kdtune run {run_dir / 'config.yaml'}`")
+    print(f"{run_dir} has no checkpoint and no recorded epoch yet: starting it from epoch 1", flush=True)
+    return False
+
+
 def resume_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Continue an interrupted run from its saved config and last checkpoint."""
+    """Continue an interrupted run from its saved config and last checkpoint (see :func:`_has_checkpoint`)."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"--resume {run_dir}: no such directory (give a run directory, e.g. runs/<name>-s0-<time>)")
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a kdtune run directory")
-    cfg = load_config(cfg_path)
-    has_ckpt = (run_dir / "checkpoints" / "last.pt").exists()
-    return run(cfg, run_dir, resume=has_ckpt)
+        raise RunDirError(f"--resume {run_dir}: no config.yaml in it, so it is not a kdtune run directory")
+    return run(load_config(cfg_path), run_dir, resume=True)

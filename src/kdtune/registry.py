@@ -12,7 +12,16 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
+from kdtune.errors import KdtuneError
+
 T = TypeVar("T")
+
+
+class UnknownNameError(KdtuneError, KeyError):
+    """A component name that no registry entry has; the message lists the nearest valid names."""
+
+    def __str__(self) -> str:  # a plain KeyError prints the repr of its message
+        return str(self.args[0]) if self.args else ""
 
 #: All registries by kind, e.g. ``REGISTRIES["distance"]``.
 REGISTRIES: dict[str, Registry[Any]] = {}
@@ -66,7 +75,7 @@ class Registry(Generic[T]):
         except KeyError:
             near = closest(name_or_obj, self._items)
             hint = f" Did you mean: {', '.join(near)}?" if near else ""
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown {self.kind} {name_or_obj!r}.{hint} Available: {', '.join(sorted(self._items))}"
             ) from None
 

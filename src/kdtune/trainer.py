@@ -36,16 +36,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from kdtune.checkpoint import load_checkpoint, load_state_strict, rng_state, save_atomic, set_rng_state
+from kdtune import jsonutil
+from kdtune.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_state_strict,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, DatasetLoader, ImageDataset
 from kdtune.distiller import Distiller
 from kdtune.distributed import DistInfo, barrier, init_distributed, resolve_device
+from kdtune.errors import KdtuneError
 from kdtune.pathways import full_precision
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; training stopped and the last good checkpoint was kept."""
+class NonFiniteLossError(KdtuneError, RuntimeError):
+    """The loss became NaN/inf; training stopped, leaving the run's files as they were before that step."""
+
+
+#: A run has diverged when its epoch-mean training loss is this many times its first step's (in magnitude).
+DIVERGENCE_FACTOR = 100.0
 
 
 class Callback:
@@ -224,8 +237,11 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.nan_steps = 0
+        self.first_loss: float | None = None  # the first finite step's loss: the scale divergence is judged by
+        self.saved_epoch: int | None = None  # epoch of the checkpoint on disk (None: none written yet)
         self.history: list[dict[str, Any]] = []
         self.teacher_key = teacher_key
+        self._num_classes: int | None = None  # from the logits' width, for "accuracy at chance"
         self._teacher_test_preds: Tensor | None = (_TEACHER_TEST_PREDS.get(teacher_key)
                                                      if teacher_key is not None else None)
 
@@ -238,8 +254,12 @@ class Trainer:
     def _write(self, name: str, text: str, mode: str = "a") -> None:
         if self.run_dir is not None and self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.run_dir / name, mode) as f:
-                f.write(text)
+            try:
+                with open(self.run_dir / name, mode) as f:
+                    f.write(text)
+            except OSError as err:  # disk full, quota ...: a torn last line is rewritten on resume
+                raise CheckpointError(f"could not write {self.run_dir / name}: {err.strerror or err}; "
+                                      f"{self._kept_state()}. Free space and resume") from err
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -249,8 +269,9 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "first_loss": self.first_loss,
             "rng": rng_state(),
-            "history": json.dumps(self.history),
+            "history": jsonutil.dumps(self.history),
             "callbacks": self._callback_states(),
         }
 
@@ -269,6 +290,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is not None and self.dist.is_main:
             save_atomic(self.state_dict(), self.checkpoint_path)
+            self.saved_epoch = self.epoch
         barrier(self.dist)
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
@@ -283,6 +305,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        self.saved_epoch, self.first_loss = self.epoch, ckpt.get("first_loss")  # absent in older checkpoints
         self.history = json.loads(ckpt["history"])
         set_rng_state(ckpt["rng"])
         states = ckpt.get("callbacks", {})  # absent in checkpoints written before callbacks had state
@@ -290,15 +313,14 @@ class Trainer:
             if type(cb).__name__ in states:
                 cb.load_state_dict(states[type(cb).__name__])
         # Rows logged after this checkpoint belong to work that is about to be redone.
-        self._write("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history), mode="w")
+        self._write("metrics.jsonl", "".join(jsonutil.dumps(r) + "\n" for r in self.history), mode="w")
         self._truncate_steps_log()
 
     def _truncate_steps_log(self) -> None:
         path = self.run_dir / "steps.jsonl" if self.run_dir else None
         if path is None or not path.exists() or not self.dist.is_main:
             return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["step"] <= self.global_step]
+        kept = [line for line in path.read_text().splitlines() if _step_of(line) <= self.global_step]
         self._write("steps.jsonl", "".join(line + "\n" for line in kept), mode="w")
 
     # ------------------------------------------------------------------ training
@@ -335,10 +357,18 @@ class Trainer:
         self.nan_steps += 1
         if self.nan_steps > self.cfg.max_nan_steps:
             terms = {k: float(v.detach()) for k, v in out.items() if v.ndim == 0}
-            kept = f"; last good checkpoint kept at {self.checkpoint_path}" if self.checkpoint_path else ""
             raise NonFiniteLossError(
                 f"loss is {float(out['loss'].detach())} at epoch {self.epoch + 1}, step {self.global_step} "
-                f"(terms: {terms}){kept}. Lower the learning rate or a term's weight.")
+                f"(terms: {terms}); {self._kept_state()}. Lower the learning rate or a term's weight.")
+
+    def _kept_state(self) -> str:
+        """What is on disk after a failed step, stated as it is (the bad step was never applied)."""
+        if self.run_dir is None:
+            return "nothing was written (no run_dir)"
+        if self.saved_epoch is not None and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            return (f"the checkpoint of epoch {self.saved_epoch} is kept at {self.checkpoint_path} "
+                    f"(metrics.jsonl has {len(self.history)} epoch(s))")
+        return f"no checkpoint was written yet (metrics.jsonl has {len(self.history)} epoch(s))"
 
     def train_epoch(self) -> dict[str, Any]:
         """One pass over the training loader; returns mean loss / terms / weights and speed."""
@@ -350,10 +380,13 @@ class Trainer:
             for batch in self.train_loader:
                 x, y = self.prepare_batch(*batch)
                 out = self.train_step(x, y)
+                if self.first_loss is None and torch.isfinite(out["loss"]):
+                    self.first_loss = float(out["loss"].detach())
                 for k, v in out.items():
                     if v.ndim == 0:
                         sums[k] = sums.get(k, 0.0) + v.detach()
                 correct += (out["logits"].detach().argmax(1) == y).sum()
+                self._num_classes = out["logits"].shape[1]
                 seen += len(y)
                 self._log_step(out)
                 for cb in self.callbacks:
@@ -375,17 +408,20 @@ class Trainer:
             return
         row = {"step": self.global_step, "epoch": self.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
         row.update({k: float(v.detach()) for k, v in out.items() if v.ndim == 0})
-        self._write("steps.jsonl", json.dumps(row) + "\n")
+        self._write("steps.jsonl", jsonutil.dumps(row) + "\n")
 
     def _progress(self, total: int):
-        """A context giving ``advance(n_images, loss, acc)``: a rich bar on a terminal, else silent."""
+        """A context giving ``advance(n_images, loss, acc)``: a rich bar on a terminal, else a line
+        every ~10 % of the epoch (a log file still shows that a long epoch is moving)."""
         from contextlib import contextmanager
 
         @contextmanager
         def bar():
-            show = self.cfg.progress and self.dist.is_main and sys.stdout.isatty()
-            if not show:
+            if not (self.cfg.progress and self.dist.is_main):
                 yield lambda *a: None
+                return
+            if not sys.stdout.isatty():
+                yield self._progress_lines(total)
                 return
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -404,6 +440,23 @@ class Trainer:
                 yield advance
 
         return bar()
+
+    def _progress_lines(self, total: int):
+        """``advance`` printing one plain line each time another tenth of the epoch's batches is done."""
+        t0, state = time.perf_counter(), {"batches": 0, "images": 0, "tenth": 0}
+
+        def advance(n: int, loss: float, acc: float) -> None:
+            state["batches"] += 1
+            state["images"] += n
+            tenth = 10 * state["batches"] // max(1, total)
+            if tenth > state["tenth"] and state["batches"] < total:  # the epoch's own line reports 100 %
+                state["tenth"] = tenth
+                speed = state["images"] / max(1e-9, time.perf_counter() - t0)
+                print(f"epoch {self.epoch + 1}/{self.cfg.epochs}  {100 * state['batches'] // total:3d}%  "
+                      f"batch {state['batches']}/{total}  loss {loss:.4f}  acc {acc:.4f}  {speed:.0f} img/s",
+                      flush=True)
+
+        return advance
 
     def _sync_buffers(self) -> None:
         """Average BN running statistics over ranks (each rank saw different batches), so that
@@ -501,15 +554,18 @@ class Trainer:
             if (self.epoch + 1) % self.cfg.eval_every == 0 or self.epoch + 1 == self.cfg.epochs:
                 row.update(self.evaluate())
             self.epoch += 1
+            self._flag_divergence(row)
             self.history.append(row)
-            self._write("metrics.jsonl", json.dumps(row) + "\n")
             self._report_epoch(row)
             for cb in self.callbacks:
                 cb.on_epoch_end(self, row)
             if self.epoch % self.cfg.checkpoint_every == 0 or self.epoch == self.cfg.epochs:
                 self.save_checkpoint()
+            # The row after the checkpoint that holds it: a crash in between loses nothing, since a
+            # resume rewrites metrics.jsonl from the checkpoint's history.
+            self._write("metrics.jsonl", jsonutil.dumps(row) + "\n")
         summary = self.summary(time.perf_counter() - start)
-        self._write("summary.json", json.dumps(summary, indent=2) + "\n", mode="w")
+        self._write("summary.json", jsonutil.dumps(summary, indent=2) + "\n", mode="w")
         if self.run_dir is not None and self.dist.is_main:
             from kdtune.report import plot_curves, plot_weights
 
@@ -527,9 +583,32 @@ class Trainer:
         print(f"epoch {row['epoch']:>3}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  "
               f"train_acc {row['train_acc']:.4f}{test}{agree}  {row['img_per_s']:.0f} img/s", flush=True)
 
+    def _flag_divergence(self, row: dict[str, Any]) -> None:
+        """Mark an epoch whose mean training loss grew by orders of magnitude (a finite blow-up that
+        the NaN check misses, e.g. lr=30): ``row["diverged"]`` says how, with the accuracy against
+        chance, and a warning goes to stderr (once per run)."""
+        loss, first = row.get("train_loss"), self.first_loss
+        if loss is None or first is None or not math.isfinite(loss):
+            return
+        scale = max(abs(first), 1e-3)  # a loss that starts near 0 (a negative-log weighting) needs a floor
+        if abs(loss) < DIVERGENCE_FACTOR * scale:
+            return
+        chance = 1.0 / self._num_classes if self._num_classes else None
+        acc = row.get("test_acc", row.get("train_acc"))
+        at_chance = chance is not None and acc is not None and acc <= 1.5 * chance
+        row["diverged"] = (f"mean training loss {loss:.3g} at epoch {row['epoch']} is {abs(loss) / scale:.3g}x the "
+                           f"first step's {first:.3g}" + (f"; accuracy {acc:.3f} is at chance ({chance:.3f})"
+                                                          if at_chance else ""))
+        if not any("diverged" in r for r in self.history) and self.dist.is_main:
+            print(f"warning: training diverged: {row['diverged']}. Lower the learning rate "
+                  f"(train.optimizer.lr={self.cfg.optimizer.lr:g}) or a term's weight.",
+                  file=sys.stderr, flush=True)
+
     def summary(self, fit_seconds: float) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
+        diverged = next((r["diverged"] for r in self.history if "diverged" in r), None)
         return {
+            "diverged": diverged,
             "epochs": self.epoch,
             "final": last,
             "test_acc": last.get("test_acc"),
@@ -548,3 +627,11 @@ class Trainer:
         """``calibration``: measured gradient norms and calibrated weights (``distill.calibrate``)."""
         record = getattr(self.distiller, "calibration", None)
         return {"calibration": record.to_dict()} if record is not None else {}
+
+
+def _step_of(line: str) -> float:
+    """The ``step`` of a ``steps.jsonl`` line; a torn line (a kill mid-append) sorts after every step."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf

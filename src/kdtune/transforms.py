@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdtune.errors import KdtuneError
 from kdtune.registry import Registry
 
 __all__ = [
@@ -71,7 +72,7 @@ Shape = tuple[int, ...]
 TRANSFORMS: Registry[type[FeatureTransform]] = Registry("transform")
 
 
-class ShapeMismatchError(ValueError):
+class ShapeMismatchError(KdtuneError, ValueError):
     """A transform or distance cannot align/compare the student and teacher shapes it was given."""
 
 

@@ -2,6 +2,7 @@
 two workers on one SQLite study, and resuming after SIGKILL."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -127,8 +128,13 @@ WORKER = textwrap.dedent("""
         with open(log, "a") as f:
             f.write(json.dumps({"number": trial.number}) + "\\n")
         return sum(s[i] for s, i in zip(scores, leaf, strict=True))
-    run_tree_search(objective, LEVELS, storage, "shared", n, "mcts", 0.4, seed=0, heartbeat=1)
+    run_tree_search(objective, LEVELS, storage, "shared", n, "mcts", 0.4, seed=0, heartbeat=int(sys.argv[5]))
 """)
+
+#: Seconds between a worker's heartbeats; its trial is stale (failed by any other worker) after 3 of
+#: them. Scaled with the machine's load, so that a live worker slowed down by other jobs is never
+#: taken for a dead one; the tests wait on trial states, never for a guessed duration.
+HEARTBEAT = min(4, max(1, math.ceil(os.getloadavg()[0] / (os.cpu_count() or 1))))
 
 
 def start_worker(tmp_path, n, sleep, log):
@@ -136,7 +142,24 @@ def start_worker(tmp_path, n, sleep, log):
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(script), f"sqlite:///{tmp_path / 'study.db'}", str(n), str(sleep),
-                             str(log)], env=env, stderr=subprocess.PIPE)
+                             str(log), str(HEARTBEAT)], env=env, stderr=subprocess.PIPE)
+
+
+def open_as_a_worker(tmp_path):
+    """Open the study as a starting worker does (0 trials to run): trials of dead workers past the
+    grace period are failed and re-queued for retry."""
+    return run_tree_search(lambda t, c: 0.0, LEVELS, f"sqlite:///{tmp_path / 'study.db'}", "shared", 0, "mcts",
+                           0.4, seed=0, heartbeat=HEARTBEAT)
+
+
+def wait_for(condition, what, timeout=240.0):
+    """Poll a state until it holds (not a sleep of a guessed length)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def load(tmp_path):
@@ -145,9 +168,7 @@ def load(tmp_path):
 
 def test_two_workers_share_one_sqlite_study_without_losing_or_repeating_trials(tmp_path):
     log = tmp_path / "calls.jsonl"
-    # Create the study first so the two workers do not race on creating the tables.
-    run_tree_search(lambda t, c: 0.0, LEVELS, f"sqlite:///{tmp_path / 'study.db'}", "shared", 0, "mcts", 0.4,
-                    heartbeat=1)
+    open_as_a_worker(tmp_path)  # create the study first so the two workers do not race on creating the tables
     workers = [start_worker(tmp_path, 12, 0.1, log) for _ in range(2)]
     for w in workers:
         _, err = w.communicate(timeout=240)
@@ -169,17 +190,24 @@ def test_two_workers_share_one_sqlite_study_without_losing_or_repeating_trials(t
 def test_search_killed_with_sigkill_resumes_with_all_finished_trials(tmp_path):
     log = tmp_path / "calls.jsonl"
     worker = start_worker(tmp_path, 12, 0.3, log)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.2)
-        if log.exists() and len(log.read_text().splitlines()) >= 4:
-            break
-    time.sleep(0.1)
+
+    def finished(n):
+        return sum(t.state == TrialState.COMPLETE for t in load(tmp_path).get_trials()) >= n
+
+    def mid_trial():  # three trials finished and the next one's objective running
+        return log.exists() and finished(3) and any(t.state == TrialState.RUNNING for t in load(tmp_path).get_trials())
+
+    wait_for(mid_trial, "three finished trials and a running one")
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     before = {t.number: (t.params, t.value) for t in load(tmp_path).get_trials() if t.state == TrialState.COMPLETE}
     assert len(before) >= 3
-    time.sleep(3.5)  # past the grace period (3 heartbeats of 1 s): the killed trial is stale
+    # Past the grace period the killed trial is stale: wait until a starting worker fails (and re-queues) it.
+    def killed_trial_failed():
+        open_as_a_worker(tmp_path)
+        return TrialState.RUNNING not in [t.state for t in load(tmp_path).get_trials()]
+
+    wait_for(killed_trial_failed, "the killed worker's trial to be failed as stale")
     resumed = start_worker(tmp_path, 12, 0.0, log)
     _, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err.decode()[-2000:]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor, nn
 
+from kdtune import jsonutil
 from kdtune.capture import FeatureCapture, find_stage_outputs
 from kdtune.config import ModelConfig, RunConfig
 from kdtune.data import BatchLoader, DatasetLoader, dataset_augment, make_loader
@@ -394,7 +395,7 @@ class TrialContext:
         summary["reward"] = reward_from(summary["reward_metrics"], ak.reward)
         summary["eval_split"] = "val"
         if summary_path is not None:
-            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+            summary_path.write_text(jsonutil.dumps(summary, indent=2) + "\n")
         return summary
 
     def score(self, trial_cfg: RunConfig, run_dir: Path, label: str, spec: DistillerSpec | None = None,
@@ -539,7 +540,7 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
             "trials": trials_table(study)}
     if ak.fidelity_check:
         info["fidelity"] = fidelity_check(study, ctx, ak.fidelity_check, designs)
-    (run_dir / "autokd.json").write_text(json.dumps(info, indent=2) + "\n")
+    (run_dir / "autokd.json").write_text(jsonutil.dumps(info, indent=2) + "\n")
     plot_search(run_dir, space)
     print(f"best spec {best_spec.key()}  reward {best.value:.4f} ({len(searched)} trials; {run_dir / 'best.yaml'})",
           flush=True)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdtune import jsonutil
 from kdtune.checkpoint import load_checkpoint, save_atomic
 from kdtune.data import BatchLoader, DatasetLoader, Images, train_val_split
 from kdtune.distiller import Distiller, TeacherOutput
@@ -177,7 +178,7 @@ class TeacherCache:
                 batches.append({"labels": y, "logits": out.logits,
                                 "features": {k: v.contiguous() for k, v in out.features.items()}})
             save_atomic({"batches": batches}, self.directory / f"epoch_{e}.pt")
-        meta_path.write_text(json.dumps({"fingerprint": fp, "epochs": self.epochs}) + "\n")
+        meta_path.write_text(jsonutil.dumps({"fingerprint": fp, "epochs": self.epochs}) + "\n")
         return time.perf_counter() - t0
 
     def batch(self, epoch: int, index: int) -> dict[str, Any]:

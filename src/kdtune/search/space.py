@@ -41,7 +41,8 @@ from typing import Any
 
 import yaml
 
-from kdtune.config import LogitLossConfig, PathwayConfig, RunConfig, WeightingConfig
+from kdtune.config import LogitLossConfig, PathwayConfig, RunConfig, WeightingConfig, safe_load_unique
+from kdtune.errors import InputFileError, MissingFileError
 from kdtune.losses import LOGIT_NORMS
 from kdtune.transforms import AUTOKD_GLOBAL, AUTOKD_INTER, AUTOKD_INTRA
 from kdtune.weighting.schedule import SCHEDULES
@@ -224,8 +225,13 @@ class DistillerSpec:
         """Read a spec YAML (``best.yaml`` of a search, or hand-written)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"distiller spec not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+            raise MissingFileError(f"distiller spec not found: {path} (a search writes <run>/best.yaml)")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = safe_load_unique(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise InputFileError(f"{path}: not a distiller spec YAML file ({type(err).__name__}); "
+                                 f"give the best.yaml a search wrote") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a distiller spec is a mapping of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}

@@ -38,8 +38,11 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
+from kdtune import jsonutil
 from kdtune.config import RunConfig, SearchConfig, StudyConfig, WeightingConfig, save_config
+from kdtune.errors import KdtuneError
 from kdtune.pathways import Pathway
 from kdtune.search.incumbents import (
     INCUMBENT_ATTR,
@@ -136,6 +139,10 @@ def make_sampler(spec: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed)
 
 
+class StudyStorageError(KdtuneError, RuntimeError):
+    """The Optuna storage of a search cannot be opened (corrupt file, wrong URL, server down)."""
+
+
 def open_rdb_study(storage: str, study_name: str, sampler: optuna.samplers.BaseSampler,
                    made_with: Mapping[str, Any], heartbeat: int, max_retry: int) -> optuna.Study:
     """Create a maximising study in an RDB storage, or load it if it exists (resume / another worker).
@@ -159,9 +166,21 @@ def open_rdb_study(storage: str, study_name: str, sampler: optuna.samplers.BaseS
             from optuna.storages import RetryFailedTrialCallback
 
             retry = {"failed_trial_callback": RetryFailedTrialCallback(max_retry=max_retry)}
-        rdb = RDBStorage(storage, heartbeat_interval=heartbeat, grace_period=3 * heartbeat, **retry)
-    study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize",
-                                sampler=sampler, load_if_exists=True)
+        try:
+            # Workers sharing a SQLite file wait for each other's writes; SQLite's default 5 s wait
+            # is too short on a loaded machine ("database is locked").
+            engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
+            rdb = RDBStorage(storage, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
+                             **retry)
+            study = optuna.create_study(storage=rdb, study_name=study_name, direction="maximize",
+                                        sampler=sampler, load_if_exists=True)
+        except SQLAlchemyError as err:  # a corrupt / truncated SQLite file, an unreachable server ...
+            cause = getattr(err, "orig", None) or err  # the driver's own error says it best
+            raise StudyStorageError(
+                f"cannot open the Optuna study {study_name!r} in {storage}: {type(cause).__name__}: "
+                f"{cause}. The file is corrupt or not a study database: restore it from a backup, "
+                f"or move it away to start the search over (finished trials' run directories stay in trials/)"
+            ) from None
     made_with = json.loads(json.dumps(made_with))
     stored = study.user_attrs.get("search")
     if stored is None:
@@ -313,7 +332,7 @@ def train_config(cfg: RunConfig, trial_cfg: RunConfig, run_dir: Path) -> dict[st
         save_config(trial_cfg, run_dir / "config.yaml")
     summary = trainer.fit(resume=resume)
     summary.update(eval_split="val", val_acc=summary["test_acc"], val_agreement_error=summary.get("agreement_error"))
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(jsonutil.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -396,7 +415,7 @@ def run_search(cfg: RunConfig, run_dir: Path,
             # The search's own cost (the final run's time is its summary's train_seconds).
             "trials_train_seconds": sum(t.user_attrs.get("train_seconds") or 0.0 for t in complete),
             "trials": trials_table(study)}
-    (run_dir / "search.json").write_text(json.dumps(info, indent=2) + "\n")
+    (run_dir / "search.json").write_text(jsonutil.dumps(info, indent=2) + "\n")
     print(f"best v = {info['best_v']} ({floor['chosen']})  val acc {100 * best.value:.2f}% "
           f"({len(searched)} trials; {run_dir / 'search.json'})", flush=True)
     if "message" in floor:
@@ -419,5 +438,5 @@ def retrain_best(final_cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback,
     save_config(final_cfg, run_dir / "best_config.yaml")  # after prepare: with calibrated weights, if measured
     summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
     summary[key] = search_summary
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(jsonutil.dumps(summary, indent=2) + "\n")
     return run_dir, summary

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kdtune import jsonutil
 from kdtune.data import Augment, Images, make_loader
 from kdtune.selfdistill.selfdistiller import SelfDistiller
 from kdtune.trainer import Callback, Trainer
@@ -108,7 +109,7 @@ class MetaStep(Callback):
                "meta_val_ce": sum(self._losses) / len(self._losses),
                "meta_val_ce_first": self._losses[0], "meta_val_ce_last": self._losses[-1]}
         with open(trainer.run_dir / "meta.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(jsonutil.dumps(row) + "\n")
 
     # ------------------------------------------------------------------ batches
 

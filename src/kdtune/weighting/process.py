@@ -35,6 +35,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from kdtune import jsonutil
+from kdtune.errors import InputFileError, KdtuneError, MissingFileError
 from kdtune.weighting.base import Weighting
 
 Normalization = Literal["biased_softmax", "softmax", "l1_biased", "l1", "raw", "sigmoid"]
@@ -241,7 +243,7 @@ class PathwayInfo:
         return ("path", self.teacher, self.student, transform, self.distance)
 
 
-class ProcessMismatchError(ValueError):
+class ProcessMismatchError(KdtuneError, ValueError):
     """A process's pathways do not correspond to the distiller's (transfer needs a mapping)."""
 
 
@@ -361,7 +363,7 @@ class Process:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.write_text(jsonutil.dumps(self.to_dict(), indent=1) + "\n")
         tmp.replace(path)
         return path
 
@@ -381,11 +383,12 @@ class Process:
     def load(cls, path: str | Path) -> Process:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no process file at {path} (a DistPro search writes <run>/process.json)")
+            raise MissingFileError(f"no process file at {path} (a DistPro search writes <run>/process.json)")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputFileError(f"{path}: not a process JSON file ({type(err).__name__}: {err}); "
+                                 f"give the process.json a DistPro search wrote") from None
         return cls.from_dict(data, str(path))
 
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from kdtune.checkpoint import load_checkpoint, load_state_strict
-from kdtune.models import create_model
 from kdtune.registry import closest
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ZOO_DIR = Path(__file__).resolve().parent
 ZOO_PREFIX = "zoo:"
@@ -44,6 +43,10 @@ def _path(name: str, suffix: str) -> Path:
 
 def load_teacher(name: str) -> nn.Module:
     """Build the teacher's architecture and load its shipped weights (eval mode)."""
+    # torch-heavy imports here: `kdtune list teachers` reads only the records.
+    from kdtune.checkpoint import load_checkpoint, load_state_strict
+    from kdtune.models import create_model
+
     name = name.removeprefix(ZOO_PREFIX)
     record = teacher_record(name)
     model = create_model(record["model"], in_channels=record["in_channels"], num_classes=record["num_classes"])
