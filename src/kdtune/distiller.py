@@ -9,7 +9,9 @@ The objective is ``task_weight * CE(student(x), y) + weighting({term_i})`` with 
 loss and per pathway. The teacher is frozen: always in eval mode (its BatchNorm statistics never
 move), run under ``no_grad``, computed once per batch (:meth:`Distiller.teacher_forward`) and
 reusable by callers that need several student forwards per batch (DistPro's look-ahead) or that
-read teacher outputs from a cache (Auto-KD).
+read teacher outputs from a cache (Auto-KD). It runs through :class:`kdtune.teacher.TeacherRunner`:
+one traced graph with BatchNorm folded and fused inference kernels, checked against the teacher's
+own forward (``teacher_precision="bf16"`` trades exactness for speed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import Tensor, nn
 from kdtune.capture import FeatureCapture, find_stage_outputs, get_module, probe
 from kdtune.losses import LOSSES
 from kdtune.pathways import Pathway, PathwayLoss, resolve_stage
+from kdtune.teacher import Precision, TeacherRunner
 from kdtune.weighting import Weighting, build_weighting
 
 
@@ -66,6 +69,8 @@ class Distiller(nn.Module):
         weighting_kwargs: arguments of the strategy (e.g. ``alpha``).
         task_weight: weight of the cross-entropy with the labels.
         input_shape: (C, H, W) of one input; needed to build pathways (probes feature shapes).
+        teacher_precision: ``"fp32"`` (exact up to float rounding) or ``"bf16"`` teacher forward.
+        fast_teacher: False runs the teacher's own forward with hooks (the reference path).
 
     Only the student, the pathway transforms and the weighting are parameters of this module
     (and of its ``state_dict``); the teacher is held aside so checkpoints stay small and no
@@ -75,7 +80,8 @@ class Distiller(nn.Module):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None,
                  pathways: Sequence[Pathway] = (), logit_losses: Sequence[str | LogitLoss] = (),
                  weighting: str | Weighting = "fixed", weighting_kwargs: Mapping[str, Any] | None = None,
-                 task_weight: float = 1.0, input_shape: Sequence[int] | None = None) -> None:
+                 task_weight: float = 1.0, input_shape: Sequence[int] | None = None,
+                 teacher_precision: Precision = "fp32", fast_teacher: bool = True) -> None:
         super().__init__()
         if teacher is None and (pathways or logit_losses):
             raise ValueError("pathways and logit losses need a teacher; pass teacher= or remove them")
@@ -95,8 +101,8 @@ class Distiller(nn.Module):
         # Several pathways may read one module (DistPro: every stage x N transforms): capture it once.
         s_paths, t_paths = list(dict.fromkeys(self._student_paths)), list(dict.fromkeys(self._teacher_paths))
         self._student_capture = FeatureCapture(student, s_paths).attach() if self.pathways else None
-        self._teacher_capture = (FeatureCapture(self.teacher, t_paths, detach=True).attach()
-                                 if self.pathways else None)
+        self._teacher_runner = (TeacherRunner(self.teacher, t_paths, teacher_precision, fast_teacher)
+                                if self.teacher is not None else None)
 
     # ------------------------------------------------------------------ construction
 
@@ -155,18 +161,16 @@ class Distiller(nn.Module):
         super()._apply(fn, recurse)
         if self.teacher is not None:
             self.teacher._apply(fn)
+            self._teacher_runner.reset()  # its prepared graph holds the old device/dtype weights
         return self
 
     # ------------------------------------------------------------------ forward
 
-    @torch.no_grad()
     def teacher_forward(self, x: Tensor) -> TeacherOutput:
-        """Teacher logits (N, K) and captured features; computed once per batch."""
-        if self.teacher is None:
+        """Teacher logits (N, K) and captured features (no graph); computed once per batch."""
+        if self._teacher_runner is None:
             raise RuntimeError("this Distiller has no teacher")
-        logits = self.teacher(x)
-        feats = dict(self._teacher_capture.features) if self._teacher_capture is not None else {}
-        return TeacherOutput(logits, feats)
+        return TeacherOutput(*self._teacher_runner(x))
 
     def reuse_teacher_output(self, x: Tensor, output: TeacherOutput) -> None:
         """Let the next :meth:`forward` on this very tensor ``x`` use ``output`` instead of running

@@ -644,7 +644,8 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
                   "init": dp.init, "tau": dp.tau, "alpha_optimizer": dp.alpha_optimizer, "alpha_lr": dp.alpha_lr,
                   "alpha_betas": dp.alpha_betas, "alpha_weight_decay": dp.alpha_weight_decay}
         distiller = Distiller(student, teacher, pathways, logit_losses, weighting="distpro", weighting_kwargs=kwargs,
-                              task_weight=dc.task_weight, input_shape=input_shape)
+                              task_weight=dc.task_weight, input_shape=input_shape,
+                              teacher_precision=cfg.teacher.precision)
         val = BatchLoader(splits.val, cfg.data.batch_size, shuffle=True, seed=cfg.seed + 1)
         meta = {"teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint, "student": cfg.student.name,
                 "dataset": cfg.data.dataset, "train_per_class": cfg.data.train_per_class,
@@ -666,5 +667,6 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
         pathways = pathways_from_process(process, teacher, student, input_shape)
     distiller = Distiller(student, teacher, pathways, logit_losses, weighting="process",
                           weighting_kwargs={**kwargs, "file": str(file), "process": process},
-                          task_weight=dc.task_weight, input_shape=input_shape)
+                          task_weight=dc.task_weight, input_shape=input_shape,
+                          teacher_precision=cfg.teacher.precision)
     return distiller, []  # the Trainer stretches the process (set_total_steps)
