@@ -216,8 +216,15 @@ def test_dropping_skips_pathway_computation_and_logs_kept_fraction():
     for p in d.pathways:
         p.transform.register_forward_hook(lambda m, a, o, name=p.name: ran.append(name))
     x, y, xv, yv = batches()
-    out = d(x, y)
+    d.fuse_input_convs = False  # each transform's own forward runs: the hooks see which ones
+    d(x, y)
     assert sorted(ran) == sorted(d.weighting.learned[n // 2:])
+    d.fuse_input_convs = True  # fused input convs concatenate the kept pathways' weights only
+    out = d(x, y)
+    out["loss"].backward()
+    used = {p.name for p in d.pathways if any(q.grad is not None for q in p.parameters())}
+    assert used == set(d.weighting.learned[n // 2:])
+    d.zero_grad(set_to_none=True)
     assert out["pathways_kept"].item() == pytest.approx(0.5)
     assert not any(name in out for name in d.weighting.learned[: n // 2])
     # A dropped pathway's α̃ still gets a hypergradient (through the normaliser), so it can come back.

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from kdtune.capture import FeatureCapture, find_stage_outputs, get_module, probe
 from kdtune.losses import LOSSES
-from kdtune.pathways import Pathway, PathwayLoss, resolve_stage
+from kdtune.pathways import Pathway, PathwayLoss, fused_input_convs, resolve_stage
 from kdtune.teacher import Precision, TeacherRunner
 from kdtune.weighting import Weighting, build_weighting
 
@@ -88,6 +88,7 @@ class Distiller(nn.Module):
         self.student = student
         self.__dict__["teacher"] = freeze(teacher) if teacher is not None else None  # not a submodule
         self._pending_teacher: tuple[Tensor, TeacherOutput] | None = None  # see reuse_teacher_output
+        self.fuse_input_convs = True  # pathways on one student feature: one conv (pathways.fused_input_convs)
         self.task_weight = float(task_weight)
         self.logit_losses = [self._resolve_logit_loss(x) for x in logit_losses]
         self.pathways = nn.ModuleList(self._build_pathways(list(pathways), input_shape))
@@ -182,16 +183,20 @@ class Distiller(nn.Module):
                       step: int = 0) -> dict[str, Tensor]:
         """One 0-dim tensor per logit loss and per pathway, for the last student forward.
 
-        Terms the weighting marks inactive at ``step`` are not computed at all.
+        Terms the weighting marks inactive at ``step`` are not computed at all; the input
+        convolutions of the active pathways reading one student feature run as one convolution.
         """
         active = self.weighting.active(step)
         terms: dict[str, Tensor] = {}
         for ll in self.logit_losses:
             if active is None or ll.name in active:
                 terms[ll.name] = LOSSES.get(ll.name).fn(logits, teacher.logits, labels, **ll.kwargs)
-        for p, s_path, t_path in zip(self.pathways, self._student_paths, self._teacher_paths, strict=True):
-            if active is None or p.name in active:
-                terms[p.name] = p(self._student_capture[s_path], teacher.features[t_path])
+        items = [(s_path, p, self._student_capture[s_path], teacher.features[t_path])
+                 for p, s_path, t_path in zip(self.pathways, self._student_paths, self._teacher_paths, strict=True)
+                 if active is None or p.name in active]
+        fused = fused_input_convs(items) if self.fuse_input_convs else {}
+        for i, (_, p, s, t) in enumerate(items):
+            terms[p.name] = p.after_input_conv(fused[i], t) if i in fused else p(s, t)
         return terms
 
     def forward(self, x: Tensor, y: Tensor, step: int = 0,
