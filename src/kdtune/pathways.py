@@ -165,8 +165,9 @@ def fused_input_convs(items: Sequence[tuple[Hashable, PathwayLoss, Tensor, Tenso
         weight = torch.cat([c.weight for c in convs])
         bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
         h = F.conv2d(s, weight, bias, convs[0].stride, convs[0].padding, convs[0].dilation)
+        fmt = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         for (i, _), part in zip(members, h.split([c.out_channels for c in convs], dim=1), strict=True):
-            out[i] = part
+            out[i] = part.contiguous(memory_format=fmt)  # a channel slice of NHWC is strided: slow kernels
     return out
 
 
