@@ -371,7 +371,9 @@ class Trainer:
         if teacher is not None:
             cached = self._teacher_test_preds
             if cached is None or loader is not self.test_loader or len(cached) != len(label):
-                t_pred = torch.cat([teacher(x).argmax(1) for x, _ in loader])
+                # The Distiller's prepared teacher (kdtune.teacher fast path) where there is one.
+                forward = getattr(self.distiller, "teacher_forward", None)
+                t_pred = torch.cat([(forward(x).logits if forward else teacher(x)).argmax(1) for x, _ in loader])
                 if loader is self.test_loader:
                     self._teacher_test_preds = t_pred
                     if self.teacher_key is not None:
