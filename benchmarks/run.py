@@ -69,6 +69,12 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("FitNets + KD", "configs/fmnist/fitnets_kd.yaml", []),
         ("AT + KD", "configs/fmnist/at_kd.yaml", []),
     ]),
+    # FMNIST-2k-x (../shared/BENCHMARKS.md): the generalisation protocol. Every row is a FMNIST-5k method
+    # config with configs/fmnist2k/protocol.yaml merged over it, run with the defaults a user gets.
+    "fmnist2k": ("FMNIST-2k-x, WRN-40-2 teacher -> MobileNetV2 (x0.5) student, 2,000 images, 15 epochs, lr 0.01", [
+        ("student alone", "configs/fmnist2k/student.yaml", []),
+        ("KD", "configs/fmnist2k/kd.yaml", []),
+    ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
     # 10 epochs) and `distpro_fast` (Fig. 5 / Table 2).
