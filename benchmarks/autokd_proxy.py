@@ -39,37 +39,14 @@ from run import write_section  # noqa: E402
 
 from kdtune.config import load_config  # noqa: E402
 from kdtune.search.autokd import REWARD_FLOOR, TrialContext, reward_metrics  # noqa: E402
+from kdtune.search.proxies import spearman  # noqa: E402
 from kdtune.search.space import LEVELS, DistillerSpec  # noqa: E402
 from kdtune.trainer import NonFiniteLossError  # noqa: E402
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rho: Pearson correlation of the ranks (average ranks for ties)."""
-
-    def ranks(x: list[float]) -> list[float]:
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    sa = sum((x - ma) ** 2 for x in ra) ** 0.5
-    sb = sum((y - mb) ** 2 for y in rb) ** 0.5
-    return cov / (sa * sb) if sa and sb else float("nan")
-
-
 def step_seconds(ctx: TrialContext, spec: DistillerSpec, cached: bool, steps: int) -> float:
     """Mean seconds per training step (teacher + student) over ``steps`` steps of epoch 0."""
-    trainer = ctx.trainer(spec, None, proxies=False)
+    trainer = ctx.trainer(ctx.spec_config(spec), None, full=True)
     cache_cb = None
     if cached:
         from kdtune.search.proxies import CachedTeacher
@@ -117,12 +94,12 @@ def main() -> int:
         for spec in specs:
             t0 = time.perf_counter()
             try:
-                proxy = proxy_ctx.evaluate(spec)
+                proxy = proxy_ctx.evaluate(proxy_ctx.spec_config(spec))
             except NonFiniteLossError:  # a diverging distiller: the floor reward, as in the search
                 proxy = {"reward": REWARD_FLOOR, "reward_metrics": {"acc": float("nan")}}
             proxy_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            trainer = full_ctx.trainer(spec, None, proxies=False)
+            trainer = full_ctx.trainer(full_ctx.spec_config(spec), None, full=True)
             try:
                 trainer.fit()
             except NonFiniteLossError:

@@ -61,6 +61,11 @@ AUTOKD_SEARCHES: list[tuple[str, str, list[str], list[str]]] = [
 #: The best spec each search exports (committed, so `autokd` reproduces on a fresh clone without searching).
 AUTOKD_SPECS = {key: f"benchmarks/data/autokd_{key}_fmnist5k.yaml" for key, *_ in AUTOKD_SEARCHES}
 
+#: The override that turns calibrated weights on (kdtune.calibration: every term's gradient = ratio x the task's).
+CALIBRATED = "distill.calibrate.ratio=1"
+#: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
+CATALOGUE_FEATURE_METHODS = ["fitnets", "at", "sp", "rkd", "pkt", "nst", "cc", "cwd", "reviewkd"]
+
 #: table name -> (title, [(row label, config path, extra overrides)])
 TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
     "core": ("FMNIST-5k, ResNet-56 teacher -> ResNet-8 student, 30 epochs", [
@@ -74,6 +79,34 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
     "fmnist2k": ("FMNIST-2k-x, WRN-40-2 teacher -> MobileNetV2 (x0.5) student, 2,000 images, 15 epochs, lr 0.01", [
         ("student alone", "configs/fmnist2k/student.yaml", []),
         ("KD", "configs/fmnist2k/kd.yaml", []),
+        ("KD, calibrated", "configs/fmnist2k/kd.yaml", [CALIBRATED]),
+        ("adaptive (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", []),
+        ("adaptive (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", [CALIBRATED]),
+        ("mgda (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda"]),
+        ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
+        ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
+        ("MD (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
+    ]),
+    # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
+    # stage -> last stage, at its catalogue weight and calibrated; one seed. "student alone" is the floor.
+    **{f"catalogue{suffix}": (f"{protocol}: each catalogue feature method alone (last stage -> last stage), "
+                              "catalogue weight vs calibrated (ratio 1)", [
+        ("student alone", f"@{ref}/student alone", []),
+        *[(f"{method}{label}", f"configs/{folder}/feature.yaml", [f"distill.pathways.0.method={method}", *extra])
+          for method in CATALOGUE_FEATURE_METHODS
+          for label, extra in (("", []), (", calibrated", [CALIBRATED]))],
+    ]) for suffix, protocol, folder, ref in (("", "FMNIST-5k", "fmnist", "core"),
+                                              ("_2k", "FMNIST-2k-x", "fmnist2k", "fmnist2k"))},
+    # FMNIST-5k rows of issue 13 beside the earlier tables' (the adaptive configs now use the CE form of ST).
+    "auto5k": ("FMNIST-5k, ResNet-56 -> ResNet-8, 30 epochs: default automated rows and calibrated weights", [
+        ("student alone", "@core/student alone", []),
+        ("KD", "@core/KD", []),
+        ("KD, calibrated", "configs/fmnist/kd.yaml", [CALIBRATED]),
+        ("adaptive (AT x3 + ST, CE form)", "configs/fmnist/adaptive.yaml", []),
+        ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
+        ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
+        ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),
+        ("resnet8 MD (exit heads give T_k)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
@@ -171,6 +204,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
 EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "selfdistill": [("ensemble acc %", "test_acc/ensemble"), ("exit 1 acc %", "test_acc/exit1"),
                     ("exit 2 acc %", "test_acc/exit2")],
+    "auto5k": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2")],
+    "fmnist2k": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2")],
     "selfdistill_lr": [("ensemble acc %", "test_acc/ensemble"), ("exit 1 acc %", "test_acc/exit1"),
                        ("exit 2 acc %", "test_acc/exit2")],
 }

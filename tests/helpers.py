@@ -29,7 +29,8 @@ def tiny_autokd(name: str, epochs: int = 1, data: dict[str, Any] | None = None, 
     """A seconds-long Auto-KD search config on 100 real Fashion-MNIST images (50/50 train/val split).
 
     The teacher is an untrained ResNet-8: enough for the plumbing, not for accuracy. Every proxy
-    is off except those given in ``autokd`` (e.g. ``layer_weights="train_free"``).
+    is off except those given in ``autokd`` (e.g. ``layer_weights="train_free"``), and so are the
+    KD incumbent and the minimum proxy length.
     """
     return {
         "seed": 0, "name": name,
@@ -38,7 +39,9 @@ def tiny_autokd(name: str, epochs: int = 1, data: dict[str, Any] | None = None, 
         "student": {"name": "resnet8"},
         "teacher": {"name": "resnet8"},
         "train": {"epochs": epochs, "progress": False},
-        "autokd": {"subset": 1.0, "epoch_fraction": 1.0, "heartbeat": 1, **autokd},
+        # The search's own mechanics: no KD incumbent, no minimum proxy length (tests of those set them).
+        "autokd": {"subset": 1.0, "epoch_fraction": 1.0, "heartbeat": 1, "kd_incumbent": False, "min_steps": 1,
+                   **autokd},
     }
 
 

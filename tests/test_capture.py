@@ -14,8 +14,10 @@ from kdtune.capture import (
     FeatureNotCapturedError,
     LayerNotFoundError,
     ModuleInfo,
+    feature_shape,
     find_stage_outputs,
     get_module,
+    pre_activation_path,
     probe,
     select_output,
 )
@@ -457,3 +459,50 @@ def test_deepcopied_model_writes_into_the_copied_capture() -> None:
     clone = copy.deepcopy(original)
     clone.net(torch.ones(1, 3))
     assert "0" in clone.capture.features and "0" not in original.capture.features
+
+
+# --------------------------------------------------------------------------- pre-activation taps
+
+
+class _Block(nn.Module):
+    """relu(conv2(relu(conv1(x))) + x), its ReLU called twice (as in a ResNet basic block)."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 2, 3, padding=1)
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.relu = nn.ReLU(inplace=inplace)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+
+class _TwoStages(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(_Block(inplace), _Block(inplace))
+        self.stage2 = nn.Conv2d(2, 3, 1)  # no activation: its output is already pre-activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage2(self.stage1(x))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_input_tap_captures_the_value_before_the_last_relu(inplace):
+    torch.manual_seed(0)
+    model = _TwoStages(inplace)
+    x = torch.randn(2, 2, 5, 5)
+    path = pre_activation_path(model, "stage1", x)
+    assert path == "stage1.1.relu:input"
+    assert pre_activation_path(model, "stage2", x) == "stage2"
+    with FeatureCapture(model, [path, "stage1"]) as cap:
+        model(x)
+    block = model.stage1[1]
+    h = model.stage1[0](x.clone())
+    expected = block.conv2(torch.relu(block.conv1(h))) + h  # computed independently of the hooks
+    assert (expected < 0).any()  # negatives present: the tap is really before the ReLU
+    torch.testing.assert_close(cap[path], expected)
+    torch.testing.assert_close(cap["stage1"], torch.relu(expected))
+    cap[path].sum().backward()  # the graph is kept: a loss on the tap trains the model
+    assert block.conv2.weight.grad is not None
+    assert feature_shape(model, path, x) == (2, 2, 5, 5)

@@ -50,6 +50,13 @@ def test_list(capsys, kind, expected):
     assert set(expected) <= names
 
 
+def test_list_losses_shows_each_catalogue_weight(capsys):
+    assert main(["list", "losses"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert lines["fitnets"][1:3] == ["weight", "100"] and lines["at"][1:3] == ["weight", "1000"]
+    assert lines["kd"][1:3] == ["weight", "1"] and lines["pkt"][1:3] == ["weight", "30000"]
+
+
 def test_run_with_overrides_then_report_and_export(tmp_path, config_file, capsys):
     assert main(["run", str(config_file), "train.epochs=2", "name=tiny"]) == 0
     run_dir = only_run(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,17 @@ from kdtune.checkpoint import load_checkpoint
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, train_val_split
 from kdtune.distiller import Distiller
-from kdtune.search.distpro import DistProCallback, DistProSearch, search_space, virtual_step
+from kdtune.search.distpro import (
+    DistProCallback,
+    DistProSearch,
+    logit_losses_from_process,
+    logit_pathway,
+    pathways_from_process,
+    search_space,
+    virtual_step,
+)
 from kdtune.trainer import Callback, Trainer
-from kdtune.weighting.process import DistProWeighting, Process, normalize
+from kdtune.weighting.process import DistProWeighting, Process, distance_from_uniform, normalize
 
 SHAPE = (1, 8, 8)
 
@@ -206,8 +215,9 @@ def test_teacher_runs_once_per_search_step_and_alpha_is_not_trained_by_main_opti
     assert len(calls) == 1
 
 
-def test_dropping_skips_pathway_computation_and_logs_kept_fraction():
-    d, _ = make(tau=0.5)
+def test_search_computes_every_pathway_below_tau_and_logs_what_replay_keeps():
+    """Dropping (α̃ ≤ τ) is a replay saving (§3.4): a search step computes every pathway's loss."""
+    d, infos = make(tau=0.5)
     n = len(d.weighting.learned)
     alpha = torch.full((n,), 1.0)
     alpha[: n // 2] = 0.2  # half at or below tau
@@ -217,20 +227,30 @@ def test_dropping_skips_pathway_computation_and_logs_kept_fraction():
         p.transform.register_forward_hook(lambda m, a, o, name=p.name: ran.append(name))
     x, y, xv, yv = batches()
     d.fuse_input_convs = False  # each transform's own forward runs: the hooks see which ones
-    d(x, y)
-    assert sorted(ran) == sorted(d.weighting.learned[n // 2:])
-    d.fuse_input_convs = True  # fused input convs concatenate the kept pathways' weights only
     out = d(x, y)
-    out["loss"].backward()
-    used = {p.name for p in d.pathways if any(q.grad is not None for q in p.parameters())}
-    assert used == set(d.weighting.learned[n // 2:])
-    d.zero_grad(set_to_none=True)
-    assert out["pathways_kept"].item() == pytest.approx(0.5)
-    assert not any(name in out for name in d.weighting.learned[: n // 2])
-    # A dropped pathway's α̃ still gets a hypergradient (through the normaliser), so it can come back.
+    assert sorted(ran) == sorted(d.weighting.learned)
+    assert all(name in out for name in d.weighting.learned)
+    assert out["pathways_kept"].item() == pytest.approx(0.5)  # what a replay of this step would keep
+    ran.clear()
     opt = make_optimizer(d, "sgd")
-    hyper = DistProSearch(d, "exact").hypergradient(x, y, xv, yv, opt)
-    assert hyper[: n // 2].abs().max() > 0
+    DistProSearch(d).step(x, y, xv, yv, opt)  # every look-ahead forward computes every pathway too
+    counts = {name: ran.count(name) for name in d.weighting.learned}
+    assert min(counts.values()) == max(counts.values()) > 0
+    # The replay of the same α̃ drops the pathways at or below τ.
+    process = Process(infos, [0], normalize(alpha)[None], alpha[None], tau=0.5)
+    replay = Distiller(copy.deepcopy(d.student), copy.deepcopy(d.teacher), pathways_from_process(process),
+                       weighting="process", weighting_kwargs={"process": process, "total_steps": 1}, input_shape=SHAPE)
+    ran.clear()
+    for p in replay.pathways:
+        p.transform.register_forward_hook(lambda m, a, o, name=p.name: ran.append(name))
+    replay.fuse_input_convs = False
+    out = replay(x, y)
+    assert sorted(ran) == sorted(d.weighting.learned[n // 2:])
+    assert not any(name in out for name in d.weighting.learned[: n // 2])
+    replay.fuse_input_convs = True  # fused input convs concatenate the kept pathways' weights only
+    replay(x, y)["loss"].backward()
+    used = {p.name for p in replay.pathways if any(q.grad is not None for q in p.parameters())}
+    assert used == set(d.weighting.learned[n // 2:])
 
 
 def test_alpha_optimiser_adam_and_sgd():
@@ -264,6 +284,48 @@ def test_search_in_trainer_writes_process_and_logs(tmp_path, tiny_data):
     assert all("pathways_kept" in r for r in rows)
     raw = json.loads((tmp_path / "process.json").read_text())  # inspectable: names, grid, values
     assert {"pathways", "steps", "alpha", "alpha_tilde"} <= raw.keys()
+    # How far α moved from uniform: per epoch in metrics.jsonl, at the end in the process file.
+    epochs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["train_alpha_max_vs_uniform"] >= 1.0 and r["train_alpha_kl_from_uniform"] >= 0 for r in epochs)
+    moved = raw["meta"]["alpha_from_uniform"]
+    assert moved == pytest.approx(cb.alpha_from_uniform()) and moved["largest_alpha"] > moved["uniform_alpha"]
+
+
+def test_distance_from_uniform_by_hand():
+    """Shares p = α / Σα of α = (0.1, 0.1, 0.2): p = (1/4, 1/4, 1/2); max p·L = 1.5;
+    KL(p ‖ 1/3) = 2 · 1/4 log(3/4) + 1/2 log(3/2) = 0.0589 nats."""
+    got = distance_from_uniform(torch.tensor([0.1, 0.1, 0.2]))
+    assert got["alpha_max_vs_uniform"] == pytest.approx(1.5)
+    assert got["alpha_kl_from_uniform"] == pytest.approx(0.5 * math.log(0.75) + 0.5 * math.log(1.5))
+    assert distance_from_uniform(torch.full((4,), 0.2)) == pytest.approx(
+        {"alpha_max_vs_uniform": 1.0, "alpha_kl_from_uniform": 0.0})
+
+
+def test_logit_pathway_is_learned_recorded_and_replayed(tmp_path, tiny_data):
+    """KD on the logits as one more pathway: its own α̃ moves in the search, the process records it
+    (kind logit, its kwargs), and the replay weights the KD term with the process's α."""
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=6), TinyNet(width=4)
+    pathways, infos = search_space(teacher, student, SHAPE, "same", ("conv1x1",))
+    loss, info = logit_pathway("kd", {"tau": 2.0})
+    infos = [*infos, info]
+    d = Distiller(student, teacher, pathways, [loss], weighting="distpro",
+                  weighting_kwargs={"learned": [p.name for p in infos]}, input_shape=SHAPE)
+    train, val = train_val_split(tiny_data, 0.2, seed=0)
+    cb = DistProCallback(BatchLoader(val, 4, shuffle=True, seed=0), infos)
+    cfg = TrainConfig(epochs=1, progress=False, channels_last=False)
+    Trainer(d, BatchLoader(train, 8, seed=0), None, cfg, run_dir=tmp_path, callbacks=[cb]).fit()
+    proc = Process.load(tmp_path / "process.json")
+    assert proc.names[-1] == "kd" and proc.pathways[-1].kind == "logit"
+    assert proc.pathways[-1].loss_kwargs == {"tau": 2.0}  # the catalogue's kd defaults, tau overridden
+    assert proc.alpha_tilde[-1, -1] != 1.0  # the logit pathway's α̃ moved
+    replay = Distiller(TinyNet(width=4), TinyNet(width=6), pathways_from_process(proc),
+                       logit_losses_from_process(proc), weighting="process",
+                       weighting_kwargs={"process": proc, "mode": "final"}, input_shape=SHAPE)
+    assert [ll.name for ll in replay.logit_losses] == ["kd"] and replay.logit_losses[0].kwargs["tau"] == 2.0
+    x, y, _, _ = batches()
+    out = replay(x, y)
+    assert out["w/kd"].item() == pytest.approx(proc.alpha[-1, -1].item())
 
 
 
@@ -380,3 +442,27 @@ def test_checkpoint_carries_the_recorded_process(tmp_path, tiny_data):
     (tmp_path / "b" / "process.json").unlink()
     with pytest.raises(RuntimeError, match="no recorded process.*process.json"):
         search(tmp_path / "b", resume=True)
+
+
+def test_configs_logit_pathway_search_and_kd_baseline(tiny_data):
+    """``distpro.logit_pathway: true`` adds KD as a learned pathway (a configured kd supplies its tau);
+    ``baseline=kd`` on the retrain config trains plain KD, no process needed."""
+    from types import SimpleNamespace
+
+    from kdtune.config import RunConfig, from_dict
+    from kdtune.search.distpro import from_config
+
+    splits = SimpleNamespace(train=tiny_data, val=tiny_data)
+    base = {"student": {"name": "resnet8"}, "teacher": {"name": "resnet14"},
+            "data": {"val_fraction": 0.2}}
+    search = {"connections": "same", "transforms": ["conv1x1"], "logit_pathway": True}
+    cfg = from_dict(RunConfig, {**base, "distpro": search,
+                                "distill": {"logit_losses": [{"name": "kd", "kwargs": {"tau": 2}}]}})
+    d, (cb,) = from_config(cfg, splits, SHAPE)
+    assert d.weighting.learned[-1] == "kd" and cb.infos[-1].kind == "logit" and cb.infos[-1].loss_kwargs["tau"] == 2
+    assert [ll.name for ll in d.logit_losses] == ["kd"]
+    assert all(p.endswith(".relu:input") for p in d._student_capture.paths.values())  # pre-activation taps
+    kd_cfg = from_dict(RunConfig, {**base, "distill": {"weighting": {"name": "process", "kwargs": {"mode": "kd"}}}})
+    d, callbacks = from_config(kd_cfg, splits, SHAPE)
+    assert callbacks == [] and len(d.pathways) == 0 and [ll.name for ll in d.logit_losses] == ["kd"]
+    assert d.logit_losses[0].kwargs["tau"] == 4.0 and type(d.weighting).__name__ == "FixedWeighting"

@@ -147,6 +147,23 @@ def test_kd_explicit_sum_and_batchmean_not_mean():
     assert got != pytest.approx(wrong, rel=1e-2)
 
 
+def test_kd_ce_form_is_kl_plus_teacher_entropy():
+    """Adaptive Distillation eq. 6: tau^2 CE(q_T, q_S) = tau^2 KL(q_T || q_S) + tau^2 H(q_T), same gradient."""
+    s, t, _ = logits_case(4, n=5, k=6)
+    tau = 3.0
+    pt = softmax_np(f64(t) / tau)
+    entropy = -(pt * np.log(pt)).sum(1).mean()
+    s_kl, s_ce = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    kl, ce = kd(s_kl, t, tau=tau), kd(s_ce, t, tau=tau, form="ce")
+    assert ce.item() == pytest.approx(kl.item() + tau**2 * entropy, rel=1e-5)
+    assert ce.item() > kl.item() + 1.0  # the entropy term is not negligible here
+    kl.backward()
+    ce.backward()
+    torch.testing.assert_close(s_ce.grad, s_kl.grad)
+    with pytest.raises(ValueError, match="kd form 'js'.*'kl', 'ce'"):
+        kd(s, t, form="js")
+
+
 def test_kd_rejects_mismatched_logits():
     with pytest.raises(ShapeMismatchError, match=r"\(2, 3\)"):
         kd(torch.randn(2, 3), torch.randn(2, 4))

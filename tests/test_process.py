@@ -103,7 +103,7 @@ def test_pathways_from_process_transfers_by_stage_index():
     # Another pair with the same number of stages: pathways rebuilt by stage index.
     t2, s2 = TinyNet(8), TinyNet(3)
     paths = pathways_from_process(process, t2, s2, SHAPE)
-    assert [p.teacher for p in paths][:2] == ["stage:0", "stage:0"] and paths[0].name == "t0-s0:conv1x1"
+    assert [p.teacher for p in paths][:2] == ["stage:0:pre", "stage:0:pre"] and paths[0].name == "t0-s0:conv1x1"
     d = Distiller(s2, t2, paths, weighting="process", weighting_kwargs={"process": process}, input_shape=SHAPE)
     assert d.weighting.learned == process.names
     # A pair with fewer stages cannot take a pathway from teacher stage 2: both sets are listed.
@@ -144,7 +144,8 @@ def test_transform_kwargs_are_recorded_in_the_process_and_rebuilt(tmp_path):
         search_space(teacher, student, SHAPE, "same", ("conv1x1",), transform_kwargs={"distpro": {}})
 
 
-def test_replay_in_trainer_stretches_to_run_length(tmp_path, tiny_data):
+@pytest.mark.parametrize("callbacks", [[], [ProcessReplay()]], ids=["trainer", "ProcessReplay"])
+def test_replay_in_trainer_stretches_to_run_length(tmp_path, tiny_data, callbacks):
     from kdtune.config import TrainConfig
     from kdtune.data import BatchLoader
     from kdtune.trainer import Trainer
@@ -157,9 +158,41 @@ def test_replay_in_trainer_stretches_to_run_length(tmp_path, tiny_data):
     d = Distiller(student, teacher, pathways_from_process(process), weighting="process",
                   weighting_kwargs={"process": process}, input_shape=SHAPE)
     cfg = TrainConfig(epochs=2, progress=False, log_every=1, channels_last=False)
-    trainer = Trainer(d, BatchLoader(tiny_data, 8, seed=0), None, cfg, run_dir=tmp_path, callbacks=[ProcessReplay()])
+    trainer = Trainer(d, BatchLoader(tiny_data, 8, seed=0), None, cfg, run_dir=tmp_path, callbacks=callbacks)
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * len(trainer.train_loader)  # a row per step: the first and the last are logged
+    for row, alpha in ((rows[0], process.alpha[0]), (rows[-1], process.alpha[-1])):  # exact endpoints
+        logged = {n: a for n, a in zip(process.names, alpha.tolist(), strict=True) if f"w/{n}" in row}
+        assert len(logged) >= 3 and {n: row[f"w/{n}"] for n in logged} == pytest.approx(logged, abs=1e-7)
     kept = [r["pathways_kept"] for r in rows]
     assert kept[0] == 1.0 and kept[-1] == 0.75  # α̃ of pathway 0 crosses 0.5 halfway through the run
     assert "t0-s0:conv1x1" not in rows[-1] and "t0-s0:conv1x1" in rows[0]
+
+
+def test_pre_activation_taps_are_recorded_and_old_files_keep_post_and_sigmoid(tmp_path):
+    """DistPro's HCL pathways read pre-activation stage values by default, recorded per pathway so the
+    replay rebuilds the same taps; a file written before taps existed replays post-activation
+    outputs and sigmoid-gated DistPro blocks, as it was searched."""
+    torch.manual_seed(0)
+    teacher, student = TinyNet(6), TinyNet(4)
+    paths, infos = search_space(teacher, student, SHAPE, "same", ("distpro",))
+    assert {p.tap for p in infos} == {"pre"} and paths[0].teacher.endswith(":pre")
+    tilde = torch.ones(1, len(infos))
+    Process(infos, [0], normalize(tilde), tilde).save(tmp_path / "p.json")
+    loaded = Process.load(tmp_path / "p.json")
+    d = Distiller(TinyNet(4), TinyNet(6), pathways_from_process(loaded, TinyNet(6), TinyNet(4), SHAPE),
+                  weighting="process", weighting_kwargs={"process": loaded}, input_shape=SHAPE)
+    assert all(p.endswith(".2:input") for p in d._student_capture.paths.values())  # the stages' ReLU inputs
+    assert not any(p.transform.attention.sigmoid for p in d.pathways)
+    data = json.loads((tmp_path / "p.json").read_text())
+    for p in data["pathways"]:
+        del p["tap"]
+    old = Process.from_dict(data)
+    assert {p.tap for p in old.pathways} == {"post"}
+    d = Distiller(TinyNet(4), TinyNet(6), pathways_from_process(old, TinyNet(6), TinyNet(4), SHAPE),
+                  weighting="process", weighting_kwargs={"process": old}, input_shape=SHAPE)
+    assert not any(p.endswith(":input") for p in d._student_capture.paths.values())
+    assert all(p.transform.attention.sigmoid for p in d.pathways)
+    post, _ = search_space(teacher, student, SHAPE, "same", ("conv1x1",), tap="post")
+    assert not post[0].teacher.endswith(":pre")

@@ -167,3 +167,12 @@ def test_config_precision_reaches_the_distiller():
     d = build_distiller(cfg, 1, 10, (1, 28, 28))
     logits = d.teacher_forward(torch.randn(2, 1, 28, 28)).logits
     assert d._teacher_runner.precision == "bf16" and logits.dtype == torch.float32
+
+
+def test_input_taps_equal_the_hooked_forward():
+    teacher = freeze(load_teacher("resnet56_fashion_mnist"))
+    paths = ["layer2.8.relu:input", "layer3:input", "layer3"]
+    x = torch.randn(4, 1, 28, 28)
+    fast = TeacherRunner(teacher, paths)
+    _assert_same(fast(x), TeacherRunner(teacher, paths, fast=False)(x))
+    assert fast.fast

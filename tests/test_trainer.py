@@ -9,7 +9,7 @@ import torch
 
 from helpers import TinyNet
 from kdtune.checkpoint import CheckpointError, load_checkpoint
-from kdtune.config import ScheduleConfig, TrainConfig
+from kdtune.config import ConfigError, ScheduleConfig, TrainConfig
 from kdtune.data import BatchLoader
 from kdtune.distiller import Distiller
 from kdtune.pathways import Pathway
@@ -91,6 +91,12 @@ def test_lr_schedules():
     assert lr_factor(75, 10, c) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
     c = TrainConfig(epochs=10, schedule=ScheduleConfig(name="multistep", milestones=[3, 6], gamma=0.1))
     assert [lr_factor(e * 10, 10, c) for e in (0, 3, 5, 6)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    # Fractions of the run (DistPro §4.1: 10/20/30 of 40 epochs) scale with the length: 8 epochs x 10 steps.
+    c = TrainConfig(epochs=8, schedule=ScheduleConfig(name="multistep", milestone_fractions=[0.25, 0.5, 0.75]))
+    assert [lr_factor(s, 10, c) for s in (0, 19, 20, 39, 40, 59, 60, 79)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    with pytest.raises(ConfigError, match="milestone_fractions"):
+        ScheduleConfig(name="multistep", milestone_fractions=[0.5, 1.5])
     c = TrainConfig(epochs=10, schedule=ScheduleConfig(name="step", step_size=4, gamma=0.5))
     assert lr_factor(85, 10, c) == pytest.approx(0.25)
     c = TrainConfig(epochs=10, schedule=ScheduleConfig(name="cosine", warmup_epochs=1))

@@ -115,16 +115,18 @@ def test_conv_adapters_upsample_when_student_is_smaller():
     assert out.shape == (2, 4, 8, 8)
 
 
-def test_spatial_self_attention_gates_with_sigmoid():
-    att = SpatialSelfAttention(channels=3)
+def test_spatial_self_attention_is_fig4b_with_optional_sigmoid():
+    """Fig. 4b: x * conv(x) (1-channel map, no squashing); sigmoid=True gates with sigmoid(conv(x))."""
+    plain, gated = SpatialSelfAttention(channels=3), SpatialSelfAttention(channels=3, sigmoid=True)
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
-        att.conv.weight.zero_()
-        att.conv.bias.fill_(0.0)
-    torch.testing.assert_close(att(x), 0.5 * x)  # sigmoid(0) = 1/2 on every position
-    with torch.no_grad():
-        att.conv.bias.fill_(math.log(3.0))  # sigmoid(log 3) = 3/4
-    torch.testing.assert_close(att(x), 0.75 * x)
+        for att in (plain, gated):
+            att.conv.weight.zero_()
+            att.conv.bias.fill_(math.log(3.0))  # the map is log 3 everywhere; sigmoid(log 3) = 3/4
+    torch.testing.assert_close(plain(x), math.log(3.0) * x)
+    torch.testing.assert_close(gated(x), 0.75 * x)
+    assert not build_transform("distpro", (2, 3, 4, 4), (2, 4, 4, 4)).attention.sigmoid  # off by default
+    assert build_transform("distpro", (2, 3, 4, 4), (2, 4, 4, 4), attention_sigmoid=True).attention.sigmoid
 
 
 def test_distpro_block_order_and_upsampling():

@@ -14,6 +14,10 @@ Example:
 
 ``probe`` lists every module's output shape for an example input, and ``find_stage_outputs`` picks
 the feature maps after each downsampling stage (SPEC, "Stage outputs") from that listing.
+
+A path ending in ``":input"`` (e.g. ``"layer1.2.relu:input"``) captures that module's *input*
+instead of its output (a forward pre-hook). :func:`pre_activation_path` uses it for pre-activation
+taps: the stage output before its final activation (what ReviewKD and DistPro distil).
 """
 
 from __future__ import annotations
@@ -39,7 +43,25 @@ __all__ = [
     "ModuleInfo",
     "probe",
     "find_stage_outputs",
+    "INPUT_TAP",
+    "split_tap",
+    "pre_activation_path",
+    "feature_shape",
 ]
+
+#: Suffix of a path whose module's *input* is captured (forward pre-hook) instead of its output.
+INPUT_TAP = ":input"
+
+#: Element-wise activation modules: a pre-activation tap reads the input of the last one a stage runs.
+ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
+                                            nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish)
+
+
+def split_tap(path: str) -> tuple[str, bool]:
+    """``"a.b:input"`` -> (``"a.b"``, True); any other path -> (path, False)."""
+    if path.endswith(INPUT_TAP):
+        return path[: -len(INPUT_TAP)], True
+    return path, False
 
 #: How to pick one tensor out of a module's output: ``None`` (the output is a tensor), an ``int``
 #: (index into a tuple/list), a ``str`` (dict key, or attribute such as a HF ``ModelOutput`` field),
@@ -264,7 +286,7 @@ class FeatureCapture:
             self.paths = {p: p for p in paths}
         if not self.paths:
             raise ValueError("FeatureCapture needs at least one module path")
-        self.modules: dict[str, nn.Module] = {n: get_module(self.model, p) for n, p in self.paths.items()}
+        self.modules: dict[str, nn.Module] = {n: get_module(self.model, split_tap(p)[0]) for n, p in self.paths.items()}
         self.selectors: dict[str, Selector] = dict(selectors or {})
         unknown = [name for name in self.selectors if name not in self.paths]
         if unknown:
@@ -290,7 +312,10 @@ class FeatureCapture:
         self.clear()
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward_start))
         for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+            if split_tap(self.paths[name])[1]:
+                self._handles.append(module.register_forward_pre_hook(_StoreInput(self, name)))
+            else:
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
         return self
 
     def remove(self) -> None:
@@ -370,6 +395,22 @@ class _StoreFeature:
         self.capture.features[self.name] = feature.detach() if self.capture.detach else feature
 
 
+class _StoreInput:
+    """The forward pre-hook of a ``":input"`` path: stores the module's first positional input.
+
+    An in-place module (``nn.ReLU(inplace=True)``) would overwrite that tensor, so it is cloned
+    first (the clone keeps the graph)."""
+
+    def __init__(self, capture: FeatureCapture, name: str) -> None:
+        self.capture, self.name = capture, name
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if not args or not isinstance(args[0], Tensor):
+            raise TypeError(f"{self.capture.paths[self.name]!r}: the module's first input is not a Tensor")
+        x = args[0].clone() if getattr(module, "inplace", False) else args[0]
+        self.capture.features[self.name] = x.detach() if self.capture.detach else x
+
+
 # --------------------------------------------------------------------------- probing
 
 
@@ -434,17 +475,7 @@ def probe(model: nn.Module, example_input: Tensor | tuple | Mapping) -> dict[str
 
         return hook
 
-    modes = [(m, m.training) for _, m in modules]
-    handles = [m.register_forward_hook(make_hook(path)) for path, m in modules]
-    try:
-        model.eval()
-        with torch.no_grad():
-            _call(model, example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, training in modes:
-            m.train(training)  # per module: a model may deliberately keep some parts in eval
+    _eval_forward(model, example_input, [(m, make_hook(path)) for path, m in modules])
 
     types = {path: type(m).__name__ for path, m in modules}
     ran = sorted(finished, key=finished.__getitem__)
@@ -453,6 +484,60 @@ def probe(model: nn.Module, example_input: Tensor | tuple | Mapping) -> dict[str
         if path not in infos:
             infos[path] = ModuleInfo(path, types[path], None, 0, -1)
     return infos
+
+
+def _eval_forward(model: nn.Module, example_input: Tensor | tuple | Mapping,
+                  hooks: Sequence[tuple[nn.Module, Callable[..., None]]]) -> None:
+    """One eval-mode, no-grad forward with the given forward hooks; hooks removed, and every module's own
+    mode restored (a model may deliberately keep some parts in eval)."""
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_hook(h) for m, h in hooks]
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes:
+            m.train(training)
+
+
+def pre_activation_path(model: nn.Module, path: str, example_input: Tensor | tuple | Mapping) -> str:
+    """The capture path of ``path``'s output *before* its final activation.
+
+    Finds the activation module (:data:`ACTIVATIONS`) inside ``path`` (or ``path`` itself) whose
+    last call returned exactly the tensor ``path`` returns, and gives ``"<its path>:input"``
+    (e.g. ``"layer1"`` of a ResNet -> ``"layer1.2.relu:input"``: ``out + shortcut`` before the
+    block's last ReLU). When no activation produced the output (a pre-activation WideResNet block,
+    a linear bottleneck), the output is already pre-activation and ``path`` is returned.
+
+    Args:
+        model: any module; path: a module path in it; example_input: as for :func:`probe`.
+    """
+    model = _unwrap(model)
+    target = get_module(model, path)
+    outputs: dict[str, Any] = {}
+
+    def remember(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            outputs[name] = output
+        return hook
+
+    prefix = f"{path}." if path else ""
+    acts = [(prefix + sub if sub else path, m) for sub, m in target.named_modules() if isinstance(m, ACTIVATIONS)]
+    _eval_forward(model, example_input, [(target, remember("")), *((m, remember(p)) for p, m in acts)])
+    out = outputs.get("")
+    found = [p for p, _ in acts if out is not None and outputs.get(p) is out]
+    return found[-1] + INPUT_TAP if found else path
+
+
+def feature_shape(model: nn.Module, path: str, example_input: Tensor | tuple | Mapping) -> tuple[int, ...]:
+    """Shape of the feature a :class:`FeatureCapture` path (``":input"`` taps included) gives for an example."""
+    capture = FeatureCapture(model, [path], detach=True)
+    with capture:
+        _eval_forward(_unwrap(model), example_input, [])
+    return tuple(capture[path].shape)
 
 
 def find_stage_outputs(model: nn.Module, example_input: Tensor | tuple | Mapping) -> list[str]:

@@ -36,7 +36,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         return 0
     registry = REGISTRIES[KINDS[args.kind]]
     for name in registry.names():
-        print(f"{name:18s} {registry.describe(name)}")
+        # losses: the catalogue weight each method is run with unless a config gives one (or calibrates)
+        weight = f"weight {registry.get(name).weight:<7g} " if args.kind == "losses" else ""
+        print(f"{name:18s} {weight}{registry.describe(name)}")
     return 0
 
 

@@ -37,6 +37,7 @@ from kdtune.registry import closest
 __all__ = [
     "ALIASES",
     "AutoKDConfig",
+    "CalibrateConfig",
     "ConfigError",
     "DataConfig",
     "DistProConfig",
@@ -201,6 +202,30 @@ class WeightingConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """Weights measured on the first batches (:mod:`kdtune.calibration`) instead of catalogue constants.
+
+    Each distillation term's gradient norm on the student's parameters is set to ``ratio`` times the
+    task (cross-entropy) gradient's norm, measured on the first ``batches`` training batches. A weight
+    the config gives explicitly then multiplies the calibrated one (weight 2 = twice the ratio).
+    """
+
+    ratio: float = 1.0
+    """Target ||grad term|| / ||grad CE|| of every term at weight 1 (kdtune.calibration says why 1)."""
+    batches: int = 4
+    """Training batches (of epoch 0, the run's own) the gradient norms are averaged over."""
+    weights: dict[str, float] = field(default_factory=dict)
+    """Measured calibrated weight per term, written by the run (config.yaml); a resumed run reuses them."""
+    grad_norms: dict[str, float] = field(default_factory=dict)
+    """Measured mean gradient norms (``task`` and each term), written by the run with ``weights``."""
+
+    def __post_init__(self) -> None:
+        _require(self.ratio > 0, "ratio", f"must be > 0, got {self.ratio}")
+        _require(self.batches >= 1, "batches", f"must be >= 1, got {self.batches}")
+        _require(all(w >= 0 for w in self.weights.values()), "weights", f"must be >= 0, got {self.weights}")
+
+
+@dataclass
 class DistillConfig:
     """What the student learns from: labels, logit losses, feature pathways and their weighting."""
 
@@ -212,6 +237,8 @@ class DistillConfig:
     """Feature pathways (empty: none)."""
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     """How the terms are aggregated."""
+    calibrate: CalibrateConfig | None = None
+    """Calibrated term weights (``distill.calibrate.ratio=1`` switches it on); null: catalogue / given weights."""
 
     def __post_init__(self) -> None:
         _require(self.task_weight >= 0, "task_weight", f"must be >= 0, got {self.task_weight}")
@@ -251,6 +278,9 @@ class ScheduleConfig:
     """``step``: epochs between decays."""
     milestones: list[int] = field(default_factory=list)
     """``multistep``: epochs at which the rate decays."""
+    milestone_fractions: list[float] = field(default_factory=list)
+    """``multistep``: fractions of the run (0..1) at which the rate decays, instead of ``milestones``;
+    scales with ``epochs`` (DistPro §4.1's search: [0.25, 0.5, 0.75], epochs 10/20/30 of 40)."""
     gamma: float = 0.1
     """``step``/``multistep``: decay factor."""
     warmup_epochs: int = 0
@@ -265,6 +295,11 @@ class ScheduleConfig:
             "milestones",
             f"must be increasing epochs >= 1, got {self.milestones}",
         )
+        fractions = list(self.milestone_fractions)
+        _require(fractions == sorted(fractions) and all(0 < f < 1 for f in fractions), "milestone_fractions",
+                 f"must be increasing fractions of the run in (0, 1), got {fractions}")
+        _require(not (fractions and self.milestones), "milestone_fractions",
+                 "give milestones (epochs) or milestone_fractions, not both")
 
 
 @dataclass
@@ -353,6 +388,9 @@ class StudyConfig:
     """Seconds between a running trial's heartbeats; one silent for 3x as long is failed and retried."""
     max_retry: int = 2
     """Retries of a trial whose worker died (its training resumes from its last checkpoint)."""
+    kd_incumbent: bool = True
+    """Score plain KD (logits only, tau 4, weight 1; calibrated with distill.calibrate) in the same study;
+    the final run uses it when no searched design beats it on validation."""
 
     def __post_init__(self) -> None:
         _require(self.heartbeat >= 1, "heartbeat", f"must be >= 1 second, got {self.heartbeat}")
@@ -377,6 +415,8 @@ class SearchConfig(StudyConfig):
     trial_epochs: int | None = None
     """Epochs of each trial (a shorter schedule as a cheap proxy); null: ``train.epochs``. The final run
     always trains ``train.epochs``."""
+    incumbents: list[dict[str, float]] = field(default_factory=list)
+    """Hand-chosen v (path -> weight, e.g. ``{at: 1000, kd: 1}``) scored in the same study as incumbents."""
 
     def __post_init__(self) -> None:
         _require(bool(self.space), "space", "must give at least one path, e.g. {at: [10, 100, 1000], kd: [0.1, 1]}")
@@ -399,6 +439,9 @@ class SearchConfig(StudyConfig):
                  f"must be set for the {self.sampler!r} sampler (only grid defaults to its size)")
         _require(self.trial_epochs is None or self.trial_epochs >= 1, "trial_epochs",
                  f"must be >= 1 or null, got {self.trial_epochs}")
+        for i, v in enumerate(self.incumbents):
+            _require(all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in v.values()),
+                     f"incumbents.{i}", f"must map paths to weights >= 0, got {v!r}")
         super().__post_init__()
 
 
@@ -447,6 +490,13 @@ class AutoKDConfig(StudyConfig):
     """Proxy: share of ``train.epochs`` a trial trains for (early stop, §2.3); 1 = all."""
     export: str | None = None
     """Also write the best spec to this path (a stable name for ``autokd_final`` configs to train from)."""
+    min_steps: int = 150
+    """Proxy: least optimiser steps of a trial; subset, then epochs, are raised (with a message) to reach it
+    (kdtune.search.proxies says why 150)."""
+    incumbents: list[str] = field(default_factory=list)
+    """Distiller spec YAMLs of hand designs scored in the same study as incumbents (beside plain KD)."""
+    fidelity_check: int = 0
+    """Also train the top-k designs by proxy reward in full and report the proxy's Spearman rho; 0: off."""
 
     def __post_init__(self) -> None:
         _require(self.trials >= 1, "trials", f"must be >= 1, got {self.trials}")
@@ -460,6 +510,9 @@ class AutoKDConfig(StudyConfig):
         _require(0 < self.subset <= 1, "subset", f"must be in (0, 1], got {self.subset}")
         _require(0 < self.epoch_fraction <= 1, "epoch_fraction", f"must be in (0, 1], got {self.epoch_fraction}")
         _require(self.space in ("table1", "extended"), "space", f"must be table1 or extended, got {self.space!r}")
+        _require(self.min_steps >= 1, "min_steps", f"must be >= 1, got {self.min_steps}")
+        _require(self.fidelity_check == 0 or self.fidelity_check >= 2, "fidelity_check",
+                 f"must be 0 (off) or >= 2 (a rank correlation needs two designs), got {self.fidelity_check}")
         super().__post_init__()
 
 
@@ -746,6 +799,12 @@ class DistProConfig:
     from a 28x28 student stage to a 7x7 teacher stage; not Fig. 4's order)."""
     distance: str = "hcl"
     """Distance of every pathway: ``hcl`` (ReviewKD), ``mse``, ``l1``."""
+    tap: Literal["pre", "post"] = "pre"
+    """Stage value the pathways read: ``pre`` (before the stage's final activation, as ReviewKD's HCL and
+    the released DistPro code) or ``post`` (the stage output). Recorded per pathway in the process."""
+    logit_pathway: bool = False
+    """Add KD on the logits as one more pathway with its own α (a configured ``kd`` logit loss supplies
+    its kwargs, else the catalogue's tau 4); recorded in the process and replayed like the others."""
     teacher_stages: list[str] | None = None
     """Teacher module paths of the stages; null finds the stage outputs automatically."""
     student_stages: list[str] | None = None
@@ -757,7 +816,7 @@ class DistProConfig:
     init: float = 1.0
     """Initial α̃ (α₀ = 1, §3.3)."""
     tau: float | None = 0.5
-    """Pathways with α̃ <= tau are not computed (§3.4); null keeps all."""
+    """A replay of the process skips pathways with α̃ <= tau (§3.4); null keeps all. The search computes all."""
     hypergradient: Literal["finite_difference", "exact"] = "finite_difference"
     """Eq. 5 (finite difference, ε = radius / ‖∇θ' L_val‖) or exact double backward."""
     radius: float = 0.01

@@ -16,7 +16,7 @@ own forward (``teacher_precision="bf16"`` trades exactness for speed).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdtune.capture import FeatureCapture, find_stage_outputs, get_module, probe
+from kdtune.calibration import Calibration, calibrated_weights, gradient_norms
+from kdtune.capture import (
+    FeatureCapture,
+    feature_shape,
+    find_stage_outputs,
+    get_module,
+    pre_activation_path,
+    probe,
+    split_tap,
+)
 from kdtune.losses import LOSSES
-from kdtune.pathways import Pathway, PathwayLoss, fused_input_convs, resolve_stage
+from kdtune.pathways import Pathway, PathwayLoss, fused_input_convs, resolve_stage, split_pre_activation
 from kdtune.teacher import Precision, TeacherRunner
 from kdtune.weighting import Weighting, build_weighting
 
@@ -98,6 +107,8 @@ class Distiller(nn.Module):
         base = {ll.name: ll.weight for ll in self.logit_losses}
         base.update({p.name: w for p, w in zip(self.pathways, self._pathway_weights, strict=True)})
         self.weighting = build_weighting(weighting, names, base, **dict(weighting_kwargs or {}))
+        self.weight_sources = dict(zip(names, self._weight_sources(logit_losses, pathways), strict=True))
+        self.calibration: Calibration | None = None  # set by calibrate() / set_calibration()
         self.weighting.bind(self)  # strategies needing the student's parameters (MGDA) keep them
         # Several pathways may read one module (DistPro: every stage x N transforms): capture it once.
         s_paths, t_paths = list(dict.fromkeys(self._student_paths)), list(dict.fromkeys(self._teacher_paths))
@@ -116,6 +127,15 @@ class Distiller(nn.Module):
         weight = spec.weight if ll.weight is None else float(ll.weight)
         return LogitLoss(ll.name, weight, {**spec.kwargs, **ll.kwargs})
 
+    @staticmethod
+    def _weight_sources(logit_losses: Sequence[str | LogitLoss], pathways: Sequence[Pathway]) -> list[str]:
+        """Where each term's weight comes from: ``user`` (given), ``catalogue`` (the method's usual
+        weight) or ``default`` (1: no method, no weight), in term order."""
+        given = [None if isinstance(x, str) else x.weight for x in logit_losses]
+        sources = ["catalogue" if w is None else "user" for w in given]
+        return sources + ["user" if p.weight is not None else "catalogue" if p.method else "default"
+                          for p in pathways]
+
     def _build_pathways(self, pathways: list[Pathway], input_shape: Sequence[int] | None) -> list[PathwayLoss]:
         self._student_paths: list[str] = []
         self._teacher_paths: list[str] = []
@@ -131,11 +151,11 @@ class Distiller(nn.Module):
         t_stages = find_stage_outputs(self.teacher, example) if needs_stages else []
         built = []
         for p in pathways:
-            s_path = resolve_stage(p.student, s_stages, "student")
-            t_path = resolve_stage(p.teacher, t_stages, "teacher")
+            s_path = self._resolve_path(self.student, p.student, s_stages, "student", example)
+            t_path = self._resolve_path(self.teacher, p.teacher, t_stages, "teacher", example)
             p = Pathway(**{**p.__dict__, "student": s_path, "teacher": t_path}).resolved()
-            s_shape = self._shape(self.student, s_info, s_path, "student")
-            t_shape = self._shape(self.teacher, t_info, t_path, "teacher")
+            s_shape = self._shape(self.student, s_info, s_path, "student", example)
+            t_shape = self._shape(self.teacher, t_info, t_path, "teacher", example)
             built.append(p.build(s_shape, t_shape))
             self._student_paths.append(s_path)
             self._teacher_paths.append(t_path)
@@ -143,8 +163,18 @@ class Distiller(nn.Module):
         return built
 
     @staticmethod
-    def _shape(model: nn.Module, info: Mapping[str, Any], path: str, role: str) -> tuple[int, ...]:
-        get_module(model, path)  # a wrong path fails here, listing the closest real ones
+    def _resolve_path(model: nn.Module, path: str, stages: Sequence[str], role: str, example: Tensor) -> str:
+        """``stage:<i>`` -> its module path; a ``:pre`` suffix -> the pre-activation capture path."""
+        base, pre = split_pre_activation(path)
+        base = resolve_stage(base, stages, role)
+        return pre_activation_path(model, base, example) if pre else base
+
+    @staticmethod
+    def _shape(model: nn.Module, info: Mapping[str, Any], path: str, role: str, example: Tensor) -> tuple[int, ...]:
+        module_path, input_tap = split_tap(path)
+        get_module(model, module_path)  # a wrong path fails here, listing the closest real ones
+        if input_tap:
+            return feature_shape(model, path, example)
         if path not in info or info[path].shape is None:
             raise ValueError(f"{role} module {path!r} produced no tensor output in a probe forward "
                              f"(unused by forward, or returns a tuple/dict: capture it with a selector)")
@@ -228,6 +258,43 @@ class Distiller(nn.Module):
                 out.update({k: torch.tensor(v) for k, v in self.weighting.diagnostics.items()})
         out["loss"] = loss
         return out
+
+    # ------------------------------------------------------------------ calibrated weights
+
+    def calibrate(self, batches: Iterable[tuple[Tensor, Tensor]], ratio: float = 1.0) -> Calibration:
+        """Set every term's weight so that its gradient norm on the student is ``ratio`` times the
+        task gradient's, measured on ``batches`` (:mod:`kdtune.calibration`); returns what was measured."""
+        norms, n = gradient_norms(self, batches)
+        weights = calibrated_weights(norms, ratio)
+        return self.set_calibration(weights, Calibration(float(ratio), n, norms, weights))
+
+    def set_calibration(self, weights: Mapping[str, float], record: Calibration | None = None) -> Calibration:
+        """Use calibrated weights c_i (e.g. recorded by an earlier run): the weighting scales term i by
+        c_i; a catalogue / default weight becomes 1 (c_i replaces it), a user-given one multiplies c_i."""
+        self.weighting.set_scales(weights)
+        for name in weights:
+            if self.weight_sources[name] != "user":
+                self.weighting.base_weights[name] = 1.0
+        self.calibration = record or Calibration(float("nan"), 0, {}, dict(weights))
+        return self.calibration
+
+    def weight_lines(self) -> list[str]:
+        """One line per term: its weight and where it comes from (printed at the start of a run)."""
+        w = self.weighting
+        learned = set(getattr(w, "learned", ()))  # DistPro's search / replayed process set these terms' weights
+        cal = self.calibration.weights if self.calibration is not None else {}
+        lines = []
+        for name in w.names:
+            set_by_strategy = not w.uses_base_weights or name in learned
+            by = f"; x the weight {type(w).__name__} sets" if set_by_strategy else ""
+            value = (1.0 if set_by_strategy else w.base_weights[name]) * w.scales[name]
+            source = self.weight_sources[name]
+            if name in cal:
+                user = f" x user weight {w.base_weights[name]:g}" if source == "user" else ""
+                ratio = self.calibration.ratio if self.calibration is not None else float("nan")
+                source = f"calibrated: grad ratio {ratio:g}{user}"
+            lines.append(f"term {name}: weight {value:.4g} ({source}{by})")
+        return lines
 
     @property
     def has_terms(self) -> bool:

@@ -32,7 +32,8 @@ from kdtune.distances import DISTANCES, pearson, register_distance
 from kdtune.registry import Registry
 from kdtune.transforms import TRANSFORMS, ShapeMismatchError
 
-__all__ = ["LOGIT_NORMS", "LOSSES", "LossSpec", "dist", "dkd", "get_loss", "kd", "l2_logit", "normalize_logits"]
+__all__ = ["KD_FORMS", "LOGIT_NORMS", "LOSSES", "LossSpec", "dist", "dkd", "get_loss", "kd", "l2_logit",
+           "normalize_logits"]
 
 
 # --------------------------------------------------------------------------- logit losses
@@ -71,8 +72,12 @@ def normalize_logits(z: Tensor, mode: str = "none", eps: float = 1e-7) -> Tensor
     raise ValueError(f"unknown logit normalisation {mode!r}; choose one of {list(LOGIT_NORMS)}")
 
 
+#: Forms of the soft-target loss :func:`kd`: KL divergence (Hinton) or cross-entropy (Adaptive Distillation eq. 6).
+KD_FORMS = ("kl", "ce")
+
+
 def kd(s_logits: Tensor, t_logits: Tensor, targets: Tensor | None = None, tau: float = 4.0,
-       normalize: str = "none") -> Tensor:
+       normalize: str = "none", form: str = "kl") -> Tensor:
     """Soft-target KD (Hinton et al. 2015, §2): ``tau^2 * KL(softmax(t/tau) || softmax(s/tau))``.
 
     ``L = tau^2 / N * sum_n sum_k p^t_nk log(p^t_nk / p^s_nk)`` -- reduction ``batchmean``
@@ -80,12 +85,21 @@ def kd(s_logits: Tensor, t_logits: Tensor, targets: Tensor | None = None, tau: f
     count K. The ``tau^2`` keeps gradient magnitudes comparable across temperatures.
     ``normalize`` (:func:`normalize_logits`) rescales both logits first (Auto-KD's extended space).
 
+    ``form="ce"`` gives ``tau^2 * CE(p^t, p^s) = -tau^2 / N sum_n sum_k p^t_nk log p^s_nk``, the
+    soft-target path of Adaptive Distillation (App. A.1, eq. 6): KL plus ``tau^2`` times the
+    teacher's entropy H(p^t). Same gradient in the student logits, but a larger value, which
+    matters wherever the weight depends on the loss value (eq. 6's learned weight tends to 1/loss).
+
     Shapes: (N, K), (N, K) -> 0-dim. ``targets`` is unused (uniform signature).
     """
     _check_logits("kd", s_logits, t_logits)
+    if form not in KD_FORMS:
+        raise ValueError(f"unknown kd form {form!r}; choose one of {list(KD_FORMS)}")
     s_logits, t_logits = normalize_logits(s_logits, normalize), normalize_logits(t_logits, normalize)
     log_ps = F.log_softmax(s_logits / tau, dim=1)
     log_pt = F.log_softmax(t_logits / tau, dim=1)
+    if form == "ce":
+        return -(log_pt.exp() * log_ps).sum(dim=1).mean() * tau**2
     return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * tau**2
 
 

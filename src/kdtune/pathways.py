@@ -6,7 +6,9 @@ It is a plain description; :meth:`Pathway.build` turns it into a :class:`Pathway
 the feature shapes are known (from :func:`kdtune.capture.probe`).
 
 Module paths may also be ``"stage:<i>"``: the i-th stage output found automatically
-(:func:`kdtune.capture.find_stage_outputs`; negative indices count from the last stage).
+(:func:`kdtune.capture.find_stage_outputs`; negative indices count from the last stage). A path
+ending in ``":pre"`` (``"stage:0:pre"``, ``"layer1:pre"``) reads that output before its final
+activation (:func:`kdtune.capture.pre_activation_path`), as ReviewKD and DistPro distil.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from kdtune.losses import LOSSES
 from kdtune.transforms import FeatureTransform, ShapeMismatchError, build_transform, resize_spatial
 
 STAGE_PREFIX = "stage:"
+#: Suffix of a pathway path read before the output's final activation.
+PRE_ACTIVATION = ":pre"
 
 
 @dataclass
@@ -180,6 +184,13 @@ def resolve_stage(path: str, stages: Sequence[str], role: str) -> str:
     except (ValueError, IndexError):
         raise ValueError(f"{role} path {path!r}: the {role} has {len(stages)} stages {list(stages)}; "
                          f"use stage:0 .. stage:{len(stages) - 1}") from None
+
+
+def split_pre_activation(path: str) -> tuple[str, bool]:
+    """``"stage:0:pre"`` -> (``"stage:0"``, True); any other path -> (path, False)."""
+    if path.endswith(PRE_ACTIVATION):
+        return path[: -len(PRE_ACTIVATION)], True
+    return path, False
 
 
 def connect_stages(num_teacher_stages: int, num_student_stages: int,

@@ -131,8 +131,23 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
     if eval_split == "val" and splits.val is None:
         raise ValueError("eval_split='val' needs a validation split: set data.val_fraction > 0 (e.g. 0.2)")
     test_loader = BatchLoader(splits.val if eval_split == "val" else splits.test, d.eval_batch_size, shuffle=False)
-    return Trainer(distiller, train_loader, test_loader, cfg.train, run_dir=run_dir, callbacks=callbacks,
-                   seed=cfg.seed, teacher_key=teacher_key(cfg) if eval_split == "test" else None)
+    trainer = Trainer(distiller, train_loader, test_loader, cfg.train, run_dir=run_dir, callbacks=callbacks,
+                      seed=cfg.seed, teacher_key=teacher_key(cfg) if eval_split == "test" else None)
+    calibrate_run(cfg, trainer)
+    return trainer
+
+
+def calibrate_run(cfg: RunConfig, trainer: Trainer) -> None:
+    """``distill.calibrate``: measure the term weights on the trainer's first batches, or reuse the
+    ones recorded in ``cfg`` (a resumed run); the measured ones are recorded in ``cfg`` (config.yaml)."""
+    if cfg.distill.calibrate is None:
+        return
+    if cfg.selfdistill is not None:
+        raise ValueError("distill.calibrate weighs teacher distillation terms; self-distillation has none: "
+                         "remove distill.calibrate")
+    from kdtune.calibration import calibrate_from_config
+
+    calibrate_from_config(trainer.distiller, trainer.train_loader, cfg.distill.calibrate)
 
 
 def teacher_key(cfg: RunConfig) -> tuple[Any, ...] | None:

@@ -37,7 +37,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kdtune.capture import FeatureCapture
+from kdtune.capture import INPUT_TAP, FeatureCapture
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -45,7 +45,8 @@ _FP32_TOLERANCE = 1e-4  # relative to max(1, max |reference|): a few float32 ulp
 
 
 class _FeatureTracer(torch.fx.Tracer):
-    """An fx tracer that remembers, for each wanted module path, the value its last call returned."""
+    """An fx tracer that remembers, for each wanted module path, the value its last call returned
+    (for a ``"<path>:input"`` tap, its first input), as the hooks of a FeatureCapture would."""
 
     def __init__(self, paths: Sequence[str]) -> None:
         super().__init__()
@@ -53,8 +54,11 @@ class _FeatureTracer(torch.fx.Tracer):
         self.found: dict[str, Any] = {}
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        out = super().call_module(m, forward, args, kwargs)
         path = self.path_of_module(m)
+        if path + INPUT_TAP in self.wanted and args and isinstance(args[0], torch.fx.Proxy):
+            # The module's first input (a pre-activation tap); cloned before an in-place module runs.
+            self.found[path + INPUT_TAP] = args[0].clone() if getattr(m, "inplace", False) else args[0]
+        out = super().call_module(m, forward, args, kwargs)
         if path in self.wanted:
             self.found[path] = out  # overwritten by a later call: the last call wins, as with hooks
         return out

@@ -77,7 +77,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Multiplier of the base lr at a given optimiser step (schedules are stepped per batch).
 
     cosine: 0.5 (1 + cos(pi t / T)) over all steps; step: gamma^floor(epoch / step_size);
-    multistep: gamma^(#milestones passed); constant: 1. Optional linear warm-up first.
+    multistep: gamma^(#milestones passed; ``milestone_fractions`` f count at step f * total steps);
+    constant: 1. Optional linear warm-up first.
     """
     s = cfg.schedule
     warm = s.warmup_epochs * steps_per_epoch
@@ -89,6 +90,8 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, total) / total))
     if s.name == "step":
         return s.gamma ** (epoch // s.step_size)
+    if s.name == "multistep" and s.milestone_fractions:
+        return s.gamma ** sum(step >= f * cfg.epochs * steps_per_epoch for f in s.milestone_fractions)
     if s.name == "multistep":
         return s.gamma ** sum(epoch >= m for m in s.milestones)
     return 1.0
@@ -398,6 +401,9 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         for cb in self.callbacks:
             cb.on_fit_start(self)
+        if self.cfg.progress and self.dist.is_main:  # each term's weight and where it comes from
+            for line in getattr(self.distiller, "weight_lines", list)():
+                print(line, flush=True)
         start = time.perf_counter()
         while self.epoch < self.cfg.epochs:
             for cb in self.callbacks:
@@ -448,4 +454,10 @@ class Trainer:
             "student_parameters": sum(p.numel() for p in self.distiller.student.parameters()),
             "extra_parameters": sum(p.numel() for p in self.distiller.extra_parameters()),
             "world_size": self.dist.world_size,
+            **self._calibration_summary(),
         }
+
+    def _calibration_summary(self) -> dict[str, Any]:
+        """``calibration``: measured gradient norms and calibrated weights (``distill.calibrate``)."""
+        record = getattr(self.distiller, "calibration", None)
+        return {"calibration": record.to_dict()} if record is not None else {}

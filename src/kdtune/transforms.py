@@ -317,18 +317,22 @@ class Conv3x3Adapter(FeatureTransform):
 
 
 class SpatialSelfAttention(nn.Module):
-    """DistPro's self-attention (Deng et al. 2022, Fig. 4b): ``x * sigmoid(conv(x))``.
+    """DistPro's self-attention (Deng et al. 2022, Fig. 4b): ``x * conv(x)``.
 
-    A conv makes a 1-channel map (N, 1, H, W); its sigmoid gates every channel of the input.
-    The figure does not give the kernel: we use 3x3 (padding 1) so the gate sees a neighbourhood.
+    A conv makes a 1-channel attention map (N, 1, H, W) that multiplies every channel of the input.
+    Fig. 4b shows no squashing of the map; ``sigmoid=True`` gates with ``sigmoid(conv(x))`` instead
+    (kdtune's behaviour before it followed the figure; process files of that time keep it).
+    The figure does not give the kernel: we use 3x3 (padding 1) so the map sees a neighbourhood.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+    def __init__(self, channels: int, kernel_size: int = 3, sigmoid: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, 1, kernel_size, padding=kernel_size // 2)
+        self.sigmoid = bool(sigmoid)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(self.conv(x))
+        attention = self.conv(x)
+        return x * (torch.sigmoid(attention) if self.sigmoid else attention)
 
 
 @_register("distpro")
@@ -353,10 +357,11 @@ class DistProBlock(FeatureTransform):
         pool_first: when the student map is larger than the teacher's, pool it to the teacher's
             H x W before conv1 (every layer then runs at the teacher's size: (Hs Ws) / (Ht Wt)
             times cheaper). Not Fig. 4's order, so off by default.
+        attention_sigmoid: squash the attention map with a sigmoid (not in Fig. 4b, so off).
     """
 
     def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], kernel_size: int = 3,
-                 attention_kernel: int = 3, pool_first: bool = False) -> None:
+                 attention_kernel: int = 3, pool_first: bool = False, attention_sigmoid: bool = False) -> None:
         super().__init__(s_shape, t_shape)
         self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
         if kernel_size % 2 == 0 or attention_kernel % 2 == 0:
@@ -365,7 +370,7 @@ class DistProBlock(FeatureTransform):
         cs, ct = self.s_shape[1], self.t_shape[1]
         pad = kernel_size // 2
         self.conv1 = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
-        self.attention = SpatialSelfAttention(ct, attention_kernel)
+        self.attention = SpatialSelfAttention(ct, attention_kernel, attention_sigmoid)
         self.conv2 = nn.Sequential(nn.Conv2d(ct, ct, kernel_size, padding=pad, bias=False),
                                    nn.BatchNorm2d(ct))
         self.conv3 = nn.Sequential(nn.Conv2d(ct, ct, kernel_size, padding=pad, bias=False),

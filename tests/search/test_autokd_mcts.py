@@ -15,7 +15,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from kdtune.search.mcts import MCTSSampler, backpropagate, leaf_of, propose, run_tree_search, tree_statistics
+from kdtune.search.mcts import (
+    MCTSSampler,
+    NodeStats,
+    backpropagate,
+    leaf_of,
+    propose,
+    run_tree_search,
+    tree_statistics,
+    ucb,
+)
 from kdtune.search.space import LEVELS
 from kdtune.search.weights import SURPLUS_ATTR
 
@@ -28,6 +37,13 @@ def synthetic(seed):
     scores = [[r.random() for _ in range(b)] for b in BRANCHING]
     best = tuple(max(range(b), key=lambda i, s=s: s[i]) for b, s in zip(BRANCHING, scores, strict=True))
     return (lambda leaf: sum(s[i] for s, i in zip(scores, leaf, strict=True)) / len(BRANCHING)), best
+
+
+def test_ucb_is_eq2_by_hand():
+    """Auto-KD eq. 2: R_i/N_i + C sqrt(2 ln N_b / N_i). R = 3, N = 4, N_b = 20, C = 0.5:
+    0.75 + 0.5 * sqrt(2 * 2.995732 / 4) = 0.75 + 0.5 * 1.223874 = 1.361937."""
+    assert ucb(NodeStats(visits=4, reward=3.0), 20, 0.5) == pytest.approx(1.361937, abs=1e-6)
+    assert ucb(NodeStats(visits=1, reward=0.2), 1, 2.0) == pytest.approx(0.2)  # ln 1 = 0: no exploration bonus
 
 
 def evaluations_to_best(seed, budget, algorithm, c=0.4):

@@ -151,7 +151,7 @@ TINY = {
                              {"teacher": "stage:1", "student": "stage:1", "method": "at"}],
                 "weighting": {"name": "adaptive", "kwargs": {"alpha": 0.5}}},
     "train": {"epochs": 1, "progress": False, "log_every": 1},
-    "search": {"sampler": "grid", "space": {"at": [10, 1000], "kd": [1]}},
+    "search": {"sampler": "grid", "space": {"at": [10, 1000], "kd": [1]}, "kd_incumbent": False},
 }
 
 
@@ -211,7 +211,7 @@ def test_trial_epochs_shortens_trials_but_not_the_final_run(tmp_path):
     from kdtune.recipe import run
 
     spec = {**TINY, "train": {**TINY["train"], "epochs": 2},
-            "search": {"sampler": "grid", "space": {"at": [10], "kd": [1]}, "trial_epochs": 1}}
+            "search": {"sampler": "grid", "space": {"at": [10], "kd": [1]}, "trial_epochs": 1, "kd_incumbent": False}}
     cfg = from_dict(RunConfig, spec)
     run_dir, summary = run(cfg, tmp_path / "r")
     (trial_dir,) = (run_dir / "trials").iterdir()

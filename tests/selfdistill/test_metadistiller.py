@@ -125,9 +125,9 @@ def test_loss_is_eq3_eq4(method: str) -> None:
     logits = out["logits"].detach()
     feats = [f.detach() for f in sd.features()]
     exits = [head(f) for head, f in zip(sd.exits, feats, strict=False)]
-    if method == "md":
+    if method == "md":  # T_k = exit_head_k(F̂_k) (§3.3), each head a copy so nothing real is touched
         with torch.no_grad():
-            targets = sd.generator(feats)
+            targets = [copy.deepcopy(head)(m) for head, m in zip(sd.exits, sd.generator(feats), strict=True)]
     expected = F.cross_entropy(logits, y)
     for k, s_k in enumerate(exits):
         ce = F.cross_entropy(s_k, y)
@@ -170,15 +170,65 @@ def test_trainer_steps_model_and_exits_but_not_the_generator(tiny_data: ImageDat
 
 def test_generator_is_eq5() -> None:
     torch.manual_seed(0)
-    gen = TopDownLabelGenerator([4, 6, 8], [(8, 8), (4, 4), (2, 2)], num_classes=10)
+    gen = TopDownLabelGenerator([4, 6, 8])
     feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4), torch.randn(2, 8, 2, 2)]
     f3 = gen.lateral[2](feats[2])  # F̂_3 = conv1x1(F_3)
     f2 = gen.refine[1](F.interpolate(f3, scale_factor=2, mode="bilinear") + gen.lateral[1](feats[1]))
     f1 = gen.refine[0](F.interpolate(f2, scale_factor=2, mode="bilinear") + gen.lateral[0](feats[0]))
     assert f2.shape == feats[1].shape and f1.shape == feats[0].shape  # F̂_k has F_k's shape
-    t1, t2 = gen(feats)
-    torch.testing.assert_close(t1, gen.heads[0](f1))
-    torch.testing.assert_close(t2, gen.heads[1](f2))
+    fused1, fused2 = gen(feats)
+    torch.testing.assert_close(fused1, f1)
+    torch.testing.assert_close(fused2, f2)
+
+
+def test_targets_are_the_exit_heads_as_constant_functions() -> None:
+    """T_k = exit_head_k(F̂_k) (§3.3); the T_k path trains only θ_g: the heads get no gradient and
+    their BatchNorm running statistics stay bit-identical."""
+    sd = make("md")
+    x, y = batch()
+    logits = sd.student(x)
+    feats = sd.features()
+    heads = copy.deepcopy(sd.exits)  # the independent route: plain calls of copies of the heads
+    exit_state = {k: v.clone() for k, v in sd.exits.state_dict().items()}
+    targets = sd.soft_target_logits(feats, logits, generator_grad=True)
+    with torch.no_grad():
+        expected = [h(m) for h, m in zip(heads, sd.generator([f.detach() for f in feats]), strict=True)]
+    for t, e in zip(targets, expected, strict=True):
+        torch.testing.assert_close(t, e)
+    sum(t.square().sum() for t in targets).backward()
+    assert all(p.grad is None for p in sd.exits.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sd.generator.parameters())
+    assert all(p.grad is None for p in sd.student.parameters())  # features reach the generator detached
+    assert_same({k: v.detach() for k, v in sd.exits.state_dict().items()}, exit_state)
+
+
+def test_generator_optimiser_steps_exactly_the_fusion_convolutions() -> None:
+    sd = make("md")
+    gen = sd.generator
+    fusion = {id(p) for p in [*gen.lateral.parameters(), *gen.refine.parameters()]}
+    stepped = {id(p) for g in sd.generator_optimizer.param_groups for p in g["params"]}
+    assert stepped == fusion and len(stepped) == 4 * 3 - 2  # 3 lateral + 2 refine convs, weight and bias
+    assert {n.split(".")[0] for n, _ in gen.named_parameters()} == {"lateral", "refine"}
+
+
+def test_generator_collapse_is_logged() -> None:
+    sd = make("md", tau=2.0)
+    x, y = batch()
+    out = sd(x, y)
+    with torch.no_grad():
+        fused = sd.generator([f.detach() for f in sd.features()])
+        for k, (head, m) in enumerate(zip(copy.deepcopy(sd.exits), fused, strict=True), start=1):
+            t = head(m)
+            assert out[f"gen/exit{k}_label_agree"].item() == pytest.approx((t.argmax(1) == y).float().mean().item())
+            assert out[f"gen/exit{k}_max_prob"].item() == pytest.approx(F.softmax(t / 2.0, 1).max(1)[0].mean().item())
+
+
+def test_state_with_old_generator_heads_fails_with_a_message() -> None:
+    sd = make("md")
+    state = sd.state_dict()
+    state["generator.heads.0.fc.weight"] = torch.zeros(10, 8)
+    with pytest.raises(ValueError, match="generator heads.*retrain"):
+        make("md").load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- meta step (eq. 6-8)
@@ -223,6 +273,20 @@ def test_meta_gradient_equals_finite_differences() -> None:
         numeric = (val_ce_after_one_real_step(plus) - val_ce_after_one_real_step(minus)) / (2 * eps)
         analytic = float(flat @ direction)
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+def test_meta_step_moves_the_generator_downhill() -> None:
+    """A small Adam step on ∇θ_g L_val lowers L_val of the look-ahead on the same batches (eq. 8)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        sd = make("md", generator_lr=1e-4)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    x_a, y_a = batch(8, seed=1, dtype=torch.float64)
+    x_b, y_b = batch(8, seed=2, dtype=torch.float64)
+    before = sd.meta_step(x_a, y_a, x_b, y_b, lr=0.5)
+    after, _ = sd.meta_gradient(x_a, y_a, x_b, y_b, 0.5)
+    assert after.item() < before - 1e-9
 
 
 def test_look_ahead_leaves_the_model_untouched() -> None:

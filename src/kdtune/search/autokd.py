@@ -40,7 +40,7 @@ from typing import Any
 import optuna
 import torch
 import torch.nn.functional as F
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor, nn
 
 from kdtune.capture import FeatureCapture, find_stage_outputs
@@ -48,9 +48,18 @@ from kdtune.config import ModelConfig, RunConfig
 from kdtune.data import Augment, BatchLoader
 from kdtune.distances import cka
 from kdtune.pathways import resolve_stage
-from kdtune.search.mcts import run_tree_search, tree_statistics
+from kdtune.search.incumbents import (
+    INCUMBENT_ATTR,
+    KD,
+    add_incumbent,
+    find_incumbent,
+    floor_summary,
+    is_incumbent,
+    kd_config,
+)
+from kdtune.search.mcts import open_tree_study, run_tree_search, tree_statistics
 from kdtune.search.multiteacher import ensemble_config, logits_module, member_names
-from kdtune.search.proxies import CachedTeacher, SparseStudent, TeacherCache, proxy_epochs, proxy_subset
+from kdtune.search.proxies import CachedTeacher, SparseStudent, TeacherCache, proxy_budget, proxy_subset, spearman
 from kdtune.search.space import DistillerSpec, Level, levels
 from kdtune.trainer import Callback, NonFiniteLossError, Trainer
 
@@ -292,7 +301,7 @@ def compute_mu(cfg: RunConfig) -> list[float]:
 
 
 class TrialContext:
-    """What every trial of one search shares: data, proxy loaders, teacher cache, mu."""
+    """What every trial of one search shares: data, proxy loaders and budget, teacher cache, mu."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
         from kdtune.recipe import build_distiller, load_splits
@@ -306,10 +315,14 @@ class TrialContext:
         self.cfg, self.run_dir = cfg, run_dir
         splits = load_splits(cfg)
         assert splits.val is not None
-        self.train = proxy_subset(splits.train, ak.subset, cfg.data.split_seed)
+        self.full_train = splits.train
+        self.subset, self.epochs, self.budget_note = proxy_budget(
+            len(splits.train), cfg.data.batch_size, cfg.train.epochs, ak.subset, ak.epoch_fraction, ak.min_steps)
+        if self.budget_note is not None:
+            print(self.budget_note, flush=True)
+        self.train = proxy_subset(splits.train, self.subset, cfg.data.split_seed)
         self.val = splits.val
         self.input_shape = tuple(self.train.images.shape[1:])
-        self.epochs = proxy_epochs(cfg.train.epochs, ak.epoch_fraction)
         self.plan = make_plan(cfg)
         self.cache: TeacherCache | None = None
         self.cache_seconds = 0.0
@@ -319,34 +332,47 @@ class TrialContext:
             self.cache = TeacherCache(run_dir / "teacher_cache", self.train_loader(), self.epochs)
             self.cache_seconds = self.cache.build(distiller)
 
-    def train_loader(self) -> BatchLoader:
+    @property
+    def proxy_steps(self) -> int:
+        """Optimiser steps of one proxy trial."""
+        return self.epochs * len(self.train_loader())
+
+    def train_loader(self, full: bool = False) -> BatchLoader:
         d = self.cfg.data
-        return BatchLoader(self.train, d.batch_size, shuffle=True, augment=Augment(d.crop_padding, d.flip),
-                           seed=self.cfg.seed)
+        return BatchLoader(self.full_train if full else self.train, d.batch_size, shuffle=True,
+                           augment=Augment(d.crop_padding, d.flip), seed=self.cfg.seed)
 
     def val_loader(self) -> BatchLoader:
         return BatchLoader(self.val, self.cfg.data.eval_batch_size, shuffle=False)
 
-    def trainer(self, spec: DistillerSpec, run_dir: Path | None, proxies: bool = True) -> Trainer:
-        """A trainer of the proxy run of ``spec`` (``proxies=False``: no cache, dense student)."""
-        from kdtune.recipe import build_distiller, seed_everything
+    def spec_config(self, spec: DistillerSpec) -> RunConfig:
+        """The plain run config of a searched (or hand-written) design."""
+        return spec_config(self.cfg, spec, self.plan)
+
+    def trainer(self, trial_cfg: RunConfig, run_dir: Path | None, full: bool = False) -> Trainer:
+        """A trainer of ``trial_cfg`` under the proxies (``full=True``: all the training split, the full
+        epochs, no cache, dense student -- the fidelity check's reference)."""
+        from kdtune.recipe import build_distiller, calibrate_run, seed_everything
 
         ak = _autokd(self.cfg)
-        trial_cfg = spec_config(self.cfg, spec, self.plan)
-        trial_cfg.train.epochs = self.epochs
+        trial_cfg = copy.deepcopy(trial_cfg)
+        trial_cfg.train.epochs = self.cfg.train.epochs if full else self.epochs
         trial_cfg.train.progress = False
         seed_everything(self.cfg.seed)
         distiller = build_distiller(trial_cfg, self.train.in_channels, self.train.num_classes, self.input_shape)
         callbacks: list[Callback] = []
-        if proxies and self.cache is not None:
+        if not full and self.cache is not None:
             callbacks.append(CachedTeacher(self.cache))
-        if proxies and ak.sparsity > 0:
+        if not full and ak.sparsity > 0:
             callbacks.append(SparseStudent(ak.sparsity, ak.regrow_every, ak.regrow_fraction, seed=self.cfg.seed))
-        return Trainer(distiller, self.train_loader(), self.val_loader(), trial_cfg.train, run_dir=run_dir,
-                       callbacks=callbacks, seed=self.cfg.seed)
+        trainer = Trainer(distiller, self.train_loader(full), self.val_loader(), trial_cfg.train, run_dir=run_dir,
+                          callbacks=callbacks, seed=self.cfg.seed)
+        calibrate_run(trial_cfg, trainer)  # W_f / W_p then multiply the calibrated weights
+        return trainer
 
-    def evaluate(self, spec: DistillerSpec, run_dir: Path | None = None) -> dict[str, Any]:
-        """Train the proxy of ``spec`` and score it on validation; a finished trial dir is reused."""
+    def evaluate(self, trial_cfg: RunConfig, run_dir: Path | None = None, spec: DistillerSpec | None = None,
+                 full: bool = False) -> dict[str, Any]:
+        """Train ``trial_cfg`` (proxy, or ``full``) and score it on validation; a finished trial dir is reused."""
         ak = _autokd(self.cfg)
         summary_path = run_dir / "summary.json" if run_dir is not None else None
         if summary_path is not None and summary_path.exists():
@@ -354,8 +380,8 @@ class TrialContext:
             if "reward_metrics" in summary:
                 summary["reward"] = reward_from(summary["reward_metrics"], ak.reward)
                 return summary
-        trainer = self.trainer(spec, run_dir)
-        if run_dir is not None:
+        trainer = self.trainer(trial_cfg, run_dir, full)
+        if run_dir is not None and spec is not None:
             spec.save(run_dir / "spec.yaml")
         summary = trainer.fit()
         d = trainer.distiller
@@ -368,12 +394,90 @@ class TrialContext:
             summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
+    def score(self, trial_cfg: RunConfig, run_dir: Path, label: str, spec: DistillerSpec | None = None,
+              full: bool = False) -> tuple[float, dict[str, Any]]:
+        """(reward, user attributes) of one design; a diverged one gets :data:`REWARD_FLOOR`."""
+        try:
+            summary = self.evaluate(trial_cfg, run_dir, spec, full)
+        except NonFiniteLossError as err:
+            # A distiller that diverges is a bad leaf, not a broken trial: it gets the floor reward, so
+            # the tree learns to avoid its branch (a failed trial would leave the leaf untried forever).
+            print(f"{label} diverged ({err}); reward {REWARD_FLOOR}", flush=True)
+            return REWARD_FLOOR, {"diverged": True, "run_dir": str(run_dir)}
+        reward = summary["reward"]  # floored by reward_from
+        acc = summary["reward_metrics"]["acc"]
+        print(f"{label}  reward {reward:.4f}  val acc {100 * acc:.2f}%", flush=True)
+        return float(reward), {"train_seconds": summary.get("train_seconds"), "val_acc": acc, "run_dir": str(run_dir)}
+
 
 # --------------------------------------------------------------------------- the search
 
 
+def incumbent_designs(ctx: TrialContext) -> dict[str, tuple[RunConfig, DistillerSpec | None]]:
+    """Plain KD (``autokd.kd_incumbent``) and the hand designs of ``autokd.incumbents``: name -> (config, spec)."""
+    ak = _autokd(ctx.cfg)
+    designs: dict[str, tuple[RunConfig, DistillerSpec | None]] = {}
+    if ak.kd_incumbent:
+        designs[KD] = (kd_config(ctx.cfg), None)
+    for path in ak.incumbents:
+        spec = DistillerSpec.load(path)
+        designs[f"spec:{Path(path).stem}"] = (ctx.spec_config(spec), spec)
+    return designs
+
+
+def score_incumbents(study: optuna.Study, ctx: TrialContext,
+                     designs: dict[str, tuple[RunConfig, DistillerSpec | None]]) -> dict[str, FrozenTrial]:
+    """Score every incumbent design not yet in the study, with the trials' proxy and reward, and add it."""
+    out = {}
+    for name, (trial_cfg, spec) in designs.items():
+        found = find_incumbent(study, name)
+        if found is None:
+            trial_dir = ctx.run_dir / "trials" / f"incumbent-{name.replace(':', '-')}"
+            reward, attrs = ctx.score(trial_cfg, trial_dir, f"incumbent {name}", spec)
+            found = add_incumbent(study, name, reward, attrs)
+        out[name] = found
+    return out
+
+
+def proxy_warning(kd: FrozenTrial | None, num_classes: int, ctx: TrialContext) -> str | None:
+    """A message when plain KD's proxy accuracy is near chance (< 1.5 / K): the proxy then ranks noise."""
+    if kd is None or kd.user_attrs.get("val_acc") is None:
+        return None
+    acc, chance = float(kd.user_attrs["val_acc"]), 1.0 / num_classes
+    if acc >= 1.5 * chance:
+        return None
+    ak = _autokd(ctx.cfg)
+    return (f"autokd proxy is uninformative: plain KD reaches {100 * acc:.1f}% validation accuracy after "
+            f"{ctx.proxy_steps} optimiser steps on {len(ctx.train)} images, near chance ({100 * chance:.1f}%), so the "
+            f"trials' rewards rank noise. Give the proxy more training: raise autokd.min_steps (now {ak.min_steps}), "
+            f"autokd.subset (now {ctx.subset:g}) or autokd.epoch_fraction (now {ak.epoch_fraction:g}), or train.epochs")
+
+
+def fidelity_check(study: optuna.Study, ctx: TrialContext, k: int,
+                   designs: dict[str, tuple[RunConfig, DistillerSpec | None]]) -> dict[str, Any]:
+    """Train the top-``k`` designs by proxy reward in full (all the training split, full epochs, no
+    proxies); Spearman's rho between their proxy rewards and full validation accuracies."""
+    done = sorted((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+                  key=lambda t: -float(t.value))
+    rows = []
+    for t in done[:k]:
+        name = t.user_attrs.get(INCUMBENT_ATTR)
+        spec = None if name is not None else DistillerSpec.from_choices(t.params)
+        trial_cfg = designs[name][0] if name is not None else ctx.spec_config(spec)
+        label = name or spec.key()
+        trial_dir = ctx.run_dir / "fidelity" / label.replace(":", "-")
+        _, attrs = ctx.score(trial_cfg, trial_dir, f"fidelity: {label} trained in full", spec, full=True)
+        rows.append({"design": label, "trial": t.number, "proxy_reward": float(t.value),
+                     "full_val_acc": attrs.get("val_acc", 0.0)})
+    rho = spearman([r["proxy_reward"] for r in rows], [r["full_val_acc"] for r in rows])
+    print(f"fidelity check: Spearman rho {rho:.3f} between proxy reward and full validation accuracy "
+          f"over the top {len(rows)} designs", flush=True)
+    return {"k": len(rows), "spearman_rho": rho, "designs": rows}
+
+
 def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = ()) -> tuple[Path, dict[str, Any]]:
-    """Search the distiller space (or continue the search), write the best spec, then (``final``) distil.
+    """Score the incumbents (plain KD, hand designs), search the distiller space (or continue the search),
+    write the best spec, then (``final``) distil with the best design including the incumbents.
 
     Returns:
         (run_dir, summary): the final run's summary with an ``autokd`` entry, or only ``{"autokd": ...}``.
@@ -387,56 +491,69 @@ def run_autokd(cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...] = 
     run_dir, storage, study_name = open_search_dir(cfg, run_dir, ak)
     ctx = TrialContext(cfg, run_dir)
     space = levels(ak.logits, ak.space)
+    study = open_tree_study(space, storage, study_name, ak.algorithm, ak.exploration, cfg.seed, ak.heartbeat,
+                            ak.max_retry)
+    designs = incumbent_designs(ctx)
+    incumbents = score_incumbents(study, ctx, designs)
+    warning = proxy_warning(incumbents.get(KD), ctx.train.num_classes, ctx)
+    if warning is not None:
+        print(f"WARNING: {warning}", flush=True)
 
     def objective(trial: optuna.Trial, choices: dict[str, Any]) -> float:
         spec = DistillerSpec.from_choices(choices)
         trial_dir = run_dir / "trials" / spec.key()
         trial.set_user_attr("run_dir", str(trial_dir))
-        try:
-            summary = ctx.evaluate(spec, trial_dir)
-        except NonFiniteLossError as err:
-            # A distiller that diverges is a bad leaf, not a broken trial: it gets the floor reward, so
-            # the tree learns to avoid its branch (a failed trial would leave the leaf untried forever).
-            print(f"trial {trial.number}: {spec.key()} diverged ({err}); reward {REWARD_FLOOR}", flush=True)
-            trial.set_user_attr("diverged", True)
-            return REWARD_FLOOR
-        reward = summary["reward"]  # floored by reward_from
-        trial.set_user_attr("train_seconds", summary.get("train_seconds"))
-        trial.set_user_attr("val_acc", summary["reward_metrics"]["acc"])
-        print(f"trial {trial.number}: {spec.key()}  reward {reward:.4f}  "
-              f"val acc {100 * summary['reward_metrics']['acc']:.2f}%", flush=True)
-        return float(reward)
+        reward, attrs = ctx.score(ctx.spec_config(spec), trial_dir, f"trial {trial.number}: {spec.key()}", spec)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return reward
 
-    study = run_tree_search(objective, space, storage, study_name, ak.trials, ak.algorithm, ak.exploration,
-                            cfg.seed, ak.heartbeat, ak.max_retry)
+    # Incumbents are complete trials of the study: the target counts them on top of autokd.trials.
+    study = run_tree_search(objective, space, storage, study_name, ak.trials + len(incumbents), ak.algorithm,
+                            ak.exploration, cfg.seed, ak.heartbeat, ak.max_retry)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not complete:
+    searched = [t for t in complete if not is_incumbent(t)]
+    if not searched:
         raise RuntimeError(f"no trial of study {study_name!r} completed; see {run_dir / 'trials'}")
-    best = study.best_trial
+    best = max(searched, key=lambda t: float(t.value))
     best_spec = DistillerSpec.from_choices(best.params)
     best_spec.save(run_dir / "best.yaml")
     if ak.export is not None:
         best_spec.save(ak.export)
+    chosen = study.best_trial  # the best including the incumbents
+    floor = floor_summary(chosen, incumbents.get(KD))
     info = {"study_name": study_name, "storage": storage, "algorithm": ak.algorithm, "reward": ak.reward,
             "space": ak.space, "teachers": ctx.plan.members or [_teachers(cfg)[0].name],
             "best_spec": best_spec.to_dict(), "best_reward": best.value, "best_trial": best.number,
-            "complete_trials": len(complete), "proxy_epochs": ctx.epochs, "proxy_train_images": len(ctx.train),
+            "chosen": floor["chosen"], "chosen_trial": chosen.number, "kd_floor": floor,
+            "incumbents": {n: {"reward": t.value, "val_acc": t.user_attrs.get("val_acc")}
+                           for n, t in incumbents.items()},
+            "proxy_warning": warning, "proxy_budget_note": ctx.budget_note,
+            "complete_trials": len(searched), "proxy_epochs": ctx.epochs, "proxy_subset": ctx.subset,
+            "proxy_train_images": len(ctx.train), "proxy_steps": ctx.proxy_steps,
             "cache_build_seconds": ctx.cache_seconds, "mu": ctx.plan.mu,
             "trials_train_seconds": sum(t.user_attrs.get("train_seconds") or 0.0 for t in complete),
             "trials": trials_table(study)}
+    if ak.fidelity_check:
+        info["fidelity"] = fidelity_check(study, ctx, ak.fidelity_check, designs)
     (run_dir / "autokd.json").write_text(json.dumps(info, indent=2) + "\n")
     plot_search(run_dir, space)
-    print(f"best spec {best_spec.key()}  reward {best.value:.4f} ({len(complete)} trials; {run_dir / 'best.yaml'})",
+    print(f"best spec {best_spec.key()}  reward {best.value:.4f} ({len(searched)} trials; {run_dir / 'best.yaml'})",
           flush=True)
+    if "message" in floor:
+        print(floor["message"], flush=True)
     search_summary = {k: v for k, v in info.items() if k != "trials"}
     if not ak.final:
         return run_dir, {"autokd": search_summary}
-    return retrain_best(spec_config(cfg, best_spec, ctx.plan), run_dir, callbacks, "autokd", search_summary)
+    name = chosen.user_attrs.get(INCUMBENT_ATTR)
+    final_cfg = designs[name][0] if name is not None else ctx.spec_config(best_spec)
+    return retrain_best(final_cfg, run_dir, callbacks, "autokd", search_summary)
 
 
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
     """Every trial: number, state, choices, reward, validation accuracy, seconds, run directory."""
-    return [{"number": t.number, "state": t.state.name, "choices": t.params, "reward": t.value,
+    return [{"number": t.number, "state": t.state.name, "incumbent": t.user_attrs.get(INCUMBENT_ATTR),
+             "choices": t.params, "reward": t.value,
              "val_acc": t.user_attrs.get("val_acc"), "train_seconds": t.user_attrs.get("train_seconds"),
              "mcts_depth": t.system_attrs.get("mcts:depth"), "run_dir": t.user_attrs.get("run_dir")}
             for t in study.get_trials(deepcopy=False)]
@@ -459,7 +576,8 @@ def plot_search(run_dir: str | Path, space: Sequence[Level] | None = None, max_d
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "autokd.json").read_text())
-    done = [t for t in info["trials"] if t["state"] == "COMPLETE" and t["reward"] is not None]
+    done = [t for t in info["trials"]
+            if t["state"] == "COMPLETE" and t["reward"] is not None and not t.get("incumbent")]
     if space is None:
         space = levels("logit_distance" in (done[0]["choices"] if done else {"logit_distance": 1}),
                        info.get("space", "table1"))

@@ -50,8 +50,9 @@ from torch.func import functional_call
 
 from kdtune.capture import find_stage_outputs
 from kdtune.data import BatchLoader
-from kdtune.distiller import Distiller, TeacherOutput
-from kdtune.pathways import Pathway, connect_stages
+from kdtune.distiller import Distiller, LogitLoss, TeacherOutput
+from kdtune.losses import LOSSES
+from kdtune.pathways import PRE_ACTIVATION, Pathway, connect_stages
 from kdtune.trainer import Callback, Trainer
 from kdtune.transforms import check_transform_options
 from kdtune.weighting.process import (
@@ -60,6 +61,7 @@ from kdtune.weighting.process import (
     Process,
     ProcessMismatchError,
     ProcessWeighting,
+    distance_from_uniform,
 )
 
 DEFAULT_TRANSFORMS: tuple[str, ...] = ("conv1x1", "conv3x3", "distpro")
@@ -70,6 +72,8 @@ __all__ = [
     "DistProCallback",
     "DistProSearch",
     "ProcessReplay",
+    "logit_losses_from_process",
+    "logit_pathway",
     "pathways_from_process",
     "plot_process",
     "search_space",
@@ -92,6 +96,7 @@ def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[i
                  teacher_stages: Sequence[str] | None = None,
                  student_stages: Sequence[str] | None = None,
                  transform_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+                 tap: Literal["pre", "post"] = "pre",
                  ) -> tuple[list[Pathway], list[PathwayInfo]]:
     """DistPro's search space (§3.1, Fig. 2): stage connections × N candidate transforms.
 
@@ -108,6 +113,8 @@ def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[i
         distance: distance registry name (HCL by default; ``mse``, ``l1`` selectable).
         teacher_stages, student_stages: explicit module paths overriding the automatic stages.
         transform_kwargs: extra arguments per transform name, e.g. ``{"distpro": {"pool_first": True}}``.
+        tap: ``pre`` reads every stage before its final activation (ReviewKD's HCL taps, which §4.1
+            follows, and the released DistPro code); ``post`` reads the stage outputs.
 
     Returns:
         The pathways (module paths resolved) and their :class:`PathwayInfo` (stage indices kept,
@@ -115,6 +122,9 @@ def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[i
     """
     if not transforms:
         raise ValueError("search_space: give at least one candidate transform")
+    if tap not in ("pre", "post"):
+        raise ValueError(f"search_space: tap must be 'pre' or 'post', got {tap!r}")
+    suffix = PRE_ACTIVATION if tap == "pre" else ""
     transform_kwargs = dict(transform_kwargs or {})
     unknown = sorted(set(transform_kwargs) - set(transforms))
     if unknown:
@@ -129,18 +139,20 @@ def search_space(teacher: nn.Module, student: nn.Module, input_shape: Sequence[i
     for i, j in pairs:
         for tf in transforms:
             name, kwargs = f"t{i}-s{j}:{tf}", dict(transform_kwargs.get(tf, {}))
-            pathways.append(Pathway(teacher=t_stages[i], student=s_stages[j], transform=tf, distance=distance,
-                                    weight=1.0, name=name, transform_kwargs=kwargs))
-            infos.append(PathwayInfo(name, t_stages[i], s_stages[j], i, j, tf, distance, dict(kwargs)))
+            pathways.append(Pathway(teacher=t_stages[i] + suffix, student=s_stages[j] + suffix, transform=tf,
+                                    distance=distance, weight=1.0, name=name, transform_kwargs=kwargs))
+            infos.append(PathwayInfo(name, t_stages[i], s_stages[j], i, j, tf, distance, dict(kwargs), tap))
     return pathways, infos
 
 
 def pathways_from_process(process: Process, teacher: nn.Module | None = None, student: nn.Module | None = None,
                           input_shape: Sequence[int] | None = None) -> list[Pathway]:
-    """The process's pathways, rebuilt for a (possibly different) teacher/student pair.
+    """The process's feature pathways, rebuilt for a (possibly different) teacher/student pair.
 
     Pathways recorded with stage indices are rebuilt as ``stage:<i>`` -> ``stage:<j>`` of the new
-    pair (transfer by stage index, Table 3); others use their recorded module paths. When models
+    pair (transfer by stage index, Table 3); others use their recorded module paths; each reads
+    the tap it was searched with (``:pre`` for pre-activation). Logit pathways are not feature
+    pathways: :func:`logit_losses_from_process` rebuilds them. When models
     and ``input_shape`` are given, a stage index the new pair lacks is a
     :class:`~kdtune.weighting.process.ProcessMismatchError` listing both pathway sets.
     """
@@ -160,12 +172,32 @@ def pathways_from_process(process: Process, teacher: nn.Module | None = None, st
                 f"  missing here: {', '.join(p.name for p in bad)}")
     out = []
     for p in process.pathways:
+        if p.kind == "logit":
+            continue
         staged = p.teacher_stage is not None and p.student_stage is not None
-        out.append(Pathway(teacher=f"stage:{p.teacher_stage}" if staged else p.teacher,
-                           student=f"stage:{p.student_stage}" if staged else p.student,
+        suffix = PRE_ACTIVATION if p.tap == "pre" else ""
+        out.append(Pathway(teacher=(f"stage:{p.teacher_stage}" if staged else p.teacher) + suffix,
+                           student=(f"stage:{p.student_stage}" if staged else p.student) + suffix,
                            transform=p.transform, distance=p.distance, weight=1.0, name=p.name,
                            transform_kwargs=dict(p.transform_kwargs)))
     return out
+
+
+def logit_pathway(name: str = "kd", kwargs: Mapping[str, Any] | None = None) -> tuple[LogitLoss, PathwayInfo]:
+    """DistPro's optional logit pathway: a logit loss (catalogue ``name``, its defaults updated by
+    ``kwargs``) learned with its own α̃ like a feature pathway, so a process also says how much the
+    logits count against the features (not in the paper). Returns the distiller's term and its
+    process entry."""
+    spec = LOSSES.get(name)
+    if spec.kind != "logit":
+        raise ValueError(f"the logit pathway needs a logit loss, got {name!r} (a {spec.kind} method)")
+    merged = {**spec.kwargs, **dict(kwargs or {})}
+    return LogitLoss(name, 1.0, merged), PathwayInfo(name, "", "", distance=name, kind="logit", loss_kwargs=merged)
+
+
+def logit_losses_from_process(process: Process) -> list[LogitLoss]:
+    """The logit pathways of a process, as the distiller's logit terms (their α comes from the process)."""
+    return [LogitLoss(str(p.distance), 1.0, dict(p.loss_kwargs)) for p in process.pathways if p.kind == "logit"]
 
 
 # ---------------------------------------------------------------------------------- virtual step
@@ -534,7 +566,8 @@ class DistProCallback(Callback):
         assert self.search is not None and self.infos is not None
         w = self.search.weighting
         meta = {**self.meta, "search_steps": len(self.steps), "hypergradient": self.mode,
-                "alpha_optimizer": w.alpha_optimizer, "alpha_lr": w.alpha_lr, "search_seconds": round(self.seconds, 2)}
+                "alpha_optimizer": w.alpha_optimizer, "alpha_lr": w.alpha_lr, "search_seconds": round(self.seconds, 2),
+                "alpha_from_uniform": self.alpha_from_uniform()}
         return Process(self.infos, self.steps, torch.tensor(self.alpha), torch.tensor(self.alpha_tilde),
                        w.normalization, w.g, w.tau, self.kept, meta)
 
@@ -555,6 +588,15 @@ class DistProCallback(Callback):
             process.meta["run_dir"] = str(trainer.run_dir) if trainer.run_dir else None
             process.save(self.export)
         summary["search_seconds_in_alpha_updates"] = round(self.seconds, 2)
+        if self.steps:
+            summary["alpha_from_uniform"] = self.alpha_from_uniform()
+
+    def alpha_from_uniform(self) -> dict[str, float]:
+        """How far the last recorded α is from uniform (:func:`distance_from_uniform`), with the largest
+        weight and the uniform one (Σα / L), e.g. ``largest 0.085 vs uniform 0.036``."""
+        final = torch.tensor(self.alpha[-1])
+        return {**distance_from_uniform(final), "largest_alpha": float(final.max()),
+                "uniform_alpha": float(final.sum()) / len(final)}
 
 
 class ProcessReplay(Callback):
@@ -579,7 +621,8 @@ def plot_process(process: Process, path: str | Path) -> Path:
 
     groups: dict[str, list[int]] = {}
     for k, p in enumerate(process.pathways):
-        label = f"teacher stage {p.teacher_stage}" if p.teacher_stage is not None else f"teacher {p.teacher}"
+        label = ("logits" if p.kind == "logit" else f"teacher stage {p.teacher_stage}" if p.teacher_stage is not None
+                 else f"teacher {p.teacher}")
         groups.setdefault(label, []).append(k)
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.8), squeeze=False, sharey=True)
     steps = process.steps
@@ -611,12 +654,12 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
     * ``distill.weighting.name: process`` -> the retrain: pathways from the process file (by stage
       index on this teacher/student: transfer) unless ``distill.pathways`` lists them (with the
       process's names), weighting ``process`` (kwargs ``file``, ``mode``: process | final | equal,
-      ``tau``), and :class:`ProcessReplay`.
+      ``tau``), and :class:`ProcessReplay`. ``mode: kd`` trains plain KD instead (no process, no
+      pathways; the configured logit losses, else the catalogue's ``kd``), for a KD row in the same table.
 
     Args:
         cfg: a :class:`~kdtune.config.RunConfig`; splits: its :class:`~kdtune.recipe.Splits`.
     """
-    from kdtune.distiller import LogitLoss
     from kdtune.recipe import build_model
 
     if cfg.teacher is None:
@@ -639,8 +682,13 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
             raise ValueError("a DistPro search needs a held-out split for L_val: set data.val_fraction: 0.2 "
                              "(the paper's 80/20 split of the training set)")
         pathways, infos = search_space(teacher, student, input_shape, dp.connections, dp.transforms, dp.distance,
-                                       dp.teacher_stages, dp.student_stages, dp.transform_kwargs)
-        kwargs = {"learned": [p.name for p in pathways], "normalization": dp.normalization, "g": dp.g,
+                                       dp.teacher_stages, dp.student_stages, dp.transform_kwargs, dp.tap)
+        if dp.logit_pathway:
+            given = [ll for ll in logit_losses if ll.name == "kd"]  # a configured kd becomes the pathway
+            loss, info = logit_pathway("kd", given[0].kwargs if given else None)
+            logit_losses = [ll for ll in logit_losses if ll.name != "kd"] + [loss]
+            infos.append(info)
+        kwargs = {"learned": [p.name for p in infos], "normalization": dp.normalization, "g": dp.g,
                   "init": dp.init, "tau": dp.tau, "alpha_optimizer": dp.alpha_optimizer, "alpha_lr": dp.alpha_lr,
                   "alpha_betas": dp.alpha_betas, "alpha_weight_decay": dp.alpha_weight_decay}
         distiller = Distiller(student, teacher, pathways, logit_losses, weighting="distpro", weighting_kwargs=kwargs,
@@ -653,6 +701,12 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
         return distiller, [DistProCallback(val, infos, dp.hypergradient, dp.radius, meta, dp.export)]
 
     kwargs = dict(dc.weighting.kwargs)
+    if kwargs.get("mode") == "kd":  # `baseline=kd`: plain KD in the same protocol, for the same table
+        if dc.pathways:
+            raise ValueError("baseline kd trains plain KD on the logits: remove distill.pathways")
+        losses = logit_losses or [LogitLoss("kd")]  # the configured logit losses, else Hinton KD (tau 4)
+        return Distiller(student, teacher, [], losses, weighting="fixed", task_weight=dc.task_weight,
+                         input_shape=input_shape), []
     file = kwargs.pop("file", None)
     if file is None:
         raise ValueError("weighting 'process' needs the process file of a DistPro search: "
@@ -665,6 +719,12 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
                     for p in dc.pathways]
     else:
         pathways = pathways_from_process(process, teacher, student, input_shape)
+    replayed = logit_losses_from_process(process)
+    clash = sorted({ll.name for ll in replayed} & {ll.name for ll in logit_losses})
+    if clash:
+        raise ValueError(f"the process has logit pathways {clash}, weighted by the process: remove them from "
+                         f"distill.logit_losses")
+    logit_losses += replayed
     distiller = Distiller(student, teacher, pathways, logit_losses, weighting="process",
                           weighting_kwargs={**kwargs, "file": str(file), "process": process},
                           task_weight=dc.task_weight, input_shape=input_shape,

@@ -35,6 +35,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from kdtune.search.incumbents import is_incumbent
 from kdtune.search.space import Level
 
 Path = tuple[int, ...]
@@ -113,9 +114,11 @@ def tree_statistics(trials: Sequence[FrozenTrial], levels: Sequence[Level],
     (``mcts:depth``; trials made by another sampler count down to the full leaf). With
     ``virtual_loss``, a RUNNING trial that already has its leaf counts as a visit with the worst
     reward seen so far, so concurrent workers do not all pick the same branch; it is replaced by
-    its true reward once it finishes. FAIL / PRUNED trials are ignored (a retry re-enters).
+    its true reward once it finishes. FAIL / PRUNED trials are ignored (a retry re-enters), and so
+    are incumbents (:mod:`kdtune.search.incumbents`).
     """
     stats: dict[Path, NodeStats] = {}
+    trials = [t for t in trials if not is_incumbent(t)]  # KD / hand designs: scored, but no leaf of the tree
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     for t in sorted(complete, key=lambda t: t.number):
         leaf = _stored_leaf(t, levels)
@@ -228,10 +231,18 @@ def run_tree_search(objective: Callable[[optuna.Trial, dict[str, Any]], float], 
         heartbeat, max_retry: dead-worker detection and retries.
         catch: exceptions that fail one trial without stopping the search.
     """
-    from kdtune.search.weights import open_rdb_study, optimize_until
+    from kdtune.search.weights import optimize_until
 
-    made_with = {"algorithm": algorithm, "levels": {level.name: list(level.choices) for level in levels}}
-    study = open_rdb_study(storage, study_name, make_sampler(algorithm, levels, exploration, seed), made_with,
-                           heartbeat, max_retry)
+    study = open_tree_study(levels, storage, study_name, algorithm, exploration, seed, heartbeat, max_retry)
     optimize_until(study, lambda trial: objective(trial, suggest_leaf(trial, levels)), n_trials, catch)
     return study
+
+
+def open_tree_study(levels: Sequence[Level], storage: str, study_name: str, algorithm: str = "mcts",
+                    exploration: float = 1.0, seed: int = 0, heartbeat: int = 60, max_retry: int = 2) -> optuna.Study:
+    """The tree search's study (created, or loaded to continue / join it): see :func:`run_tree_search`."""
+    from kdtune.search.weights import open_rdb_study
+
+    made_with = {"algorithm": algorithm, "levels": {level.name: list(level.choices) for level in levels}}
+    return open_rdb_study(storage, study_name, make_sampler(algorithm, levels, exploration, seed), made_with,
+                          heartbeat, max_retry)

@@ -13,7 +13,15 @@
   sparsity, [15]). On a CPU with dense kernels this saves no time — it is the paper's proxy for
   memory/FLOPs, and changes what a trial's student can learn.
 * **Data subset** (:func:`proxy_subset`) and **early stop** (:func:`proxy_epochs`): 20 % of the
-  training data and 20 % of the epochs by default.
+  training data and 20 % of the epochs by default, raised by :func:`proxy_budget` when they would
+  give a trial fewer than ``autokd.min_steps`` optimiser steps (a 4-step proxy ranks noise). The
+  default 150: plain KD (ResNet-56 -> ResNet-8, Fashion-MNIST, 6 epochs, 1 seed) reaches 44.3 %
+  test accuracy after 42 steps -- what the default 0.2 x 0.2 proxy of FMNIST-5k's 80 % split gets --
+  and 78.1 % after 150 (``kdtune run configs/fmnist/kd.yaml data.train_per_class=80|320
+  train.epochs=6 data.test_limit=2000``): at 42 steps a trial measures how fast a design starts,
+  at 150 where it is heading, for about a minute of one core per trial.
+* **Fidelity** (:func:`spearman`): the rank correlation between proxy rewards and full-training
+  accuracies of the same candidates (``autokd.fidelity_check``).
 """
 
 from __future__ import annotations
@@ -49,6 +57,71 @@ def proxy_epochs(epochs: int, fraction: float) -> int:
     if not 0 < fraction <= 1:
         raise ValueError(f"epoch fraction must be in (0, 1], got {fraction}")
     return max(1, round(fraction * epochs))
+
+
+def proxy_budget(train_images: int, batch_size: int, epochs: int, subset: float, epoch_fraction: float,
+                 min_steps: int) -> tuple[float, int, str | None]:
+    """The proxy's (subset, epochs), raised so that a trial trains at least ``min_steps`` optimiser steps.
+
+    steps = proxy_epochs * ceil(subset * train_images / batch_size). When that is below ``min_steps``,
+    the subset is raised first (more distinct images beat repeating a few), up to all the data, then
+    the epochs, up to ``epochs`` (a proxy never trains longer than the full run: if even that is
+    short of ``min_steps``, the proxy is the full run).
+
+    Returns:
+        (subset, proxy epochs, message saying what was raised and why, or None when nothing was).
+    """
+    def steps(fraction: float, n_epochs: int) -> int:
+        return n_epochs * -(-max(1, round(fraction * train_images)) // batch_size)
+
+    p_epochs = proxy_epochs(epochs, epoch_fraction)
+    before = steps(subset, p_epochs)
+    if before >= min_steps:
+        return subset, p_epochs, None
+    per_epoch_needed = -(-min_steps // p_epochs)  # batches per epoch the current epoch count needs
+    new_subset = min(1.0, per_epoch_needed * batch_size / train_images)
+    new_epochs = p_epochs
+    if steps(new_subset, p_epochs) < min_steps:
+        new_epochs = min(epochs, -(-min_steps // steps(new_subset, 1)))
+    after = steps(new_subset, new_epochs)
+    start = (f"autokd proxy: subset {subset:g} x {p_epochs} epoch(s) of {train_images} images at batch {batch_size} "
+             f"= {before} optimiser steps < autokd.min_steps {min_steps}")
+    if (new_subset, new_epochs) == (subset, p_epochs):
+        return subset, p_epochs, f"{start}; the proxy already is the full run (raise train.epochs for longer trials)"
+    capped = " -- the full run: a proxy never trains longer than it" if after < min_steps else ""
+    message = (f"{start}; raised subset to {new_subset:.3g} and epochs to {new_epochs} -> {after} steps{capped} "
+               f"(a proxy of a few steps ranks noise)")
+    return new_subset, new_epochs, message
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation rho: the Pearson correlation of the ranks (ties: mean rank).
+
+    ``nan`` when fewer than 2 pairs or a constant sequence (no ranking to compare).
+    """
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs paired values, got {len(x)} and {len(y)}")
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return r
+
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------- offline teacher

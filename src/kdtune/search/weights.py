@@ -37,10 +37,19 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from kdtune.config import RunConfig, SearchConfig, StudyConfig, WeightingConfig, save_config
 from kdtune.pathways import Pathway
+from kdtune.search.incumbents import (
+    INCUMBENT_ATTR,
+    KD,
+    add_incumbent,
+    find_incumbent,
+    floor_summary,
+    is_incumbent,
+    kd_config,
+)
 from kdtune.weighting.paths import path_of
 
 if TYPE_CHECKING:
@@ -229,8 +238,9 @@ def is_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
 
 
 def run_study(spec: SearchConfig, objective: Objective, storage: str, study_name: str, seed: int = 0,
-              catch: tuple[type[Exception], ...] = ()) -> optuna.Study:
-    """Run (or continue) a study until it holds ``n_trials`` complete trials over all workers.
+              catch: tuple[type[Exception], ...] = (), extra_trials: int = 0) -> optuna.Study:
+    """Run (or continue) a study until it holds ``n_trials`` (+ ``extra_trials``: incumbents already
+    in it) complete trials over all workers.
 
     Args:
         spec: the ``search`` section (sampler, space, n_trials, heartbeat ...).
@@ -245,14 +255,15 @@ def run_study(spec: SearchConfig, objective: Objective, storage: str, study_name
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(spec, storage, study_name, seed)
-    target = spec.n_trials if spec.n_trials is not None else grid_size(spec.space)
+    target = (spec.n_trials if spec.n_trials is not None else grid_size(spec.space)) + extra_trials
     return optimize_until(study, lambda trial: objective(trial, suggest(trial, spec.space)), target, catch)
 
 
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
     """Every trial: number, state, v, score and run directory (for ``search.json``)."""
-    return [{"number": t.number, "state": t.state.name, "v": t.params, "val_acc": t.value,
-             "run_dir": t.user_attrs.get("run_dir")} for t in study.get_trials(deepcopy=False)]
+    return [{"number": t.number, "state": t.state.name, "incumbent": t.user_attrs.get(INCUMBENT_ATTR),
+             "v": t.user_attrs.get("v", t.params), "val_acc": t.value, "run_dir": t.user_attrs.get("run_dir")}
+            for t in study.get_trials(deepcopy=False)]
 
 
 # --------------------------------------------------------------------------- kdtune runs
@@ -269,7 +280,13 @@ def open_search_dir(cfg: RunConfig, run_dir: str | Path, study: StudyConfig) -> 
 
 
 def train_trial(cfg: RunConfig, v: Mapping[str, float], trials_dir: Path) -> dict[str, Any]:
-    """Train ``cfg`` with fixed weights v in ``trials_dir/<v>``, evaluated on the validation split.
+    """Train ``cfg`` with fixed weights v in ``trials_dir/<v>``, evaluated on the validation split
+    (:func:`train_config`)."""
+    return train_config(cfg, apply_weights(cfg, v), trials_dir / trial_key(v))
+
+
+def train_config(cfg: RunConfig, trial_cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """Train a trial's config (``cfg``'s trial length) in ``run_dir``, evaluated on the validation split.
 
     A finished trial directory is reused (the same v asked twice, or a retry of a trial whose
     worker died after training); an interrupted one resumes from its checkpoint.
@@ -280,13 +297,12 @@ def train_trial(cfg: RunConfig, v: Mapping[str, float], trials_dir: Path) -> dic
     """
     from kdtune.recipe import prepare
 
-    run_dir = trials_dir / trial_key(v)
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         if summary.get("eval_split") == "val":
             return summary
-    trial_cfg = apply_weights(cfg, v)
+    trial_cfg = copy.deepcopy(trial_cfg)
     trial_cfg.name = f"{cfg.name}-trial"
     if cfg.search is not None and cfg.search.trial_epochs is not None:
         trial_cfg.train.epochs = cfg.search.trial_epochs
@@ -299,6 +315,35 @@ def train_trial(cfg: RunConfig, v: Mapping[str, float], trials_dir: Path) -> dic
     summary.update(eval_split="val", val_acc=summary["test_acc"], val_agreement_error=summary.get("agreement_error"))
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def incumbent_configs(cfg: RunConfig) -> dict[str, tuple[RunConfig, dict[str, float] | None]]:
+    """Plain KD (``search.kd_incumbent``) and the hand-chosen v of ``search.incumbents``: name -> (config, v)."""
+    assert cfg.search is not None
+    out: dict[str, tuple[RunConfig, dict[str, float] | None]] = {}
+    if cfg.search.kd_incumbent:
+        out[KD] = (kd_config(cfg), None)
+    for v in cfg.search.incumbents:
+        v = {p: float(w) for p, w in v.items()}
+        out[f"v:{trial_key(v)}"] = (apply_weights(cfg, v), v)
+    return out
+
+
+def score_incumbents(study: optuna.Study, cfg: RunConfig, run_dir: Path,
+                     designs: Mapping[str, tuple[RunConfig, dict[str, float] | None]]) -> dict[str, FrozenTrial]:
+    """Train every incumbent not yet in the study like a trial and add it (validation accuracy)."""
+    out = {}
+    for name, (trial_cfg, v) in designs.items():
+        found = find_incumbent(study, name)
+        if found is None:
+            trial_dir = run_dir / "trials" / f"incumbent-{name.replace(':', '-')}"
+            summary = train_config(cfg, trial_cfg, trial_dir)
+            print(f"incumbent {name}: val acc {100 * summary['val_acc']:.2f}%", flush=True)
+            attrs = {"val_acc": summary["val_acc"], "run_dir": str(trial_dir), "v": v,
+                     "train_seconds": summary.get("train_seconds")}
+            found = add_incumbent(study, name, summary["val_acc"], attrs)
+        out[name] = found
+    return out
 
 
 def run_search(cfg: RunConfig, run_dir: Path,
@@ -323,7 +368,9 @@ def run_search(cfg: RunConfig, run_dir: Path,
         raise ValueError("a weight search scores trials on a validation split carved from the training data: "
                          "set data.val_fraction > 0 (e.g. 0.2); the test set is never used for selection")
     apply_weights(cfg, {p: 1.0 for p in spec.space})  # fail now, not after a trial, on an unknown path
+    designs = incumbent_configs(cfg)
     run_dir, storage, study_name = open_search_dir(cfg, run_dir, spec)
+    incumbents = score_incumbents(open_study(spec, storage, study_name, cfg.seed), cfg, run_dir, designs)
 
     def objective(trial: optuna.Trial, v: dict[str, float]) -> float:
         trial.set_user_attr("run_dir", str(run_dir / "trials" / trial_key(v)))
@@ -332,25 +379,33 @@ def run_search(cfg: RunConfig, run_dir: Path,
         print(f"trial {trial.number}: v = {v}  val acc {100 * summary['val_acc']:.2f}%", flush=True)
         return float(summary["val_acc"])
 
-    study = run_study(spec, objective, storage, study_name, cfg.seed, catch=(NonFiniteLossError,))
+    study = run_study(spec, objective, storage, study_name, cfg.seed, catch=(NonFiniteLossError,),
+                      extra_trials=len(incumbents))
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not complete:
+    searched = [t for t in complete if not is_incumbent(t)]
+    if not searched:
         raise RuntimeError(f"no trial of study {study_name!r} completed; see the trial run directories in "
                            f"{run_dir / 'trials'}")
-    best = study.best_trial
-    info = {"study_name": study_name, "storage": storage, "sampler": spec.sampler, "best_v": best.params,
-            "best_val_acc": best.value, "best_trial": best.number, "complete_trials": len(complete),
+    best = study.best_trial  # the best including the incumbents
+    name = best.user_attrs.get(INCUMBENT_ATTR)
+    floor = floor_summary(best, incumbents.get(KD))
+    info = {"study_name": study_name, "storage": storage, "sampler": spec.sampler,
+            "best_v": best.user_attrs.get("v") if name is not None else best.params,
+            "best_val_acc": best.value, "best_trial": best.number, "chosen": floor["chosen"], "kd_floor": floor,
+            "incumbents": {n: t.value for n, t in incumbents.items()}, "complete_trials": len(searched),
             # The search's own cost (the final run's time is its summary's train_seconds).
             "trials_train_seconds": sum(t.user_attrs.get("train_seconds") or 0.0 for t in complete),
             "trials": trials_table(study)}
     (run_dir / "search.json").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"best v = {best.params}  val acc {100 * best.value:.2f}% "
-          f"({len(complete)} trials; {run_dir / 'search.json'})", flush=True)
+    print(f"best v = {info['best_v']} ({floor['chosen']})  val acc {100 * best.value:.2f}% "
+          f"({len(searched)} trials; {run_dir / 'search.json'})", flush=True)
+    if "message" in floor:
+        print(floor["message"], flush=True)
     search_summary = {k: v for k, v in info.items() if k != "trials"}
     if not spec.final:
         return run_dir, {"search": search_summary}
-
-    return retrain_best(apply_weights(cfg, best.params), run_dir, callbacks, "search", search_summary)
+    final_cfg = designs[name][0] if name is not None else apply_weights(cfg, best.params)
+    return retrain_best(final_cfg, run_dir, callbacks, "search", search_summary)
 
 
 def retrain_best(final_cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback, ...], key: str,
@@ -360,8 +415,8 @@ def retrain_best(final_cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback,
     from kdtune.recipe import prepare  # recipe imports this module: import at call time
 
     final_cfg.data.val_fraction = 0.0  # retrain on all the training data, evaluate on test
-    save_config(final_cfg, run_dir / "best_config.yaml")
     trainer = prepare(final_cfg, run_dir, callbacks)
+    save_config(final_cfg, run_dir / "best_config.yaml")  # after prepare: with calibrated weights, if measured
     summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
     summary[key] = search_summary
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

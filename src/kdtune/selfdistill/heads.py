@@ -35,10 +35,10 @@ def halvings(size: Sequence[int], target: Sequence[int]) -> int:
     return n
 
 
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int, track_running_stats: bool) -> nn.Sequential:
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
-        nn.BatchNorm2d(c_out, track_running_stats=track_running_stats),
+        nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     )
 
@@ -57,17 +57,15 @@ class ExitHead(nn.Module):
         out_channels: C_K, channels of the last stage's map.
         out_size: (H_K, W_K) of the last stage's map.
         num_classes: number of logits.
-        track_running_stats: BatchNorm keeps running statistics (for evaluation). The label
-            generator's heads are training-only and always normalise with batch statistics (False).
     """
 
     def __init__(self, in_channels: int, in_size: Sequence[int], out_channels: int, out_size: Sequence[int],
-                 num_classes: int, track_running_stats: bool = True) -> None:
+                 num_classes: int) -> None:
         super().__init__()
         mid = max(1, out_channels // 4)
-        layers = [_conv_bn_relu(in_channels, mid, 1, 1, track_running_stats)]
-        layers += [_conv_bn_relu(mid, mid, 3, 2, track_running_stats) for _ in range(halvings(in_size, out_size))]
-        layers.append(_conv_bn_relu(mid, out_channels, 1, 1, track_running_stats))
+        layers = [_conv_bn_relu(in_channels, mid, 1, 1)]
+        layers += [_conv_bn_relu(mid, mid, 3, 2) for _ in range(halvings(in_size, out_size))]
+        layers.append(_conv_bn_relu(mid, out_channels, 1, 1))
         self.bottleneck = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(out_channels, num_classes)

@@ -11,8 +11,9 @@ with soft targets T_k = softmax(t_k / τ) (eq. 2) chosen by the variant:
 
 - ``dsn``  deeply-supervised net, hard labels only: L_k = CE(y, S_k) (eq. 4 with a = 1);
 - ``sd``   self-distillation ("Be Your Own Teacher"): t_k = S_K, the final output, detached;
-- ``md``   MetaDistiller: t_k from the top-down label generator (eq. 5), whose parameters θ_g are
-           learned by the meta-gradient of eq. 6–8 (:meth:`SelfDistiller.meta_gradient`).
+- ``md``   MetaDistiller: t_k = exit_head_k(F̂_k), exit k's own head applied to the top-down label
+           generator's fused map F̂_k (eq. 5, §3.3), whose convolutions θ_g are learned by the
+           meta-gradient of eq. 6–8 (:meth:`SelfDistiller.meta_gradient`).
 
 The stages are found by :func:`~kdtune.capture.find_stage_outputs` (or given as module paths) and
 read with forward hooks, so the model is not edited and needs no knowledge of kdtune. The plain
@@ -99,7 +100,7 @@ class SelfDistiller(nn.Module):
         self.generator: TopDownLabelGenerator | None = None
         self.generator_optimizer: torch.optim.Optimizer | None = None
         if method == "md":
-            self.generator = TopDownLabelGenerator(channels, sizes, num_classes)
+            self.generator = TopDownLabelGenerator(channels)
             self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr)
         self._eval_cache: tuple[Tensor, Tensor, list[Tensor]] | None = None
         self._attach_hooks()
@@ -168,16 +169,27 @@ class SelfDistiller(nn.Module):
         """t_k, k < K, such that T_k = softmax(t_k / τ); None for ``dsn`` (no soft targets).
 
         The targets never pass a gradient to the model (they are teachers): ``sd`` detaches the
-        final output; ``md`` feeds the generator detached features. With ``generator_grad`` the
-        generator's graph is kept, so the loss is differentiable in θ_g (the meta step, eq. 7-8);
-        otherwise it runs without a graph (the real step does not train it).
+        final output; ``md`` feeds the generator detached features and reads t_k = exit_head_k(F̂_k)
+        (§3.3) through :meth:`_constant_head`, so the exits are neither trained nor their BatchNorm
+        statistics moved by F̂_k. With ``generator_grad`` the graph is kept, so the loss is
+        differentiable in θ_g through the heads' (constant) function (the meta step, eq. 7-8);
+        otherwise it runs without a graph (the real step does not train the generator).
         """
         if self.method == "dsn":
             return None
         if self.method == "sd":
             return [logits.detach()] * len(self.exits)
         with torch.set_grad_enabled(generator_grad and torch.is_grad_enabled()):
-            return self.generator([f.detach() for f in features])
+            fused = self.generator([f.detach() for f in features])
+            return [self._constant_head(head, f) for head, f in zip(self.exits, fused, strict=True)]
+
+    @staticmethod
+    def _constant_head(head: nn.Module, x: Tensor) -> Tensor:
+        """``head(x)`` with detached copies of its parameters and buffers: no gradient reaches the head's
+        parameters and its BatchNorm running statistics stay as they are (a gradient still flows to x)."""
+        state = {n: p.detach() for n, p in head.named_parameters()}
+        state.update({n: b.clone() for n, b in head.named_buffers()})
+        return functional_call(head, state, (x,))
 
     def forward(self, x: Tensor, y: Tensor, step: int = 0, generator_grad: bool = False) -> dict[str, Tensor]:
         """The loss of eq. 3–4 for a batch x (N, C, H, W), labels y (N,).
@@ -188,7 +200,9 @@ class SelfDistiller(nn.Module):
 
         Returns:
             ``loss`` (L_S, eq. 3), ``logits`` (N, K) = S_K, ``task`` = CE(y, S_K), and per exit k:
-            ``exit<k>_ce`` = CE(y, S_k) and, for sd/md, ``exit<k>_kl`` = τ² KL(T_k ‖ S_k).
+            ``exit<k>_ce`` = CE(y, S_k) and, for sd/md, ``exit<k>_kl`` = τ² KL(T_k ‖ S_k); for md also
+            ``gen/exit<k>_label_agree`` (fraction of argmax T_k == y) and ``gen/exit<k>_max_prob`` (mean
+            max_c T_k), logged per epoch, so a generator that collapses onto one class is visible.
         """
         logits = self.student(x)
         feats = self.features()
@@ -203,8 +217,13 @@ class SelfDistiller(nn.Module):
             if targets is None:
                 loss = loss + ce  # DSN: eq. 4 with a = 1
                 continue
-            kl = kd(s_k, targets[k - 1], tau=self.tau)  # τ² KL(T_k ‖ S_k), batch mean
+            t_k = targets[k - 1]
+            kl = kd(s_k, t_k, tau=self.tau)  # τ² KL(T_k ‖ S_k), batch mean
             out[f"exit{k}_kl"] = kl
+            if self.method == "md":
+                with torch.no_grad():
+                    out[f"gen/exit{k}_label_agree"] = (t_k.argmax(1) == y).float().mean()
+                    out[f"gen/exit{k}_max_prob"] = F.softmax(t_k / self.tau, dim=1).amax(1).mean()
             loss = loss + self.alpha * ce + (1.0 - self.alpha) * kl  # eq. 4
         out["loss"] = loss
         return out

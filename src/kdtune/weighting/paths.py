@@ -64,6 +64,8 @@ class PathWeighting(Weighting):
 
     The path loss is the plain sum of its terms, f_p = sum_{i in p} term_i: the configured
     per-term weights (``base_weights``) are ignored, as in the paper, where v replaces them.
+    Calibrated weights (``scales``) are not ignored: f_p = sum_{i in p} s_i term_i, so v starts
+    from them (v = 1 at the start of ``adaptive``; ``mgda`` solves eq. 4 on the scaled gradients).
 
     Args:
         names, base_weights: as for :class:`~kdtune.weighting.base.Weighting`.
@@ -74,6 +76,8 @@ class PathWeighting(Weighting):
     Attributes:
         paths: path name -> its term names; ``path_names`` their order (the index of z, w ...).
     """
+
+    uses_base_weights = False
 
     def __init__(self, names: Sequence[str], base_weights: Mapping[str, float], alpha: float = 1.0,
                  layerwise: bool = False, groups: Mapping[str, Sequence[str]] | None = None) -> None:
@@ -86,18 +90,20 @@ class PathWeighting(Weighting):
         self._path_of = {t: p for p, members in self.paths.items() for t in members}
 
     def path_losses(self, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """f_p = sum of the present terms of each path; a path with no term present is absent."""
+        """f_p = sum_i s_i term_i over the present terms of each path (s_i: :attr:`scales`, 1 unless
+        calibrated); a path with no term present is absent."""
         out: dict[str, Tensor] = {}
         for name, value in terms.items():
             if name not in self._path_of:
                 raise KeyError(f"unknown term {name!r}; this weighting was built for {self.names}")
             p = self._path_of[name]
+            value = value * self.scales[name] if self.scales[name] != 1.0 else value
             out[p] = out[p] + value if p in out else value
         return {p: out[p] for p in self.path_names if p in out}  # stable order
 
     def term_weights(self, path_weights: Mapping[str, float], terms: Mapping[str, Tensor]) -> dict[str, float]:
-        """Every present term gets its path's weight (for ``w/<term>`` logs and plots)."""
-        return {t: float(path_weights[self._path_of[t]]) for t in terms}
+        """Every present term gets its path's weight times its scale (for ``w/<term>`` logs and plots)."""
+        return {t: float(path_weights[self._path_of[t]]) * self.scales[t] for t in terms}
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, paths={self.paths}"

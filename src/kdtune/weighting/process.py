@@ -10,8 +10,11 @@ process ``A_k = {α_t^k}``. Two strategies live here:
   :class:`Process`, linearly stretched to the retrain length (Alg. 1 line 8), or one of the
   baselines of Table 1: ``equal`` (1/L) and ``final`` (α_T held constant).
 
-Both drop the pathways with ``α̃ ≤ τ`` (τ = 0.5, §3.4): the distiller then skips their transform
-and loss entirely. Terms outside the process (e.g. a KD logit loss) keep their configured weight.
+The replay drops the pathways with ``α̃ ≤ τ`` (τ = 0.5, §3.4): the distiller then skips their
+transform and loss entirely, the KD-time saving of §3.4. The search never drops: every pathway is
+computed at every search step, so the hypergradient of a pathway whose α̃ sank below τ still
+measures that pathway (a dropped pathway's loss would be missing from L_train, and its α̃ would
+move only through the normaliser). Terms outside the process keep their configured weight.
 
 A :class:`Process` file is plain JSON — pathway descriptions, the step grid, α and α̃ per step::
 
@@ -74,6 +77,20 @@ def normalize(alpha_tilde: Tensor, method: str = "biased_softmax", g: float = 1.
     raise ValueError(f"unknown normalization {method!r}; choose one of {', '.join(NORMALIZATIONS)}")
 
 
+def distance_from_uniform(alpha: Tensor) -> dict[str, float]:
+    """How far the weights α (L,) moved from uniform, on their shares p = α / Σα (eq. 2's biased
+    softmax leaves Σα < 1, so α is compared as a distribution):
+
+    * ``alpha_max_vs_uniform`` = max_k p_k · L — the largest weight over the uniform 1/L (1: uniform);
+    * ``alpha_kl_from_uniform`` = KL(p ‖ 1/L) = Σ_k p_k log(p_k L) in nats (0: uniform, log L at most).
+    """
+    a = alpha.detach().double().clamp_min(0.0)
+    n = a.numel()
+    p = a / a.sum().clamp_min(1e-300)
+    kl = torch.where(p > 0, p * (p * n).clamp_min(1e-300).log(), torch.zeros_like(p)).sum()
+    return {"alpha_max_vs_uniform": float(p.max() * n), "alpha_kl_from_uniform": float(kl)}
+
+
 def _check_names(learned: Sequence[str], names: Sequence[str], what: str) -> None:
     missing = [n for n in learned if n not in names]
     if missing:
@@ -96,7 +113,8 @@ class DistProWeighting(Weighting):
         normalization: see :func:`normalize`; ``biased_softmax`` with ``g = 1`` is eq. 2.
         g: the bias of the biased softmax.
         init: the initial α̃ ("we set an initial value α₀ = 1", §3.3).
-        tau: pathways with ``α̃ ≤ tau`` are dropped (not computed, §3.4); ``None`` keeps all.
+        tau: the replay drops pathways with ``α̃ ≤ tau`` (§3.4; recorded in the process file); the
+            search computes every pathway and only logs the fraction a replay would keep.
         alpha_optimizer: ``adam`` or ``sgd`` for α̃.
         alpha_lr: its learning rate γ (eq. 4; 0.05 in §4.1).
         alpha_betas, alpha_eps: Adam's betas and epsilon.
@@ -134,7 +152,7 @@ class DistProWeighting(Weighting):
         return normalize(self.alpha_tilde, self.normalization, self.g)
 
     def kept_mask(self) -> Tensor:
-        """(L,) bool: the learned pathways computed this step (``α̃ > τ``)."""
+        """(L,) bool: the learned pathways a replay of this step would compute (``α̃ > τ``)."""
         if self.tau is None:
             return torch.ones(len(self.learned), dtype=torch.bool)
         return self.alpha_tilde.detach() > self.tau
@@ -147,12 +165,11 @@ class DistProWeighting(Weighting):
         return weights
 
     def active(self, step: int) -> set[str] | None:
+        """Every term (None): the search never drops a pathway (dropping is a replay saving, §3.4)."""
         kept = self.kept_mask().tolist()
-        self.diagnostics = {"pathways_kept": sum(kept) / len(kept)}  # logged per step by the trainer
-        if self.tau is None:
-            return None
-        dropped = {n for n, keep in zip(self.learned, kept, strict=True) if not keep}
-        return {n for n in self.names if n not in dropped}
+        # logged per step (and per epoch as train_*): what a replay would keep, how far α is from uniform
+        self.diagnostics = {"pathways_kept": sum(kept) / len(kept), **distance_from_uniform(self.alpha())}
+        return None
 
     @torch.no_grad()
     def update_alpha(self, hypergradient: Tensor) -> None:
@@ -190,6 +207,10 @@ class PathwayInfo:
 
     ``teacher_stage`` / ``student_stage`` are stage indices (``kdtune.capture.find_stage_outputs``)
     when the pathway was built from stages, else ``None`` (then the module paths are used).
+    ``tap`` says which value of those stages is read: ``post`` (the stage output) or ``pre`` (before
+    its final activation, :func:`kdtune.capture.pre_activation_path`; DistPro's default for HCL).
+    A ``kind="logit"`` entry is a logit loss (``distance`` = its catalogue name, e.g. ``kd``, with
+    ``loss_kwargs``) weighted by its own α like the feature pathways: DistPro's optional logit pathway.
     """
 
     name: str
@@ -201,14 +222,22 @@ class PathwayInfo:
     distance: str | None = None
     transform_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of the transform (e.g. ``{pool_first: true}``), rebuilt with it in retraining."""
+    tap: Literal["post", "pre"] = "post"
+    """Post- or pre-activation stage value (files written before taps existed: ``post``)."""
+    kind: Literal["feature", "logit"] = "feature"
+    """A feature pathway, or a logit loss with its own α (``distance`` names it)."""
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Arguments of a logit pathway's loss (e.g. ``{tau: 4}``)."""
 
     @property
     def key(self) -> tuple[Any, ...]:
         """Identity used to match pathways across pairs: stage indices + transform (and its
         arguments) + distance."""
+        if self.kind == "logit":
+            return ("logit", self.distance, json.dumps(self.loss_kwargs, sort_keys=True))
         transform = (self.transform, json.dumps(self.transform_kwargs, sort_keys=True))
         if self.teacher_stage is not None and self.student_stage is not None:
-            return ("stage", self.teacher_stage, self.student_stage, transform, self.distance)
+            return ("stage", self.teacher_stage, self.student_stage, self.tap, transform, self.distance)
         return ("path", self.teacher, self.student, transform, self.distance)
 
 
@@ -341,7 +370,7 @@ class Process:
         if data.get("kdtune_process") != PROCESS_FORMAT:
             raise ValueError(f"{where} is not a kdtune process file (no \"kdtune_process\": {PROCESS_FORMAT})")
         try:
-            pathways = [PathwayInfo(**p) for p in data["pathways"]]
+            pathways = [PathwayInfo(**_legacy_pathway(p)) for p in data["pathways"]]
             return cls(pathways, list(data["steps"]), torch.tensor(data["alpha"]), torch.tensor(data["alpha_tilde"]),
                        data.get("normalization", "biased_softmax"), float(data.get("g", 1.0)), data.get("tau"),
                        data.get("kept"), dict(data.get("meta") or {}))
@@ -358,6 +387,15 @@ class Process:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data, str(path))
+
+
+def _legacy_pathway(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A pathway entry of a file written before taps were recorded keeps its old behaviour: it read
+    post-activation stage outputs, and its DistPro blocks gated the attention with a sigmoid."""
+    entry = dict(entry)
+    if "tap" not in entry and entry.get("transform") == "distpro":
+        entry["transform_kwargs"] = {"attention_sigmoid": True, **(entry.get("transform_kwargs") or {})}
+    return entry
 
 
 def _interp(pos: Tensor, grid: Tensor, values: Tensor) -> Tensor:

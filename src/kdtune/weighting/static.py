@@ -27,7 +27,10 @@ class EqualWeighting(Weighting):
     ``normalize=True`` — the equal-weight baseline of DistPro's Table 1 (1/L over L pathways).
 
     The configured per-term weights are ignored on purpose: that is what makes it a baseline.
+    Calibrated weights are not: with them, w_i = alpha * s_i gives every term the same gradient share.
     """
+
+    uses_base_weights = False
 
     def __init__(self, names: Sequence[str], base_weights: Mapping[str, float], alpha: float = 1.0,
                  normalize: bool = False) -> None:
