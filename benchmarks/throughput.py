@@ -175,8 +175,8 @@ def main() -> None:
         "| loop | CPU ms | wall ms | CPU ratio to hand-written | wall ratio |", "|---|---:|---:|---:|---:|",
         *[f"| {k} | {t['cpu_ms']:.0f} | {t['wall_ms']:.0f} | {t.get('cpu_ratio', 1.0):.2f}× | "
           f"{t.get('wall_ratio', 1.0):.2f}× |" for k, t in overhead.items()], "",
-        "Scaling (kdtune by default, i.e. with the teacher fast path and fused pathway convs; the hand-written "
-        "loop runs the teacher's own forward and each adapter separately):", "",
+        "Scaling (kdtune by default, i.e. with the teacher fast path; the hand-written loop runs the teacher's "
+        "own forward):", "",
         "| setting | hand CPU ms | kdtune CPU ms | kdtune / hand (CPU) | hand wall ms | kdtune wall ms |",
         "|---|---:|---:|---:|---:|---:|",
         *[f"| {label} | {t['hand']['cpu_ms']:.0f} | {t['kdtune']['cpu_ms']:.0f} | {t['kdtune']['cpu_ratio']:.2f}× | "

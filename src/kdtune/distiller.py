@@ -97,7 +97,9 @@ class Distiller(nn.Module):
         self.student = student
         self.__dict__["teacher"] = freeze(teacher) if teacher is not None else None  # not a submodule
         self._pending_teacher: tuple[Tensor, TeacherOutput] | None = None  # see reuse_teacher_output
-        self.fuse_input_convs = True  # pathways on one student feature: one conv (pathways.fused_input_convs)
+        # Pathways on one student feature as one conv (pathways.fused_input_convs): numerically the same,
+        # but measured no faster on CPU (RESULTS.md, distpro_cost_pool_first), so off by default.
+        self.fuse_input_convs = False
         self.task_weight = float(task_weight)
         self.logit_losses = [self._resolve_logit_loss(x) for x in logit_losses]
         self.pathways = nn.ModuleList(self._build_pathways(list(pathways), input_shape))
@@ -213,8 +215,9 @@ class Distiller(nn.Module):
                       step: int = 0) -> dict[str, Tensor]:
         """One 0-dim tensor per logit loss and per pathway, for the last student forward.
 
-        Terms the weighting marks inactive at ``step`` are not computed at all; the input
-        convolutions of the active pathways reading one student feature run as one convolution.
+        Terms the weighting marks inactive at ``step`` are not computed at all. With
+        ``fuse_input_convs`` the input convolutions of the active pathways reading one student
+        feature run as one convolution.
         """
         active = self.weighting.active(step)
         terms: dict[str, Tensor] = {}
