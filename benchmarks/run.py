@@ -7,6 +7,7 @@
     python benchmarks/run.py adaptive              # Adaptive Distillation: equal, hand-tuned, mgda, adaptive ...
     python benchmarks/run.py autokd_search --seeds 0   # Auto-KD: 4 searches, best specs -> benchmarks/data/
     python benchmarks/run.py autokd                # their specs distilled (30 epochs) with every seed
+    python benchmarks/run.py vit                   # ResNet-56 -> ViT student: alone, KD, KD + token pathway
 
 Each run is ``kdtune run <config> seed=<s>`` in ``runs/bench/<table>/``; a run with a
 ``summary.json`` is not trained again and one stopped mid-way resumes from its last checkpoint,
@@ -116,6 +117,12 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DistPro search", "configs/fmnist/distpro_search.yaml", [f"distpro.export={DISTPRO_PROCESS_FIG4}"]),
         ("DistPro search, pool_first adapters", "configs/fmnist/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS}", POOL_FIRST]),
+    ]),
+    # Issue 14: a CNN teacher distilled into a transformer (token features). Not run yet: the lead decides.
+    "vit": ("FMNIST-5k, ResNet-56 teacher -> ViT student (vit_tiny, patch 4), 30 epochs, AdamW", [
+        ("ViT alone", "configs/fmnist/vit.yaml", []),
+        ("ViT + KD", "configs/fmnist/vit_kd.yaml", []),
+        ("ViT + KD + tokens_to_map pathway", "configs/fmnist/vit_tokens_kd.yaml", []),
     ]),
     "distpro": ("DistPro (Table 1) on FMNIST-5k, ResNet-56 -> ResNet-8, 30 epochs, 27 HCL pathways", [
         ("student alone", "@core/student alone", []),

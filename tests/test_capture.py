@@ -506,3 +506,28 @@ def test_input_tap_captures_the_value_before_the_last_relu(inplace):
     cap[path].sum().backward()  # the graph is kept: a loss on the tap trains the model
     assert block.conv2.weight.grad is not None
     assert feature_shape(model, path, x) == (2, 2, 5, 5)
+
+
+def test_stages_of_a_transformer_are_its_token_blocks() -> None:
+    from kdtune.models import create_model
+
+    vit = create_model("vit_tiny", in_channels=1, num_classes=10)
+    assert find_stage_outputs(vit, torch.zeros(2, 1, 28, 28)) == [f"blocks.{i}" for i in range(6)]
+
+    class Mixer(nn.Module):  # an MLP-mixer-like model: tokens from a linear embedding, blocks in a ModuleList
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(16, 8)
+            self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.embed(x.reshape(len(x), 16, 16))  # (N, 16 tokens, 8)
+            for layer in self.layers:
+                h = h + layer(h)
+            return self.head(h.mean(1))
+
+    assert find_stage_outputs(Mixer(), torch.zeros(2, 1, 16, 16)) == ["layers.0", "layers.1", "layers.2"]
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="nor are there >= 2 blocks giving \\(N, L, D\\) tokens"):
+        find_stage_outputs(flat, torch.zeros(2, 1, 4, 4))

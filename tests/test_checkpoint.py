@@ -66,3 +66,16 @@ def test_rng_round_trip():
     a, b = torch.rand(3), random.random()
     set_rng_state(state)
     assert torch.equal(torch.rand(3), a) and random.random() == b
+
+
+def test_model_state_finds_the_weights_in_usual_checkpoint_layouts():
+    from kdtune.checkpoint import model_state
+
+    w = {"fc.weight": torch.ones(2, 2)}
+    assert model_state(w) is w
+    for key in ("student", "state_dict", "model_state_dict", "model"):
+        assert model_state({key: w, "epoch": 3}) is w
+    assert model_state({"module.fc.weight": w["fc.weight"]}) == w  # saved from inside DDP
+    trainer_ckpt = {"kdtune_checkpoint": 1, "distiller": {"student.fc.weight": w["fc.weight"],
+                                                          "pathways.0.transform.w": torch.zeros(1)}}
+    assert model_state(trainer_ckpt) == w

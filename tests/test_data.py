@@ -437,3 +437,81 @@ def test_channels_last_output() -> None:
     (x, _), = batches(BatchLoader(ds, batch_size=4, shuffle=False, channels_last=True))
     assert x.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(x, normalise(ds, ds.images))
+
+
+# --------------------------------------------------------------------------- arrays in a file
+
+
+def test_npz_reads_channels_last_arrays_and_normalises_test_with_train_statistics(tmp_path) -> None:
+    g = np.random.default_rng(0)
+    x_train = g.integers(0, 256, (6, 5, 4, 3), dtype=np.uint8)  # (N, H, W, C)
+    x_test = g.integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+    path = tmp_path / "arrays.npz"
+    np.savez(path, x_train=x_train, y_train=np.arange(6) % 3, x_test=x_test, y_test=np.array([2, 0]))
+    train, test = load_dataset("npz", "train", str(path)), load_dataset("npz", "test", str(path))
+    assert train.images.shape == (6, 3, 5, 4)
+    assert torch.equal(train.images[1], torch.from_numpy(x_train[1]).permute(2, 0, 1))
+    assert train.num_classes == test.num_classes == 3 and test.labels.tolist() == [2, 0]
+    per_channel = x_train.reshape(-1, 3) / 255.0
+    assert train.mean == pytest.approx(tuple(per_channel.mean(0)), abs=1e-6)
+    assert test.mean == train.mean and test.std == train.std
+
+
+def test_npz_errors_name_the_file_and_the_missing_arrays(tmp_path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="must name a .npz file"):
+        load_dataset("npz", "train", str(tmp_path))
+    np.savez(tmp_path / "a.npz", x_train=np.zeros((2, 4, 4), np.uint8), y_train=np.zeros(2))
+    with pytest.raises(ValueError, match=r"missing arrays \['x_test', 'y_test'\]"):
+        load_dataset("npz", "train", str(tmp_path / "a.npz"))
+
+
+def test_flip_default_comes_from_the_dataset() -> None:
+    from kdtune.config import RunConfig, from_dict
+    from kdtune.data import dataset_augment
+
+    assert dataset_augment("mnist", 2, None) == Augment(2, False)  # a mirrored 2 is no digit
+    assert dataset_augment("fashion_mnist", 2, None) == Augment(2, True)
+    assert dataset_augment("mnist", 0, True) == Augment(0, True)  # an explicit choice wins
+    cfg = from_dict(RunConfig, {"student": {"name": "resnet8"}, "data": {"dataset": "mnist"}})
+    assert cfg.data.flip is None
+
+
+# --------------------------------------------------------------------------- DataLoader path
+
+
+def test_dataset_loader_order_depends_only_on_seed_and_epoch_and_shards_cover_the_epoch(tiny_data) -> None:
+    from kdtune.data import DatasetLoader, SampleDataset
+
+    samples = SampleDataset(tiny_data)
+    a, b = DatasetLoader(samples, 8, seed=1), DatasetLoader(samples, 8, seed=1)
+    b.set_epoch(1)
+    a.set_epoch(1)
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b, strict=True))
+    a.set_epoch(2)
+    assert not torch.equal(next(iter(a))[0], next(iter(b))[0])
+    # Two ranks: each reads 20 of the 40 images, together all of them, in as many batches.
+    labels = []
+    for rank in (0, 1):
+        shard = DatasetLoader(SampleDataset(tiny_data), 8, shuffle=True, seed=1)
+        shard.shard(rank, 2)
+        assert len(shard) == 3
+        labels.append(torch.cat([x.flatten(1) for x, _ in shard]))
+    both = torch.cat(labels)
+    normalised = (tiny_data.images.float() / 255 - tiny_data.mean[0]) / tiny_data.std[0]
+    assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, normalised.flatten(1).tolist()))
+
+
+def test_make_loader_keeps_the_fast_path_for_in_memory_data_without_workers(tiny_data, tmp_path) -> None:
+    from kdtune.data import DatasetLoader, make_loader
+    from kdtune.imagefolder import load_folder, write_image_folder
+
+    assert isinstance(make_loader(tiny_data, 8, shuffle=True), BatchLoader)
+    assert isinstance(make_loader(tiny_data, 8, shuffle=True, workers=2), DatasetLoader)
+    write_image_folder(tiny_data.images, tiny_data.labels, tmp_path / "train")
+    folder = make_loader(load_folder("train", str(tmp_path)), 40, shuffle=False)
+    assert isinstance(folder, DatasetLoader)
+    x, _ = next(iter(folder))
+    # The same pixels through either loader: files sort by class, so compare as sets of images.
+    x_mem, _ = next(iter(make_loader(tiny_data, 40, shuffle=False)))
+    nearest = torch.cdist(x.flatten(1), x_mem.flatten(1), compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+    assert nearest.values.max() < 1e-4 and len(set(nearest.indices.tolist())) == 40

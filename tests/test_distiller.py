@@ -140,3 +140,112 @@ def test_inactive_pathways_are_not_computed():
     x, y = batch()
     out = d(x, y)
     assert calls == [] and "fitnets:blocks.1->blocks.1" not in out and "kd" in out
+
+
+# --------------------------------------------------------------------------- outputs that are not one tensor
+
+
+class DictOut(torch.nn.Module):
+    """A model returning {"logits", "features"}, like many HF / detection models."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return {"logits": self.net(x), "features": self.net.blocks(x)}
+
+
+class TupleOut(torch.nn.Module):
+    """A model returning (features, logits); its blocks return (map, pooled) tuples."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.stage = PairBlock(net.blocks)
+
+    def forward(self, x):
+        return self.stage(x)[1], self.net(x)
+
+
+class PairBlock(torch.nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x):
+        h = self.blocks(x)
+        return h, h.mean((2, 3))
+
+
+def test_dict_teacher_and_tuple_student_with_selectors_give_the_plain_models_losses():
+    plain = make(pathways=[Pathway("blocks.1", "blocks.1", method="fitnets")])
+    torch.manual_seed(0)
+    teacher, student = TinyNet(width=6), TinyNet(width=4)
+    student.load_state_dict(plain.student.state_dict())
+    teacher.load_state_dict(plain.teacher.state_dict())
+    wrapped = Distiller(TupleOut(student), DictOut(teacher), logit_losses=["kd"], input_shape=(1, 8, 8),
+                        pathways=[Pathway("net.blocks.1", "net.blocks.1", method="fitnets")],
+                        teacher_output="logits", student_output=1)
+    wrapped.pathways.load_state_dict(plain.pathways.state_dict())
+    x, y = batch()
+    a, b = plain(x, y), wrapped(x, y)
+    for key in ("loss", "task", "kd"):
+        assert torch.allclose(a[key], b[key]), key
+
+
+def test_pathway_selector_picks_a_feature_out_of_a_tuple_output():
+    torch.manual_seed(0)
+    teacher, student = TupleOut(TinyNet(width=6)), TupleOut(TinyNet(width=4))
+    d = Distiller(student, teacher, input_shape=(1, 8, 8), teacher_output=1, student_output=1,
+                  pathways=[Pathway("stage", "stage", transform="conv1x1", distance="mse", selector=0, name="map"),
+                            Pathway("stage", "stage", transform="linear", distance="mse", selector=1, name="pooled")])
+    x, y = batch()
+    out = d(x, y)
+    t_map = teacher.net.blocks(x)
+    s_map = student.net.blocks(x)
+    expected = F.mse_loss(*d.pathways[0].transform(s_map, t_map))
+    assert torch.allclose(out["map"], expected)
+    assert torch.allclose(out["pooled"], F.mse_loss(*d.pathways[1].transform(s_map.mean((2, 3)), t_map.mean((2, 3)))))
+
+
+def test_dict_output_without_a_selector_names_the_model_its_keys_and_the_fix():
+    with pytest.raises(ValueError, match=r"teacher DictOut returns dict\{'logits': Tensor\(2, 10\), 'features'.*"
+                                         r"Distiller\(\.\.\., teacher_output='logits'\)"):
+        Distiller(TinyNet(4), DictOut(TinyNet(6)), logit_losses=["kd"], input_shape=(1, 8, 8))
+
+
+def test_a_wrong_selector_names_the_outputs_keys():
+    with pytest.raises(ValueError, match=r"teacher DictOut: key 'logit' not in .*'logits'.*'features'.*"
+                                         r"Did you mean: logits\?.*teacher_output="):
+        Distiller(TinyNet(4), DictOut(TinyNet(6)), logit_losses=["kd"], input_shape=(1, 8, 8), teacher_output="logit")
+    with pytest.raises(ValueError, match=r"student TupleOut.*out of range.*tuple\[Tensor"):
+        Distiller(TupleOut(TinyNet(4)), TinyNet(6), input_shape=(1, 8, 8), student_output=2)
+    with pytest.raises(ValueError, match=r"student TupleOut, module 'stage': output of 'stage' \(PairBlock.*\) "
+                                         r"tuple\[Tensor\(2, 8, 4, 4\), Tensor\(2, 8\)\] has no key or "
+                                         r"attribute 'x'. Fix: Pathway\(\.\.\., student_sel"):
+        Distiller(TupleOut(TinyNet(4)), TupleOut(TinyNet(6)), input_shape=(1, 8, 8), teacher_output=1,
+                  student_output=1, pathways=[Pathway("stage", "stage", student_selector="x", teacher_selector=0)])
+
+
+class Flat(torch.nn.Module):
+    """An MLP that wants (N, 64) inputs, not images."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_student_with_the_wrong_input_convention_fails_at_construction(tiny_data):
+    from kdtune.config import TrainConfig
+    from kdtune.data import BatchLoader
+    from kdtune.trainer import Trainer
+
+    with pytest.raises(ValueError, match=r"student Flat cannot take the data's input, a batch of shape \(2, 1, 8, 8\) "
+                                         r"\(mat1 and mat2 shapes cannot be multiplied.*make its first layer take"):
+        Trainer(Distiller(Flat()), BatchLoader(tiny_data, 8), None, TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="student Flat cannot take the data's input"):
+        Distiller(Flat(), TinyNet(6), logit_losses=["kd"], input_shape=(1, 8, 8))

@@ -129,3 +129,47 @@ def test_distpro_search_on_two_cpu_processes_keeps_alpha_identical(tmp_path):
                           torch.tensor(r0["process"][-1]), atol=1e-6)
     alpha = r0["state"]["weighting.alpha_tilde"]
     assert len(alpha) == 4 and not torch.equal(alpha, torch.ones(4))  # 2 x 2 stage pairs; α̃ moved from 1
+
+
+SAMPLER_SCRIPT = textwrap.dedent('''
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+    from kdtune.trainer import Callback
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 1, 8, 8, generator=g), torch.arange(60) % 10
+    ds = TensorDataset(x, y)
+    seen = []
+
+    class Record(Callback):
+        def on_batch_start(self, trainer, xb, yb):
+            seen.append(xb[:, 0, 0, 0])
+
+    torch.manual_seed(0)
+    d = Distiller(net(4), net(6), logit_losses=["kd"])
+    tr = Trainer(d, ds, None, TrainConfig(epochs=2, progress=False, channels_last=False), callbacks=[Record()], seed=0)
+    tr.fit()
+    plain = DataLoader(ds, batch_size=8)
+    try:
+        Trainer(d, plain, None, TrainConfig(epochs=1, progress=False))
+        error = ""
+    except ValueError as err:
+        error = str(err)
+    user = DataLoader(ds, batch_size=8, sampler=DistributedSampler(ds, shuffle=True, seed=0))
+    Trainer(d, user, None, TrainConfig(epochs=1, progress=False))  # accepted: it has its shard
+    torch.save({"state": d.state_dict(), "steps": tr.global_step, "seen": torch.cat(seen), "error": error},
+               f"{out}/rank{tr.dist.rank}.pt")
+''')
+
+
+def test_a_dataset_is_sharded_by_a_distributed_sampler_under_torchrun(tmp_path):
+    torchrun(SAMPLER_SCRIPT, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # 60 samples / 2 ranks = 30 each, batches of 128 (the default for a dataset): 1 step per epoch.
+    assert r0["steps"] == r1["steps"] == 2
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(0))[:, 0, 0, 0]
+    for epoch in range(2):  # each epoch, the two shards are disjoint and cover the dataset
+        both = torch.cat([r0["seen"][30 * epoch:30 * (epoch + 1)], r1["seen"][30 * epoch:30 * (epoch + 1)]])
+        assert sorted(both.tolist()) == sorted(x.tolist())
+    assert not torch.equal(r0["seen"][:30], r0["seen"][30:])  # set_epoch: another order in epoch 2
+    assert "needs sampler=DistributedSampler" in r0["error"]

@@ -71,6 +71,35 @@ def test_connect_stages_patterns():
         connect_stages(3, 3, "some")
 
 
+def test_token_and_vector_features_in_pathways_give_the_hand_computed_losses():
+    """(N, L, D) tokens: ViT student block -> CNN teacher stage through tokens_to_map; (N, D)
+    vectors: the student's final class token -> the teacher's pooled features through a linear map."""
+    import torch.nn.functional as F
+
+    from kdtune.distiller import Distiller
+    from kdtune.models import create_model
+
+    torch.manual_seed(0)
+    teacher, student = create_model("resnet8", 1, 10), create_model("vit_tiny", 1, 10)
+    d = Distiller(student, teacher, input_shape=(1, 28, 28), pathways=[
+        Pathway(teacher="stage:-1", student="stage:-1", transform="tokens_to_map", distance="mse", name="tokens"),
+        Pathway(teacher="pool", student="norm", transform="linear", distance="mse", name="vector",
+                student_selector=lambda tokens: tokens[:, 0], teacher_selector=lambda f: f.flatten(1)),
+    ])
+    assert [tuple(p.transform.s_shape) for p in d.pathways] == [(2, 50, 64), (2, 64)]
+    x, y = torch.randn(3, 1, 28, 28), torch.arange(3)
+    out = d(x, y)
+    teacher.eval()
+    with torch.no_grad():
+        t_map = teacher.layer3(teacher.layer2(teacher.layer1(teacher.relu(teacher.bn1(teacher.conv1(x))))))
+    tokens = student.blocks(student.tokens(x))
+    s_map = d.pathways[0].transform(tokens, t_map)[0]
+    assert torch.allclose(out["tokens"], F.mse_loss(s_map, t_map), atol=1e-6)
+    cls = student.norm(tokens)[:, 0]
+    expected = F.mse_loss(d.pathways[1].transform.proj(cls), t_map.mean((2, 3)))
+    assert torch.allclose(out["vector"], expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("pool_first", [False, True])
 def test_fused_input_convs_equal_separate_pathways(pool_first):
     from kdtune.search.distpro import search_space

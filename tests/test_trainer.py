@@ -245,3 +245,112 @@ def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path, tiny_da
     summary = tr.fit()
     assert [("test_acc" in r) for r in tr.history] == [False, True, False, True, True]
     assert summary["test_acc"] == tr.history[-1]["test_acc"] and (tmp_path / "curves.png").exists()
+
+
+# --------------------------------------------------------------------------- any loader
+
+
+class StopAfterFirstEpoch(Callback):
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
+
+
+def test_dataloader_with_two_workers_trains_and_resumes_exactly(tmp_path, fmnist_small):
+    from kdtune.data import Augment, DatasetLoader, SampleDataset
+
+    train = SampleDataset(fmnist_small[0].subset(range(48)), Augment(2, True))  # crops and flips in the workers
+
+    def trainer(run_dir, callbacks=()):
+        torch.manual_seed(0)
+        d = Distiller(TinyNet(4), TinyNet(6), logit_losses=["kd"], input_shape=(1, 28, 28))
+        return Trainer(d, DatasetLoader(train, 16, seed=3, workers=2), None, cfg(), run_dir=run_dir,
+                       callbacks=callbacks, seed=0)
+
+    straight = trainer(tmp_path / "a")
+    straight.fit()
+    assert straight.global_step == 6
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "b", [StopAfterFirstEpoch()]).fit()
+    resumed = trainer(tmp_path / "b")
+    resumed.fit(resume=True)
+    a, b = straight.distiller.state_dict(), resumed.distiller.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other_seed = trainer(None)
+    other_seed.train_loader.seed = 4  # another order and other crops: other weights (the test can fail)
+    other_seed.fit()
+    assert not torch.equal(other_seed.distiller.state_dict()["student.head.weight"], a["student.head.weight"])
+
+
+def test_a_users_dataloader_and_a_map_style_dataset_train(fmnist_small):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = fmnist_small[0].images[:32].float() / 255
+    y = fmnist_small[0].labels[:32]
+    seen_epochs = []
+
+    class Sampler(torch.utils.data.RandomSampler):
+        def set_epoch(self, epoch):
+            seen_epochs.append(epoch)
+
+    ds = TensorDataset(x, y)
+    loader = DataLoader(ds, batch_size=8, sampler=Sampler(ds, generator=torch.Generator().manual_seed(0)))
+    tr = Trainer(Distiller(TinyNet(4)), loader, ds, cfg())
+    tr.fit()
+    assert tr.global_step == 8 and seen_epochs == [0, 1]  # the sampler is told each epoch
+    assert len(tr.test_loader) == 1  # the map-style test Dataset is read in batches of 500
+    assert 0 <= tr.history[-1]["test_acc"] <= 1
+
+
+def test_data_without_a_length_is_a_clear_error(tiny_data):
+    batches = ((torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)) for _ in range(3))
+    with pytest.raises(TypeError, match="with len\\(\\).*got generator"):
+        Trainer(Distiller(TinyNet(4)), batches, None, cfg())
+
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def test_bf16_autocast_runs_the_forwards_in_bfloat16_and_the_losses_in_float32(tiny_data):
+    dtypes = {}
+
+    def record(name):
+        def hook(module, args, out):  # returns None: the output is left as it is
+            dtypes[name] = (out[0] if isinstance(out, tuple) else out).dtype  # the last call: the step
+        return hook
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        d = distiller()
+        d.student.blocks[0][0].register_forward_hook(record(f"{precision}/student conv"))
+        d.teacher.blocks[0][0].register_forward_hook(record(f"{precision}/teacher conv"))
+        d.pathways[0].transform.register_forward_hook(record(f"{precision}/adapter"))
+        tr = Trainer(d, BatchLoader(tiny_data, 10, seed=0), BatchLoader(tiny_data, 20, shuffle=False),
+                     cfg(epochs=1, precision=precision))
+        x, y = next(iter(tr.train_loader))
+        out = tr.train_step(*tr.prepare_batch(x, y))
+        runs[precision] = {k: float(v.detach()) for k, v in out.items() if v.ndim == 0}
+        assert out["loss"].dtype == out["kd"].dtype == out["logits"].dtype == torch.float32
+        assert tr.device == torch.device("cpu")  # auto on a machine without a GPU
+    assert dtypes["bf16/student conv"] == dtypes["bf16/teacher conv"] == torch.bfloat16
+    assert dtypes["fp32/student conv"] == dtypes["fp32/teacher conv"] == torch.float32
+    assert dtypes["bf16/adapter"] == torch.float32  # pathway transforms and distances run in fp32
+    # Same weights, same batch: bf16 changes the losses only by its rounding (8 bits of mantissa).
+    for k in ("task", "kd"):
+        assert abs(runs["bf16"][k] - runs["fp32"][k]) < 0.05 * abs(runs["fp32"][k]) + 1e-3, k
+    assert runs["bf16"]["task"] != runs["fp32"]["task"]
+
+
+def test_bf16_fit_evaluates_and_resumes(tmp_path, tiny_data):
+    tr = Trainer(distiller(), BatchLoader(tiny_data, 10), BatchLoader(tiny_data, 20, shuffle=False),
+                 cfg(precision="bf16"), run_dir=tmp_path)
+    summary = tr.fit()
+    assert summary["epochs"] == 2 and 0 <= summary["test_acc"] <= 1 and summary["agreement_error"] is not None
+    assert all(p.dtype == torch.float32 for p in tr.distiller.parameters())  # fp32 master weights
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="train.device is cuda but torch sees no GPU"):
+        Trainer(distiller(), BatchLoader(tiny_data, 10), None, cfg(device="cuda"))

@@ -30,6 +30,8 @@ CASES: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[
     "attention_map": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 16), (3, 16)),
     "flatten_pool": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 4), (3, 6)),
     "autokd": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 6, 4, 4), (3, 6, 4, 4)),  # Auto-KD: adapter, then original ops
+    "tokens_to_map": ((3, 17, 4), (3, 6, 8, 8), (3, 6, 8, 8), (3, 6, 8, 8)),  # 4x4 patches + class token
+    "map_to_tokens": ((3, 4, 8, 8), (3, 5, 6), (3, 4, 6), (3, 4, 6)),  # class token + 2x2 patches
 }
 PARAMETER_FREE = {"identity", "attention_map", "flatten_pool"}
 
@@ -58,7 +60,10 @@ def test_every_transform_shapes_finite_and_gradient(name):
     else:
         assert params, f"{name} should be a trainable adapter"
         assert all(p.grad is not None for p in params)
-        assert t_out is t, "adapters must pass the teacher through unchanged"
+        if name == "map_to_tokens":  # only drops the teacher's class token
+            assert torch.equal(t_out, t[:, 1:])
+        else:
+            assert t_out is t, "adapters must pass the teacher through unchanged"
 
 
 @pytest.mark.parametrize("name", TRANSFORMS.names())
@@ -297,3 +302,52 @@ def test_adapters_are_modules_that_move_with_the_student():
     tf = build_transform("conv1x1", (2, 3, 4, 4), (2, 5, 4, 4))
     assert isinstance(tf, nn.Module)
     assert {k for k in tf.state_dict()} >= {"conv.weight", "bn.running_mean"}
+
+
+# --------------------------------------------------------------------------- CNN maps <-> tokens
+
+
+def test_token_grid_finds_the_patch_grid_with_or_without_a_class_token() -> None:
+    from kdtune.transforms import token_grid
+
+    assert token_grid(49) == (7, 0) and token_grid(50) == (7, 1) and token_grid(65) == (8, 1)
+    with pytest.raises(ValueError, match="51 tokens are not a square patch grid"):
+        token_grid(51)
+
+
+def test_tokens_to_map_drops_the_class_token_and_projects_each_patch_by_hand() -> None:
+    from kdtune.transforms import build_transform
+
+    torch.manual_seed(0)
+    tf = build_transform("tokens_to_map", (2, 17, 6), (2, 5, 2, 2)).eval()  # 4x4 patches + class token -> 2x2 map
+    s, t = torch.randn(2, 17, 6), torch.randn(2, 5, 2, 2)
+    s2, t2 = tf(s, t)
+    assert t2 is t and s2.shape == (2, 5, 2, 2)
+    conv, bn = tf.proj[0].weight.flatten(1), tf.proj[1]
+    grid = s[:, 1:].reshape(2, 4, 4, 6)  # row-major patch tokens
+    projected = (grid @ conv.T - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    by_hand = projected.reshape(2, 2, 2, 2, 2, 5).mean(dim=(2, 4)).permute(0, 3, 1, 2)  # 2x2 average pooling
+    assert torch.allclose(s2, by_hand, atol=1e-5)
+
+
+def test_map_to_tokens_flattens_rows_and_keeps_only_patch_tokens_of_the_teacher() -> None:
+    from kdtune.transforms import build_transform
+
+    torch.manual_seed(0)
+    tf = build_transform("map_to_tokens", (2, 3, 4, 4), (2, 5, 8)).eval()  # teacher: class token + 2x2 grid
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8)
+    s2, t2 = tf(s, t)
+    assert torch.equal(t2, t[:, 1:]) and s2.shape == (2, 4, 8)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(s, 2)
+    expected = tf.proj(pooled).flatten(2).transpose(1, 2)
+    assert torch.allclose(s2, expected)
+    assert torch.allclose(s2[:, 1], tf.proj(pooled)[:, :, 0, 1])  # token 1 = row 0, column 1
+
+
+def test_token_transforms_name_what_they_need() -> None:
+    from kdtune.transforms import build_transform
+
+    with pytest.raises(ShapeMismatchError, match="tokens_to_map.*\\(N, L, D\\) student tokens and an"):
+        build_transform("tokens_to_map", (2, 8, 4, 4), (2, 8, 4, 4))
+    with pytest.raises(ShapeMismatchError, match="square patch grid: 11 tokens"):
+        build_transform("map_to_tokens", (2, 3, 4, 4), (2, 11, 8))

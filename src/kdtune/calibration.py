@@ -84,9 +84,11 @@ def gradient_norms(distiller: Distiller, batches: Iterable[tuple[Tensor, Tensor]
     with torch.random.fork_rng(devices=[]):
         distiller.train()
         try:
+            device = params[0].device if params else torch.device("cpu")
             for x, y in batches:
+                x, y = x.to(device), y.to(device)  # loaders yield CPU batches; the model may be on a GPU
                 teacher = distiller.teacher_forward(x)
-                logits = distiller.student(x)
+                logits = distiller.student_logits(x)  # the logits of a tuple / dict output (student_output)
                 terms = distiller.distill_terms(logits, y, teacher, step=0)
                 losses = {"task": F.cross_entropy(logits, y), **terms}
                 norms = path_gradients(list(losses.values()), params).norm(dim=1).tolist()

@@ -556,6 +556,10 @@ def find_stage_outputs(model: nn.Module, example_input: Tensor | tuple | Mapping
     ``["layer1", "layer2", "layer3"]``, WRNs ``["block1", "block2", "relu"]`` (the final BN-ReLU).
     Pass explicit paths where a different choice matters.
 
+    Transformers: when a container (``nn.Sequential`` / ``nn.ModuleList``) holds two or more blocks
+    that each ran once and output (N, L, D) tokens of one shape, after the last 4-D map (a patch
+    embedding), every block is a stage: a ViT gives ``["blocks.0", ..., "blocks.<depth-1>"]``.
+
     Args:
         model: any module.
         example_input: as for :func:`probe`; its spatial size must be the one used in training.
@@ -564,7 +568,7 @@ def find_stage_outputs(model: nn.Module, example_input: Tensor | tuple | Mapping
         Paths ordered from the input side, e.g. ``["layer1", "layer2", "layer3"]``.
 
     Raises:
-        ValueError: no module produced a usable 4-D map (e.g. a transformer with token outputs).
+        ValueError: no module produced a usable 4-D map, nor a run of token blocks.
     """
     infos = probe(model, example_input)
     maps = [
@@ -572,11 +576,15 @@ def find_stage_outputs(model: nn.Module, example_input: Tensor | tuple | Mapping
         if info.path and info.calls == 1 and info.shape is not None and len(info.shape) == 4
         and info.shape[2:] != (1, 1)
     ]
+    blocks = _token_blocks(_unwrap(model), infos)
+    if blocks and (not maps or infos[blocks[0]].order > maps[-1].order):
+        return blocks
     if not maps:
         raise ValueError(
             f"{type(_unwrap(model)).__name__}: no submodule ran once and produced a 4-D (N, C, H, W) map "
-            f"larger than 1x1, so stage outputs cannot be found automatically; pass explicit module paths "
-            f"(see kdtune.capture.probe for every module's output shape)."
+            f"larger than 1x1, nor are there >= 2 blocks giving (N, L, D) tokens of one shape, so stage outputs "
+            f"cannot be found automatically; pass explicit module paths (`kdtune probe` lists every module's "
+            f"output shape; a block returning a tuple needs Pathway(selector=...))."
         )
     maps = _monotone(maps)
     stages = [_stage_before(maps, i) for i in range(len(maps) - 1)
@@ -584,6 +592,21 @@ def find_stage_outputs(model: nn.Module, example_input: Tensor | tuple | Mapping
     if maps[-1].path not in stages:
         stages.append(maps[-1].path)
     return stages
+
+
+def _token_blocks(model: nn.Module, infos: Mapping[str, ModuleInfo]) -> list[str]:
+    """Paths of the longest run of sibling blocks (children of one Sequential / ModuleList) that
+    each ran once and output (N, L, D) tokens of one shape; [] if there is none of length >= 2."""
+    best: list[str] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)) or len(module) < 2:
+            continue
+        children = [f"{path}.{name}" if path else name for name, _ in module.named_children()]
+        shapes = {infos[c].shape for c in children if c in infos}
+        if (len(shapes) == 1 and all(infos[c].calls == 1 for c in children)
+                and (shape := next(iter(shapes))) is not None and len(shape) == 3 and len(children) > len(best)):
+            best = children
+    return best
 
 
 def _stage_before(maps: list[ModuleInfo], i: int) -> str:

@@ -49,6 +49,27 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+#: Keys under which common training scripts nest a model's weights in a checkpoint dict.
+NESTED_STATE_KEYS = ("student", "state_dict", "model_state_dict", "model")
+
+
+def model_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A model's ``state_dict`` out of a checkpoint dict of any usual layout.
+
+    Understood: a plain state dict; one nested under ``student``, ``state_dict``,
+    ``model_state_dict`` or ``model``; a kdtune training checkpoint (the student of its
+    ``distiller``). A ``module.`` prefix (a model saved inside DDP / DataParallel) is dropped.
+    """
+    if ckpt.get("kdtune_checkpoint") == 1:
+        state = {k.removeprefix("student."): v for k, v in ckpt["distiller"].items() if k.startswith("student.")}
+    else:
+        nested = next((ckpt[k] for k in NESTED_STATE_KEYS if isinstance(ckpt.get(k), dict)), None)
+        state = nested if nested is not None else ckpt
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str = "model") -> None:
     """``load_state_dict(strict=True)`` with an error that names missing, unexpected and
     shape-mismatched keys (the usual cause: a checkpoint of another architecture or config)."""

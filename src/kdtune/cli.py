@@ -2,6 +2,7 @@
 
     kdtune list losses                               # models, transforms, distances, weightings, datasets, teachers
     kdtune run configs/fmnist/kd.yaml train.epochs=3 # any config, key=value overrides
+    kdtune run --plugin mypkg.models my.yaml         # the user's own models (registered on import)
     kdtune run --resume runs/<name>                  # continue an interrupted run exactly
     kdtune report runs/a runs/b                      # table + comparison plot
     kdtune probe resnet56 --input 1,28,28            # every module's output shape, stage outputs
@@ -19,7 +20,15 @@ KINDS = {"models": "model", "losses": "loss", "transforms": "transform", "distan
          "weightings": "weighting", "datasets": "dataset", "teachers": "teacher"}
 
 
+def _import_plugins(args: argparse.Namespace) -> None:
+    """Import the ``--plugin`` modules first: they register the user's models before names are looked up."""
+    from kdtune.plugins import import_plugins
+
+    import_plugins(args.plugin)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
+    _import_plugins(args)
     import kdtune.data  # noqa: F401  (importing registers the entries)
     import kdtune.distances  # noqa: F401
     import kdtune.losses  # noqa: F401
@@ -46,6 +55,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from kdtune.config import load_config
     from kdtune.recipe import resume_run, run
 
+    _import_plugins(args)
     if args.resume:
         if args.config or args.overrides:
             # `kdtune run cfg.yaml --resume DIR`: the run's own saved config is what resumes.
@@ -55,6 +65,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.config:
             raise SystemExit("kdtune run: give a config file (or --resume RUN_DIR)")
         cfg = load_config(args.config, args.overrides)
+        # Recorded in the run's config.yaml, so that `--resume` imports them again.
+        cfg.plugins = list(dict.fromkeys([*cfg.plugins, *args.plugin]))
         run_dir, summary = run(cfg)
     acc = summary.get("test_acc")
     agree = summary.get("agreement_error")
@@ -100,6 +112,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     from kdtune.capture import find_stage_outputs, probe
     from kdtune.models import create_model
 
+    _import_plugins(args)
     shape = tuple(int(v) for v in args.input.split(","))
     model = create_model(args.model, in_channels=shape[0], num_classes=args.num_classes)
     x = torch.zeros(2, *shape)
@@ -133,11 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kdtune", description="Automated knowledge distillation.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("list", help="list registered components")
+    plugin = argparse.ArgumentParser(add_help=False)
+    plugin.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this Python module first (it registers your models); repeatable")
+
+    s = sub.add_parser("list", help="list registered components", parents=[plugin])
     s.add_argument("kind", choices=sorted(KINDS))
     s.set_defaults(func=_cmd_list)
 
-    s = sub.add_parser("run", help="train from a YAML config")
+    s = sub.add_parser("run", help="train from a YAML config", parents=[plugin])
     s.add_argument("config", nargs="?", help="YAML config file")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=3")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
@@ -148,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="comparison plot path (default: <first run>/comparison.png)")
     s.set_defaults(func=_cmd_report)
 
-    s = sub.add_parser("probe", help="output shape of every module of a zoo model, stage outputs marked")
+    s = sub.add_parser("probe", help="output shape of every module of a model, stage outputs marked",
+                       parents=[plugin])
     s.add_argument("model")
     s.add_argument("--input", default="1,28,28", help="C,H,W of one input")
     s.add_argument("--num-classes", type=int, default=10)

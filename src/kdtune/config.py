@@ -95,7 +95,8 @@ class DataConfig:
     dataset: str = "fashion_mnist"
     """Dataset registry name (``kdtune.data.DATASETS``)."""
     root: str | None = None
-    """Directory holding the dataset files; None searches the usual places."""
+    """Directory holding the dataset files (``folder``: the directory with ``train/`` and ``test/``;
+    ``npz``: the ``.npz`` file); None searches the usual places."""
     train_per_class: int | None = None
     """Class-balanced training subset size per class (FMNIST-5k: 500); None uses all."""
     subset_seed: int = 0
@@ -110,8 +111,14 @@ class DataConfig:
     """Evaluation batch size."""
     crop_padding: int = 2
     """Zero padding before the random crop augmentation; 0 disables cropping."""
-    flip: bool = True
-    """Random horizontal flip augmentation."""
+    flip: bool | None = None
+    """Random horizontal flip augmentation; None: the dataset's default (off for digits)."""
+    image_size: int | None = None
+    """``folder`` only: resize the shorter side to this size, then centre-crop a square; None: the
+    images are used at their own size (they must all share it)."""
+    workers: int = 0
+    """DataLoader worker processes; 0 keeps in-memory datasets on the fast in-process loader
+    (``folder`` images are then decoded in the training process)."""
     test_limit: int | None = None
     """Evaluate on the first N test images only (quick looks, tests); None: the whole test set."""
 
@@ -127,6 +134,9 @@ class DataConfig:
         _require(self.crop_padding >= 0, "crop_padding", f"must be >= 0, got {self.crop_padding}")
         _require(self.test_limit is None or self.test_limit >= 1, "test_limit",
                  f"must be >= 1 or null (all), got {self.test_limit}")
+        _require(self.image_size is None or self.image_size >= 1, "image_size",
+                 f"must be >= 1 or null (keep), got {self.image_size}")
+        _require(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -314,6 +324,12 @@ class TrainConfig:
     """Learning-rate schedule."""
     channels_last: bool = True
     """Use channels-last memory format (faster convolutions on CPU)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: ``auto`` takes a GPU when torch sees one (under torchrun: the process's
+    LOCAL_RANK GPU), else the CPU."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16``: student and teacher forwards under bfloat16 autocast (CPU or GPU); losses, adapters
+    and optimiser state stay fp32."""
     deterministic: bool = False
     """Ask torch for deterministic algorithms (slower)."""
     threads: int | None = None
@@ -526,6 +542,9 @@ class RunConfig:
     """Global seed (model init, data order, augmentation)."""
     output_dir: str = "runs"
     """Directory under which the run directory ``<output_dir>/<name>`` is created."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before names are resolved (they register the user's models, ...);
+    ``kdtune run --plugin`` adds to them. Only these modules are imported — YAML stays data."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data settings."""
     student: ModelConfig

@@ -1,13 +1,23 @@
-"""Real datasets found offline, seeded splits, and a fast in-memory batch iterator.
+"""Real datasets found offline, seeded splits, and the loaders that turn them into batches.
 
-Everything is held as one uint8 tensor in memory (Fashion-MNIST is 47 MB); batches are cut,
-augmented and normalised on tensors. On a 2-core machine that beats DataLoader workers, whose
-process start-up and pickling cost more than they bring.
+Two kinds of datasets share one interface (:class:`Images`): :class:`ImageDataset` holds every
+image as one uint8 tensor in memory (Fashion-MNIST is 47 MB); :class:`~kdtune.imagefolder.FolderDataset`
+decodes image files lazily. Two loaders turn them into normalised batches:
+
+* :class:`BatchLoader` — in-memory datasets only; batches are cut, augmented and normalised on
+  tensors in the training process. On a 2-core machine that beats DataLoader workers, whose
+  process start-up and pickling cost more than they bring (the fast path on small data).
+* :class:`DatasetLoader` — any map-style ``torch.utils.data.Dataset`` through a ``DataLoader``
+  with workers and a ``DistributedSampler`` (one shard per rank under torchrun).
+
+Both draw an epoch's order and augmentation from ``(seed, epoch)`` only, so a resumed run sees
+the batches an uninterrupted one would. :func:`make_loader` picks one.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import site
@@ -15,6 +25,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -73,11 +84,46 @@ class ImageDataset:
     def in_channels(self) -> int:
         return int(self.images.shape[1])
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image."""
+        return tuple(self.images.shape[1:])
+
+    def read(self, index: int) -> Tensor:
+        """Image ``index`` as stored: (C, H, W)."""
+        return self.images[index]
+
+    def fingerprint(self) -> str:
+        """Hash of the images and labels (identifies cached teacher outputs)."""
+        h = hashlib.sha256(self.images.numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def subset(self, indices: Tensor | Sequence[int], name: str | None = None) -> ImageDataset:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return ImageDataset(
             self.images[idx], self.labels[idx], self.num_classes, self.mean, self.std, name or self.name
         )
+
+
+class Images(Protocol):
+    """What splits and loaders need of a dataset, in memory (:class:`ImageDataset`) or on disk
+    (:class:`~kdtune.imagefolder.FolderDataset`)."""
+
+    labels: Tensor  # (N,) int64
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+
+    def __len__(self) -> int: ...
+    @property
+    def in_channels(self) -> int: ...
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+    def read(self, index: int) -> Tensor: ...
+    def fingerprint(self) -> str: ...
+    def subset(self, indices: Tensor | Sequence[int], name: str | None = None) -> Images: ...
 
 
 # --------------------------------------------------------------------------- file formats
@@ -192,6 +238,45 @@ def load_cifar100(split: str = "train", root: str | None = None) -> ImageDataset
     return _load_cifar(root, split, fine=True)
 
 
+@DATASETS.register("npz")
+def load_npz(split: str = "train", root: str | None = None) -> ImageDataset:
+    """Arrays in a NumPy ``.npz`` file: ``x_train, y_train, x_test, y_test`` (data.root: the file).
+
+    Images (N, H, W), (N, C, H, W) or channels-last (N, H, W, C), uint8 or float in [0, 1]; both
+    splits are normalised with the training images' mean/std.
+    """
+    _check_split(split)
+    if not root or not Path(root).is_file():
+        raise DatasetNotFoundError(f"npz: data.root must name a .npz file with x_train, y_train, x_test, y_test "
+                                   f"(got {root!r})")
+    with np.load(root, allow_pickle=False) as arrays:  # no pickle: a data file never runs code
+        missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays.files]
+        if missing:
+            raise ValueError(f"npz {root}: missing arrays {missing}; it holds {arrays.files}")
+        train = from_arrays(_channels_first(arrays["x_train"]), arrays["y_train"], name="npz-train")
+        if split == "train":
+            return train
+        test = from_arrays(_channels_first(arrays["x_test"]), arrays["y_test"], train.num_classes, name="npz-test")
+    return ImageDataset(test.images, test.labels, train.num_classes, train.mean, train.std, test.name)
+
+
+def _channels_first(x: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) with C in 1/3/4 -> (N, C, H, W); other layouts unchanged."""
+    if x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return x
+
+
+#: Augmentation defaults that depend on what the images show: mirrored digits are other symbols.
+FLIP_BY_DEFAULT = {"mnist": False, "npz": False}
+
+
+def dataset_augment(dataset: str, crop_padding: int, flip: bool | None) -> Augment:
+    """The training augmentation of ``dataset``: ``flip=None`` takes the dataset's default
+    (:data:`FLIP_BY_DEFAULT`, else on)."""
+    return Augment(crop_padding, FLIP_BY_DEFAULT.get(dataset, True) if flip is None else flip)
+
+
 def from_arrays(images: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_classes: int | None = None,
                 name: str = "arrays") -> ImageDataset:
     """Wrap user arrays: images (N, C, H, W) or (N, H, W), uint8 or float in [0, 1]."""
@@ -211,15 +296,16 @@ def from_arrays(images: np.ndarray | Tensor, labels: np.ndarray | Tensor, num_cl
     return ImageDataset(x, y, num_classes or int(y.max()) + 1, mean, std, name)
 
 
-def load_dataset(name: str, split: str = "train", root: str | None = None) -> ImageDataset:
-    """Load a registered dataset by name (see ``kdtune list datasets``)."""
-    return DATASETS.get(name)(split=split, root=root)
+def load_dataset(name: str, split: str = "train", root: str | None = None, **options) -> Images:
+    """Load a registered dataset by name (see ``kdtune list datasets``); ``options`` go to its
+    loader (``folder``: ``image_size``)."""
+    return DATASETS.get(name)(split=split, root=root, **options)
 
 
 # --------------------------------------------------------------------------- splits
 
 
-def balanced_subset(ds: ImageDataset, per_class: int, seed: int = 0) -> ImageDataset:
+def balanced_subset(ds: Images, per_class: int, seed: int = 0) -> Images:
     """A class-balanced subset: ``per_class`` images of each class, drawn with ``seed``.
 
     FMNIST-5k (``benchmarks``) is ``balanced_subset(train, 500, seed=0)``.
@@ -234,8 +320,7 @@ def balanced_subset(ds: ImageDataset, per_class: int, seed: int = 0) -> ImageDat
     return ds.subset(torch.cat(picked).sort().values, f"{ds.name}-{per_class}pc")
 
 
-def train_val_split(ds: ImageDataset, val_fraction: float = 0.2,
-                    seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+def train_val_split(ds: Images, val_fraction: float = 0.2, seed: int = 0) -> tuple[Images, Images]:
     """Seeded, stratified split into (train, val); each class keeps the same fraction."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -265,8 +350,9 @@ class Augment:
         if self.crop_padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
 
-    def __call__(self, x: Tensor, g: torch.Generator) -> Tensor:
-        """x: (N, C, H, W) -> (N, C, H, W), each sample shifted/flipped independently."""
+    def __call__(self, x: Tensor, g: torch.Generator | None = None) -> Tensor:
+        """x: (N, C, H, W) -> (N, C, H, W), each sample shifted/flipped independently
+        (``g=None``: torch's default generator, e.g. a DataLoader worker's seeded one)."""
         n, c, h, w = x.shape
         p = self.crop_padding
         if p > 0:
@@ -345,3 +431,113 @@ class BatchLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.ds.labels[idx]
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Take this rank's share of every epoch (the trainer calls it under torchrun)."""
+        self.rank, self.world_size = rank, world_size
+
+    def fingerprint(self) -> str:
+        """What the batches depend on: data, batch size, order, augmentation (a teacher cache's key)."""
+        settings = (self.batch_size, self.shuffle, self.seed, self.augment, self.drop_last)
+        return hashlib.sha256(f"{self.ds.fingerprint()}{settings}".encode()).hexdigest()[:16]
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """One normalised (and, for training, augmented) image at a time, for a ``DataLoader``.
+
+    Yields ``(x, y)``: x (C, H, W) float32 normalised with the dataset's mean/std, y int64.
+    The augmentation draws from torch's default generator, which a DataLoader seeds per worker.
+    """
+
+    def __init__(self, ds: Images, augment: Augment | None = None) -> None:
+        self.ds, self.augment = ds, augment
+        self._mean = torch.tensor(ds.mean).view(-1, 1, 1)
+        self._std = torch.tensor(ds.std).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        raw = self.ds.read(index)
+        x = raw.float() / 255.0 if raw.dtype == torch.uint8 else raw.float()
+        if self.augment is not None:
+            x = self.augment(x.unsqueeze(0))[0]
+        return (x - self._mean) / self._std, self.ds.labels[index]
+
+    def fingerprint(self) -> str:
+        return f"{self.ds.fingerprint()}{self.augment}"
+
+
+class DatasetLoader:
+    """Batches of any map-style ``Dataset`` of ``(x, y)`` samples, through ``DataLoader`` workers.
+
+    The order of epoch ``e`` comes from a ``DistributedSampler`` seeded with ``seed`` (its epoch
+    set to ``e``): under torchrun each rank reads its own shard, padded so every rank gets as many
+    batches (DDP hangs otherwise). The loader's generator is reseeded with ``(seed, e)`` each epoch,
+    so the workers' seeds — and with them any random augmentation — depend only on ``(seed, e)``
+    and the worker count: a resumed run sees the batches an uninterrupted one would. (With
+    ``workers=0`` augmentation draws from the training RNG, which checkpoints restore.)
+
+    Args:
+        dataset: a map-style dataset returning ``(x, y)``; x already a tensor.
+        workers: worker processes (0: load in the training process).
+        pin_memory: page-locked batches for fast non-blocking copies to a GPU.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int = 128, shuffle: bool = True,
+                 seed: int = 0, workers: int = 0, drop_last: bool = False, pin_memory: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.workers, self.drop_last, self.pin_memory = workers, drop_last, pin_memory
+        self.rank, self.world_size, self.epoch = 0, 1, 0
+
+    def shard(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        per_rank = -(-len(self.dataset) // self.world_size)  # DistributedSampler pads to a multiple
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=self.shuffle, seed=self.seed)
+        sampler.set_epoch(self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        loader = DataLoader(self.dataset, self.batch_size, sampler=sampler, num_workers=self.workers,
+                            drop_last=self.drop_last, pin_memory=self.pin_memory, generator=g)
+        # workers=0: augmentation draws from the training process's RNG, whose state the
+        # checkpoint restores, so resuming stays exact there too.
+        yield from loader
+
+    def fingerprint(self) -> str:
+        """What the batches depend on; needs a dataset with ``fingerprint()`` (kdtune's own)."""
+        data = getattr(self.dataset, "fingerprint", None)
+        if data is None:
+            raise TypeError(f"{type(self.dataset).__name__} has no fingerprint(): cached teacher outputs cannot "
+                            f"be matched to its batches; give it a fingerprint() method or turn the cache off")
+        settings = (self.batch_size, self.shuffle, self.seed, self.drop_last, self.workers)
+        return hashlib.sha256(f"{data()}{settings}".encode()).hexdigest()[:16]
+
+
+def make_loader(ds: Images, batch_size: int, shuffle: bool, augment: Augment | None = None, seed: int = 0,
+                workers: int = 0, drop_last: bool = False,
+                pin_memory: bool = False) -> BatchLoader | DatasetLoader:
+    """The loader for a dataset: in memory and no workers -> :class:`BatchLoader` (the fast path);
+    else a :class:`DatasetLoader` over :class:`SampleDataset` (decoding and augmenting in workers)."""
+    if isinstance(ds, ImageDataset) and workers == 0:
+        return BatchLoader(ds, batch_size, shuffle=shuffle, augment=augment, seed=seed, drop_last=drop_last)
+    return DatasetLoader(SampleDataset(ds, augment), batch_size, shuffle=shuffle, seed=seed, workers=workers,
+                         drop_last=drop_last, pin_memory=pin_memory)
+
+
+# Importing the on-disk formats registers them.
+from kdtune import imagefolder  # noqa: E402,F401

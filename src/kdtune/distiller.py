@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from kdtune.calibration import Calibration, calibrated_weights, gradient_norms
 from kdtune.capture import (
     FeatureCapture,
+    Selector,
+    describe_output,
     feature_shape,
     find_stage_outputs,
     get_module,
@@ -34,8 +36,9 @@ from kdtune.capture import (
     probe,
     split_tap,
 )
+from kdtune.capture import select_output as _pick
 from kdtune.losses import LOSSES
-from kdtune.pathways import Pathway, PathwayLoss, fused_input_convs, resolve_stage, split_pre_activation
+from kdtune.pathways import Pathway, PathwayLoss, full_precision, fused_input_convs, resolve_stage, split_pre_activation
 from kdtune.teacher import Precision, TeacherRunner
 from kdtune.weighting import Weighting, build_weighting
 
@@ -65,11 +68,23 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+class OutputError(ValueError):
+    """A model's output does not fit (not a logits tensor and no selector, a wrong key ...), or the
+    model cannot take the data's input. The message names the model, the output and the fix."""
+
+
+def _feature_name(path: str, selector: Selector) -> str:
+    """The capture name of a module's (selected) output: two pathways may read one module's
+    output through different selectors."""
+    return path if selector is None else f"{path}[{selector!r}]"
+
+
 class Distiller(nn.Module):
     """Student + frozen teacher + pathways + logit losses + weighting.
 
     Args:
-        student: any ``nn.Module`` mapping (N, C, H, W) to logits (N, K).
+        student: any ``nn.Module`` mapping a batch x (as the loader yields it, e.g. (N, C, H, W))
+            to logits (N, K) — or to a tuple / list / dict holding them (``student_output``).
         teacher: any frozen-able ``nn.Module`` with the same output; ``None`` trains the student
             alone (cross-entropy only) through the same code path.
         pathways: feature pathways (module paths or ``stage:<i>``).
@@ -78,8 +93,14 @@ class Distiller(nn.Module):
         weighting_kwargs: arguments of the strategy (e.g. ``alpha``).
         task_weight: weight of the cross-entropy with the labels.
         input_shape: (C, H, W) of one input; needed to build pathways (probes feature shapes).
+            When given, student and teacher are run once on it here, so a model that cannot take
+            the input or whose output does not fit fails now, not at step 1.
+        teacher_output, student_output: where the logits are in a model output that is not one
+            tensor: an int index (tuple/list), a str key (dict, or attribute of e.g. a HF
+            ``ModelOutput``) or a callable ``output -> Tensor``. ``None``: the output is the logits.
         teacher_precision: ``"fp32"`` (exact up to float rounding) or ``"bf16"`` teacher forward.
-        fast_teacher: False runs the teacher's own forward with hooks (the reference path).
+        fast_teacher: False runs the teacher's own forward with hooks (the reference path; also
+            taken when the teacher's logits or features need selectors).
 
     Only the student, the pathway transforms and the weighting are parameters of this module
     (and of its ``state_dict``); the teacher is held aside so checkpoints stay small and no
@@ -90,12 +111,16 @@ class Distiller(nn.Module):
                  pathways: Sequence[Pathway] = (), logit_losses: Sequence[str | LogitLoss] = (),
                  weighting: str | Weighting = "fixed", weighting_kwargs: Mapping[str, Any] | None = None,
                  task_weight: float = 1.0, input_shape: Sequence[int] | None = None,
+                 teacher_output: Selector = None, student_output: Selector = None,
                  teacher_precision: Precision = "fp32", fast_teacher: bool = True) -> None:
         super().__init__()
         if teacher is None and (pathways or logit_losses):
             raise ValueError("pathways and logit losses need a teacher; pass teacher= or remove them")
         self.student = student
         self.__dict__["teacher"] = freeze(teacher) if teacher is not None else None  # not a submodule
+        self.output_selectors: dict[str, Selector] = {"student": student_output, "teacher": teacher_output}
+        if input_shape is not None:
+            self.check_input(torch.zeros(2, *input_shape))
         self._pending_teacher: tuple[Tensor, TeacherOutput] | None = None  # see reuse_teacher_output
         # Pathways on one student feature as one conv (pathways.fused_input_convs): numerically the same,
         # but measured no faster on CPU (RESULTS.md, distpro_cost_pool_first), so off by default.
@@ -113,10 +138,12 @@ class Distiller(nn.Module):
         self.calibration: Calibration | None = None  # set by calibrate() / set_calibration()
         self.weighting.bind(self)  # strategies needing the student's parameters (MGDA) keep them
         # Several pathways may read one module (DistPro: every stage x N transforms): capture it once.
-        s_paths, t_paths = list(dict.fromkeys(self._student_paths)), list(dict.fromkeys(self._teacher_paths))
-        self._student_capture = FeatureCapture(student, s_paths).attach() if self.pathways else None
-        self._teacher_runner = (TeacherRunner(self.teacher, t_paths, teacher_precision, fast_teacher)
-                                if self.teacher is not None else None)
+        self._student_capture = (FeatureCapture(student, self._student_features, self._student_selectors).attach()
+                                 if self.pathways else None)
+        # The fast path traces plain module outputs; selected outputs keep the teacher's own forward.
+        fast_teacher = fast_teacher and teacher_output is None
+        self._teacher_runner = (TeacherRunner(self.teacher, self._teacher_features, teacher_precision, fast_teacher,
+                                              self._teacher_selectors) if self.teacher is not None else None)
 
     # ------------------------------------------------------------------ construction
 
@@ -139,8 +166,12 @@ class Distiller(nn.Module):
                           for p in pathways]
 
     def _build_pathways(self, pathways: list[Pathway], input_shape: Sequence[int] | None) -> list[PathwayLoss]:
-        self._student_paths: list[str] = []
+        self._student_paths: list[str] = []  # capture names: module path, [selector] appended if any
         self._teacher_paths: list[str] = []
+        self._student_features: dict[str, str] = {}  # capture name -> module path
+        self._teacher_features: dict[str, str] = {}
+        self._student_selectors: dict[str, Selector] = {}
+        self._teacher_selectors: dict[str, Selector] = {}
         self._pathway_weights: list[float] = []
         if not pathways:
             return []
@@ -156,11 +187,16 @@ class Distiller(nn.Module):
             s_path = self._resolve_path(self.student, p.student, s_stages, "student", example)
             t_path = self._resolve_path(self.teacher, p.teacher, t_stages, "teacher", example)
             p = Pathway(**{**p.__dict__, "student": s_path, "teacher": t_path}).resolved()
-            s_shape = self._shape(self.student, s_info, s_path, "student", example)
-            t_shape = self._shape(self.teacher, t_info, t_path, "teacher", example)
+            t_sel, s_sel = p.selectors()
+            s_shape = self._shape(self.student, s_info, s_path, s_sel, example, "student")
+            t_shape = self._shape(self.teacher, t_info, t_path, t_sel, example, "teacher")
             built.append(p.build(s_shape, t_shape))
-            self._student_paths.append(s_path)
-            self._teacher_paths.append(t_path)
+            for role, path, sel in (("student", s_path, s_sel), ("teacher", t_path, t_sel)):
+                name = _feature_name(path, sel)
+                getattr(self, f"_{role}_paths").append(name)
+                getattr(self, f"_{role}_features")[name] = path
+                if sel is not None:
+                    getattr(self, f"_{role}_selectors")[name] = sel
             self._pathway_weights.append(float(p.weight))
         return built
 
@@ -172,15 +208,31 @@ class Distiller(nn.Module):
         return pre_activation_path(model, base, example) if pre else base
 
     @staticmethod
-    def _shape(model: nn.Module, info: Mapping[str, Any], path: str, role: str, example: Tensor) -> tuple[int, ...]:
+    def _shape(model: nn.Module, info: Mapping[str, Any], path: str, selector: Selector, example: Tensor,
+               role: str) -> tuple[int, ...]:
+        """Shape of the feature a capture of ``path`` (through ``selector``) gives in a probe forward."""
         module_path, input_tap = split_tap(path)
         get_module(model, module_path)  # a wrong path fails here, listing the closest real ones
-        if input_tap:
-            return feature_shape(model, path, example)
-        if path not in info or info[path].shape is None:
-            raise ValueError(f"{role} module {path!r} produced no tensor output in a probe forward "
-                             f"(unused by forward, or returns a tuple/dict: capture it with a selector)")
-        return tuple(info[path].shape)
+        if selector is None:
+            if input_tap:
+                return feature_shape(model, path, example)
+            if path not in info or info[path].shape is None:
+                raise ValueError(f"{role} module {path!r} produced no tensor output in a probe forward (unused by "
+                                 f"forward, or returns a tuple/dict: pick a tensor with Pathway(..., {role}_selector="
+                                 f"<key or index>))")
+            return tuple(info[path].shape)
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.no_grad(), FeatureCapture(model, {path: path}, {path: selector}, detach=True) as capture:
+                model(example)
+                return tuple(capture[path].shape)
+        except (TypeError, IndexError, KeyError) as err:
+            msg = err.args[0] if err.args else str(err)
+            raise OutputError(f"{role} {type(model).__name__}, module {path!r}: {msg.rstrip('.')}. Fix: "
+                              f"Pathway(..., {role}_selector=<key or index>) (or selector= for both sides)") from None
+        finally:
+            model.train(was_training)
 
     # ------------------------------------------------------------------ modes and devices
 
@@ -197,13 +249,69 @@ class Distiller(nn.Module):
             self._teacher_runner.reset()  # its prepared graph holds the old device/dtype weights
         return self
 
+    # ------------------------------------------------------------------ outputs and inputs
+
+    def logits_of(self, role: str, output: Any) -> Tensor:
+        """The logits in a student's / teacher's output (``role``), picked by its output selector."""
+        selector = self.output_selectors[role]
+        if selector is None and isinstance(output, Tensor):
+            return output  # the usual case, kept free of any checking cost
+        model = self.student if role == "student" else self.teacher
+        where = f"{role} {type(model).__name__}"
+        if selector is None:
+            keys = list(output) if isinstance(output, Mapping) else None
+            example = repr(keys[0]) if keys else "0"
+            raise OutputError(f"{where} returns {describe_output(output)}, not a logits tensor; say where the logits "
+                              f"are: Distiller(..., {role}_output={example}) (a key or an index)")
+        try:
+            return _pick(output, selector)
+        except (TypeError, IndexError, KeyError) as err:
+            msg = err.args[0] if err.args else str(err)
+            raise OutputError(f"{where}: {msg.rstrip('.')}. Fix: Distiller(..., {role}_output=<key or index of the "
+                              f"logits>)") \
+                from None
+
+    def student_logits(self, x: Tensor) -> Tensor:
+        """Student logits (N, K) for a batch."""
+        return self.logits_of("student", self.student(x))
+
+    @torch.no_grad()
+    def check_input(self, x: Tensor, roles: Sequence[str] = ("student", "teacher")) -> None:
+        """Run the models named in ``roles`` once on ``x`` (e.g. two samples of a real batch), in eval
+        mode: a model that cannot take the input, or whose logits cannot be found or do not agree in
+        class count, fails here with a message naming the model and the fix."""
+        logits = {}
+        for role in roles:
+            model = self.student if role == "student" else self.teacher
+            if model is None:
+                continue
+            was_training = model.training
+            model.eval()
+            try:
+                out = model(x)
+            except Exception as err:  # torch's own message (a matmul / conv shape error) says why
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise OutputError(f"{role} {type(model).__name__} cannot take the data's input, a batch of shape "
+                                  f"{tuple(x.shape)} ({first}); make its first layer take "
+                                  f"{tuple(x.shape[1:])} inputs, or resize the data (data.image_size)") from None
+            finally:
+                model.train(was_training)
+            logits[role] = self.logits_of(role, out)
+            if logits[role].ndim != 2 or len(logits[role]) != len(x):
+                raise OutputError(f"{role} {type(model).__name__} gives logits of shape {tuple(logits[role].shape)} "
+                                  f"for {len(x)} inputs; expected ({len(x)}, num_classes)")
+        if len(logits) == 2 and logits["student"].shape[1] != logits["teacher"].shape[1]:
+            raise OutputError(f"student gives {logits['student'].shape[1]} classes but teacher "
+                              f"{logits['teacher'].shape[1]}; both must predict the same classes")
+
     # ------------------------------------------------------------------ forward
 
     def teacher_forward(self, x: Tensor) -> TeacherOutput:
         """Teacher logits (N, K) and captured features (no graph); computed once per batch."""
         if self._teacher_runner is None:
             raise RuntimeError("this Distiller has no teacher")
-        return TeacherOutput(*self._teacher_runner(x))
+        logits, feats = self._teacher_runner(x)
+        return TeacherOutput(self.logits_of("teacher", logits), feats)
 
     def reuse_teacher_output(self, x: Tensor, output: TeacherOutput) -> None:
         """Let the next :meth:`forward` on this very tensor ``x`` use ``output`` instead of running
@@ -245,12 +353,18 @@ class Distiller(nn.Module):
         if teacher_output is None and self.has_terms:
             pending, self._pending_teacher = self._pending_teacher, None
             teacher_output = pending[1] if pending is not None and pending[0] is x else self.teacher_forward(x)
-        logits = self.student(x)
+        logits = self.student_logits(x)
+        with torch.autocast(logits.device.type, enabled=False):  # losses in fp32 whatever the forward's precision
+            return self._losses(logits, y, step, teacher_output)
+
+    def _losses(self, logits: Tensor, y: Tensor, step: int, teacher_output: TeacherOutput | None) -> dict[str, Tensor]:
+        logits = full_precision(logits)
         task = F.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "task": task}
         loss = self.task_weight * task
         if teacher_output is not None:
             out["teacher_logits"] = teacher_output.logits
+            teacher_output = TeacherOutput(full_precision(teacher_output.logits), teacher_output.features)
             terms = self.distill_terms(logits, y, teacher_output, step)
             if terms:
                 distill, weights = self.weighting(terms, step)

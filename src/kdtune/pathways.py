@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdtune.capture import Selector
 from kdtune.distances import DISTANCES
 from kdtune.losses import LOSSES
 from kdtune.transforms import FeatureTransform, ShapeMismatchError, build_transform, resize_spatial
@@ -28,6 +29,12 @@ from kdtune.transforms import FeatureTransform, ShapeMismatchError, build_transf
 STAGE_PREFIX = "stage:"
 #: Suffix of a pathway path read before the output's final activation.
 PRE_ACTIVATION = ":pre"
+
+
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in fp32 if it is a reduced-precision float (bf16/fp16 from an autocast forward);
+    fp32 and fp64 tensors unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 @dataclass
@@ -44,6 +51,10 @@ class Pathway:
         weight: the term's weight (default: the method's usual weight, else 1).
         name: the term's name in logs (default ``"<method or distance>:<teacher>-><student>"``).
         transform_kwargs, distance_kwargs: extra arguments, merged over the method's defaults.
+        selector: picks the feature out of a module output that is not one tensor (a tuple, list
+            or dict, e.g. a transformer block returning ``(hidden, attention)``): an int index, a
+            str key (or attribute), or a callable ``output -> Tensor``; used on both sides.
+        teacher_selector, student_selector: the same for one side only (override ``selector``).
 
     Example:
         >>> Pathway(teacher="layer3", student="blocks.2", transform="conv1x1", distance="mse")
@@ -58,6 +69,14 @@ class Pathway:
     name: str | None = None
     transform_kwargs: dict[str, Any] = field(default_factory=dict)
     distance_kwargs: dict[str, Any] = field(default_factory=dict)
+    selector: Selector = None
+    teacher_selector: Selector = None
+    student_selector: Selector = None
+
+    def selectors(self) -> tuple[Selector, Selector]:
+        """(teacher, student) selectors: the per-side one, else the shared one."""
+        return (self.selector if self.teacher_selector is None else self.teacher_selector,
+                self.selector if self.student_selector is None else self.student_selector)
 
     def resolved(self) -> Pathway:
         """A copy with method defaults filled in: transform, distance, weight, kwargs and name."""
@@ -106,7 +125,8 @@ class PathwayLoss(nn.Module):
         self.distance_kwargs = dict(distance_kwargs)
 
     def forward(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
-        s, t = self.transform(student_feature, teacher_feature)
+        # A bf16-autocast forward's features are aligned and compared in full precision.
+        s, t = self.transform(full_precision(student_feature), full_precision(teacher_feature))
         return self.distance(s, t, **self.distance_kwargs)
 
     def after_input_conv(self, h: Tensor, teacher_feature: Tensor) -> Tensor:

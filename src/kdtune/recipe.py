@@ -15,13 +15,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdtune.checkpoint import load_checkpoint, load_state_strict
+from kdtune.checkpoint import load_checkpoint, load_state_strict, model_state
 from kdtune.config import ModelConfig, RunConfig, load_config, save_config
-from kdtune.data import Augment, BatchLoader, ImageDataset, balanced_subset, load_dataset, train_val_split
+from kdtune.data import Images, balanced_subset, dataset_augment, load_dataset, make_loader, train_val_split
 from kdtune.distiller import Distiller, LogitLoss
 from kdtune.distributed import init_distributed
 from kdtune.models import create_model
 from kdtune.pathways import Pathway
+from kdtune.plugins import import_plugins
 from kdtune.trainer import Callback, Trainer
 from kdtune.zoo import ZOO_PREFIX, load_teacher
 
@@ -30,9 +31,9 @@ from kdtune.zoo import ZOO_PREFIX, load_teacher
 class Splits:
     """Training, held-out validation (may be None) and test sets of a run."""
 
-    train: ImageDataset
-    val: ImageDataset | None
-    test: ImageDataset
+    train: Images
+    val: Images | None
+    test: Images
 
 
 def load_splits(cfg: RunConfig) -> Splits:
@@ -41,8 +42,14 @@ def load_splits(cfg: RunConfig) -> Splits:
     The validation split is always carved from the training data — never from the test set.
     """
     d = cfg.data
-    train = load_dataset(d.dataset, "train", d.root)
-    test = load_dataset(d.dataset, "test", d.root)
+    options = {}
+    if d.image_size is not None:
+        if d.dataset != "folder":
+            raise ValueError(f"data.image_size resizes image files (data.dataset: folder); {d.dataset!r} images "
+                             f"keep their size — remove data.image_size")
+        options["image_size"] = d.image_size
+    train = load_dataset(d.dataset, "train", d.root, **options)
+    test = load_dataset(d.dataset, "test", d.root, **options)
     if d.train_per_class is not None:
         train = balanced_subset(train, d.train_per_class, d.subset_seed)
     if d.test_limit is not None:
@@ -54,7 +61,9 @@ def load_splits(cfg: RunConfig) -> Splits:
 
 
 def build_model(mc: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """A zoo model, optionally with weights from a path or a shipped teacher (``zoo:<name>``)."""
+    """A registered model (or a user's ``module:callable``), optionally with weights from a checkpoint
+    file (loaded with ``weights_only=True``; see :func:`~kdtune.checkpoint.model_state` for the
+    layouts understood) or a shipped teacher (``zoo:<name>``)."""
     if mc.name == "teacher_ensemble":  # several teachers (Auto-KD multi-teacher), built member by member
         from kdtune.search.multiteacher import build_ensemble
 
@@ -63,9 +72,9 @@ def build_model(mc: ModelConfig, in_channels: int, num_classes: int) -> nn.Modul
         return load_teacher(mc.checkpoint)
     model = create_model(mc.name, in_channels=in_channels, num_classes=num_classes, **mc.kwargs)
     if mc.checkpoint:
-        state = load_checkpoint(mc.checkpoint)
-        state = state.get("student", state) if isinstance(state.get("student"), dict) else state
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        state = model_state(load_checkpoint(mc.checkpoint))
+        state = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                 for k, v in state.items()}
         load_state_strict(model, state, f"{mc.name} ({mc.checkpoint})")
     return model
 
@@ -107,11 +116,12 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
     (``data.val_fraction``) instead of the test set — for searches, which must never select on
     test accuracy; the trainer's ``test_*`` metrics then are validation metrics.
     """
+    import_plugins(cfg.plugins)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.seed)  # model and adapter initialisation depend on it
     splits = load_splits(cfg)
-    input_shape = tuple(splits.train.images.shape[1:])
+    input_shape = splits.train.input_shape
     if cfg.selfdistill is not None:  # teacher-free self-distillation: exits (+ label generator) on the student
         from kdtune.selfdistill import from_config
 
@@ -126,11 +136,12 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
     else:
         distiller = build_distiller(cfg, splits.train.in_channels, splits.train.num_classes, input_shape)
     d = cfg.data
-    train_loader = BatchLoader(splits.train, d.batch_size, shuffle=True, augment=Augment(d.crop_padding, d.flip),
-                               seed=cfg.seed)
+    train_loader = make_loader(splits.train, d.batch_size, shuffle=True, seed=cfg.seed, workers=d.workers,
+                               augment=dataset_augment(d.dataset, d.crop_padding, d.flip))
     if eval_split == "val" and splits.val is None:
         raise ValueError("eval_split='val' needs a validation split: set data.val_fraction > 0 (e.g. 0.2)")
-    test_loader = BatchLoader(splits.val if eval_split == "val" else splits.test, d.eval_batch_size, shuffle=False)
+    test_loader = make_loader(splits.val if eval_split == "val" else splits.test, d.eval_batch_size,
+                              shuffle=False, workers=d.workers)
     trainer = Trainer(distiller, train_loader, test_loader, cfg.train, run_dir=run_dir, callbacks=callbacks,
                       seed=cfg.seed, teacher_key=teacher_key(cfg) if eval_split == "test" else None)
     calibrate_run(cfg, trainer)
@@ -180,6 +191,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
     ``autokd`` section runs the Auto-KD search (:func:`kdtune.search.autokd.run_autokd`), or trains
     with the distiller spec file ``autokd.spec``.
     """
+    import_plugins(cfg.plugins)  # the user's models must be registered before any name is looked up
     path = Path(run_dir) if run_dir is not None else _shared_run_dir(cfg)
     if cfg.autokd is not None:  # Auto-KD: search distiller designs, or (autokd.spec) train with one
         from kdtune.search.autokd import run_autokd, spec_config

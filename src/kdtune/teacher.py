@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -37,7 +37,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kdtune.capture import INPUT_TAP, FeatureCapture
+from kdtune.capture import INPUT_TAP, FeatureCapture, Selector
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -143,18 +143,22 @@ class TeacherRunner:
 
     Args:
         teacher: the frozen teacher; never modified (the fast path works on a copy of its graph).
-        paths: module paths whose outputs are captured (``""`` = the logits).
+        paths: module paths whose outputs are captured (``""`` = the logits), or ``{name: path}``.
         precision: ``"fp32"`` (exact up to float rounding) or ``"bf16"`` (faster, approximate).
-        fast: False keeps the reference (hooked eager forward) path.
+        fast: False keeps the reference (hooked eager forward) path; so do ``selectors`` (as for
+            :class:`~kdtune.capture.FeatureCapture`) and a forward under autocast.
     """
 
-    def __init__(self, teacher: nn.Module, paths: Sequence[str], precision: Precision = "fp32",
-                 fast: bool = True) -> None:
+    def __init__(self, teacher: nn.Module, paths: Sequence[str] | Mapping[str, str], precision: Precision = "fp32",
+                 fast: bool = True, selectors: Mapping[str, Selector] | None = None) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"teacher precision {precision!r} is not one of {list(PRECISIONS)}")
-        self.teacher, self.paths, self.precision = teacher, list(paths), precision
-        self.capture = FeatureCapture(teacher, self.paths, detach=True).attach() if self.paths else None
-        self.fast = fast
+        self.teacher, self.precision = teacher, precision
+        self.features = dict(paths) if isinstance(paths, Mapping) else {p: p for p in paths}  # name -> path
+        self.selectors = dict(selectors or {})
+        self.capture = (FeatureCapture(teacher, self.features, self.selectors, detach=True).attach()
+                        if self.features else None)
+        self.fast = fast and not self.selectors  # selected outputs: the reference path
         self._graph: Callable[[Tensor], tuple[Tensor, ...]] | None = None
         self._checked: set[tuple[tuple[int, ...], torch.dtype, torch.device]] = set()
         self._version = -1  # of the teacher's weights the graph was prepared from
@@ -172,7 +176,7 @@ class TeacherRunner:
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        if not self.fast:
+        if not self.fast or torch.is_autocast_enabled(x.device.type):  # autocast: the forward it asks for
             return self.reference(x)
         if self._graph is not None and self._weights_version() != self._version:
             self.reset()  # the teacher's weights were changed in place (e.g. load_state_dict)
@@ -188,11 +192,14 @@ class TeacherRunner:
         logits, *feats = self._graph(x)
         if self.precision == "bf16":
             logits, feats = logits.float(), [f.float() for f in feats]
-        return logits, dict(zip(self.paths, feats, strict=True))
+        return logits, dict(zip(self.features, feats, strict=True))
 
     def _first_call(self, x: Tensor, key: tuple) -> tuple[Tensor, dict[str, Tensor]]:
         """Prepare the graph if needed and check it against the reference on this batch."""
         ref_logits, ref_feats = self.reference(x)
+        if not isinstance(ref_logits, Tensor):  # a tuple/dict output: the caller picks the logits
+            self.fast = False
+            return ref_logits, ref_feats
         try:
             if self._graph is None:
                 self._graph = self._prepare(x)
@@ -215,7 +222,7 @@ class TeacherRunner:
 
     def _prepare(self, x: Tensor) -> Callable[[Tensor], tuple[Tensor, ...]]:
         self._version = self._weights_version()
-        gm = feature_graph(self.teacher, self.paths)
+        gm = feature_graph(self.teacher, list(self.features.values()))
         self.folded = fold_batchnorms(gm)
         if self.precision == "bf16":
             return gm.to(torch.bfloat16, memory_format=torch.channels_last)

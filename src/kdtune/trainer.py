@@ -5,9 +5,16 @@ One training step reads top to bottom in :meth:`Trainer.train_step`::
     out = model(x, y, step)            # teacher once (no_grad), student, every term, weighting
     loss.backward(); optimizer.step(); scheduler.step()
 
+Training data is any iterable of ``(x, y)`` batches with a length: kdtune's
+:class:`~kdtune.data.BatchLoader` (in memory, the fast path) or :class:`~kdtune.data.DatasetLoader`,
+a ``torch.utils.data.DataLoader``, or a map-style ``Dataset`` (wrapped in a DatasetLoader).
+
 Everything a step draws at random depends on (seed, epoch) — batch order and augmentation come
-from :class:`~kdtune.data.BatchLoader` — or on the RNG state saved in the checkpoint, so a run
-resumed from its last checkpoint reproduces the uninterrupted run exactly.
+from kdtune's loaders — or on the RNG state saved in the checkpoint, so a run resumed from its
+last checkpoint reproduces the uninterrupted run exactly. A user's ``DataLoader`` resumes exactly
+too when its order and augmentation come from torch's RNG or a seeded generator (its
+``sampler.set_epoch`` is called every epoch); one reading state outside them (a stream, a file that
+changes, an unseeded NumPy RNG in the main process) resumes with other batches.
 
 Run directory (when ``run_dir`` is given): ``metrics.jsonl`` (a row per epoch), ``steps.jsonl``
 (loss, terms and weights every ``log_every`` steps), ``checkpoints/last.pt``, ``summary.json``,
@@ -20,7 +27,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +38,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from kdtune.checkpoint import load_checkpoint, load_state_strict, rng_state, save_atomic, set_rng_state
 from kdtune.config import TrainConfig
-from kdtune.data import BatchLoader, ImageDataset
+from kdtune.data import BatchLoader, DatasetLoader, ImageDataset
 from kdtune.distiller import Distiller
-from kdtune.distributed import DistInfo, barrier, init_distributed
+from kdtune.distributed import DistInfo, barrier, init_distributed, resolve_device
+from kdtune.pathways import full_precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,10 +105,56 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def _as_loader(data: BatchLoader | ImageDataset, train: bool, seed: int) -> BatchLoader:
-    if isinstance(data, BatchLoader):
-        return data
-    return BatchLoader(data, batch_size=128 if train else 500, shuffle=train, seed=seed)
+#: What the trainer takes as data: any iterable of (x, y) batches with a length, or a dataset.
+Batches = Iterable[tuple[Tensor, Tensor]] | ImageDataset | torch.utils.data.Dataset
+
+
+def as_batches(data: Batches, train: bool, seed: int) -> Iterable[tuple[Tensor, Tensor]]:
+    """A loader for ``data``: an :class:`ImageDataset` -> :class:`BatchLoader` and a map-style
+    ``Dataset`` -> :class:`DatasetLoader` (batch 128 shuffled for training, 500 in order for
+    evaluation); an iterable of batches is used as it is."""
+    size = 128 if train else 500
+    if isinstance(data, ImageDataset):
+        return BatchLoader(data, batch_size=size, shuffle=train, seed=seed)
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return DatasetLoader(data, batch_size=size, shuffle=train, seed=seed)
+    if not hasattr(data, "__iter__") or not hasattr(data, "__len__"):
+        raise TypeError(f"training data must be an iterable of (x, y) batches with len() (the lr schedule needs "
+                        f"the steps per epoch), e.g. a DataLoader, or a map-style Dataset; got {type(data).__name__}")
+    return data
+
+
+def _shard(loader: Iterable[tuple[Tensor, Tensor]], dist: DistInfo, role: str) -> None:
+    """Give each rank its own share of the batches under torchrun."""
+    shard = getattr(loader, "shard", None)
+    if shard is not None:
+        shard(dist.rank, dist.world_size)
+    elif dist.enabled and not isinstance(getattr(loader, "sampler", None), torch.utils.data.DistributedSampler):
+        raise ValueError(f"under torchrun the {role} DataLoader needs sampler=DistributedSampler(dataset) so each "
+                         f"rank reads its own shard (or pass the Dataset itself and kdtune adds one)")
+
+
+def _first_batch(loader: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """One batch of a loader without starting worker processes where the samples can be read directly."""
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(loader, DatasetLoader) and len(dataset) > 0:
+        samples = [dataset[i] for i in range(min(2, len(dataset)))]
+        return torch.utils.data.default_collate(samples)
+    try:
+        return next(iter(loader))
+    except StopIteration:
+        raise ValueError("the training data yields no batches (empty dataset, or drop_last with fewer samples "
+                         "than a batch)") from None
+
+
+def set_loader_epoch(loader: Iterable[tuple[Tensor, Tensor]], epoch: int) -> None:
+    """Tell a loader (or its sampler) which epoch starts: its order and augmentation follow it."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
+                                                                 "sampler", None)):
+        set_epoch = getattr(obj, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+            return
 
 
 #: Teacher predictions on a test set, shared by the runs of one process that pass the same
@@ -113,9 +167,11 @@ class Trainer:
 
     Args:
         distiller: the model to train; ``Distiller(student)`` trains the student alone.
-        train: training batches (a :class:`BatchLoader`, or a dataset: batch 128, shuffled).
-        test: evaluation batches, evaluated after every epoch (top-1 accuracy, and top-1
-            agreement error with the teacher when there is one).
+        train: training batches: any iterable of ``(x, y)`` with a length (a :class:`BatchLoader`,
+            ``DataLoader`` ...), or a dataset (:class:`ImageDataset` or map-style ``Dataset``:
+            batch 128, shuffled).
+        test: evaluation batches (same kinds; a dataset is read in batches of 500), evaluated after
+            every epoch (top-1 accuracy, and top-1 agreement error with the teacher when there is one).
         config: optimiser, schedule, epochs ... (:class:`~kdtune.config.TrainConfig`).
         run_dir: where metrics, checkpoints and the summary go (``None``: nothing written).
         callbacks: :class:`Callback` objects.
@@ -125,25 +181,32 @@ class Trainer:
             quickstart`` trains several rows against one shipped teacher). ``None``: not shared.
     """
 
-    def __init__(self, distiller: Distiller, train: BatchLoader | ImageDataset,
-                 test: BatchLoader | ImageDataset | None = None, config: TrainConfig | None = None,
+    def __init__(self, distiller: Distiller, train: Batches,
+                 test: Batches | None = None, config: TrainConfig | None = None,
                  run_dir: str | Path | None = None, callbacks: Sequence[Callback] = (), seed: int = 0,
                  teacher_key: Hashable | None = None) -> None:
         self.cfg = config or TrainConfig()
-        self.dist: DistInfo = init_distributed()
+        self.device = resolve_device(self.cfg.device)
+        self.dist: DistInfo = init_distributed(cuda=self.device.type == "cuda")
         self.distiller, self.seed = distiller, seed
-        self.train_loader = _as_loader(train, True, seed)
-        self.test_loader = _as_loader(test, False, seed) if test is not None else None
-        self.train_loader.rank, self.train_loader.world_size = self.dist.rank, self.dist.world_size
+        distiller.to(self.device)  # the teacher moves with it (Distiller._apply)
+        self.train_loader = as_batches(train, True, seed)
+        self.test_loader = as_batches(test, False, seed) if test is not None else None
+        _shard(self.train_loader, self.dist, "training")
+        for loader in (self.train_loader, self.test_loader):
+            if self.device.type == "cuda" and hasattr(loader, "pin_memory"):
+                loader.pin_memory = True  # page-locked batches: the copies below overlap with compute
         if self.cfg.channels_last:
             distiller.to(memory_format=torch.channels_last)
-            for loader in (self.train_loader, self.test_loader):
-                if loader is not None:
-                    loader.channels_last = True
+        check_input = getattr(distiller, "check_input", None)
+        if check_input is not None:  # a student that cannot take the real data fails now, not at step 1
+            # (the teacher is checked when the Distiller is built; cached-teacher runs never run it)
+            check_input(self.prepare_batch(*_first_batch(self.train_loader))[0][:2], roles=("student",))
         self.model: nn.Module = distiller
         if self.dist.enabled:
             # Pathways that a strategy may skip (DistPro's dropping) leave parameters unused.
-            self.model = DistributedDataParallel(distiller, find_unused_parameters=True)
+            self.model = DistributedDataParallel(distiller, find_unused_parameters=True,
+                                                 device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # A module may keep parameters out of this optimiser by listing the rest in
         # trainable_parameters() (MetaDistiller's label generator has its own Adam on a meta-gradient).
         select = getattr(distiller, "trainable_parameters", None)
@@ -240,11 +303,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
 
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """A loader's batch as the model takes it: on its device, in its memory format."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.cfg.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def autocast(self) -> torch.autocast:
+        """The forward's precision context: bfloat16 autocast with ``precision: bf16``, else off."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
     def train_step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """One optimiser step on a batch; returns the distiller's output dict."""
         for cb in self.callbacks:
             cb.on_batch_start(self, x, y)
-        out = self.model(x, y, self.global_step)
+        with self.autocast():
+            out = self.model(x, y, self.global_step)
         loss = out["loss"]
         if not torch.isfinite(loss):
             self._non_finite(out)
@@ -268,11 +343,12 @@ class Trainer:
     def train_epoch(self) -> dict[str, Any]:
         """One pass over the training loader; returns mean loss / terms / weights and speed."""
         self.distiller.train()
-        self.train_loader.set_epoch(self.epoch)
+        set_loader_epoch(self.train_loader, self.epoch)
         sums: dict[str, Tensor] = {}
-        correct, seen, t0 = torch.zeros((), dtype=torch.long), 0, time.perf_counter()
+        correct, seen, t0 = torch.zeros((), dtype=torch.long, device=self.device), 0, time.perf_counter()
         with self._progress(len(self.train_loader)) as advance:
-            for x, y in self.train_loader:
+            for batch in self.train_loader:
+                x, y = self.prepare_batch(*batch)
                 out = self.train_step(x, y)
                 for k, v in out.items():
                     if v.ndim == 0:
@@ -288,6 +364,9 @@ class Trainer:
         row = {f"train_{k}": float(v) / n for k, v in sums.items() if not k.startswith("w/")}
         row.update({k: float(v) / n for k, v in sums.items() if k.startswith("w/")})
         row.update(train_acc=float(correct) / max(1, seen), seconds=seconds, img_per_s=seen / seconds)
+        if self.device.type == "cuda":  # peak memory of the epoch's steps
+            row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
         return row
 
     def _log_step(self, out: dict[str, Tensor]) -> None:
@@ -341,7 +420,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, loader: BatchLoader | None = None) -> dict[str, float]:
+    def evaluate(self, loader: Iterable[tuple[Tensor, Tensor]] | None = None) -> dict[str, float]:
         """Top-1 accuracy, CE loss and (with a teacher) top-1 agreement error on ``loader``.
 
         Agreement error (Adaptive Distillation, eq. 7) is the fraction of samples where the
@@ -359,12 +438,16 @@ class Trainer:
         extra_fn = getattr(self.distiller, "eval_logits", None)
         preds, labels, loss_sum = [], [], 0.0
         extra_correct: dict[str, int] = {}
-        for x, y in loader:
-            logits = student(x)
+        for batch in loader:
+            x, y = self.prepare_batch(*batch)
+            with self.autocast():
+                logits = full_precision(self._logits("student", student(x)))
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             preds.append(logits.argmax(1))
             labels.append(y)
-            for name, extra in (extra_fn(x) if extra_fn else {}).items():
+            with self.autocast():
+                extras = extra_fn(x) if extra_fn else {}
+            for name, extra in extras.items():
                 extra_correct[name] = extra_correct.get(name, 0) + int((extra.argmax(1) == y).sum())
         student.train(was_training)
         pred, label = torch.cat(preds), torch.cat(labels)
@@ -376,16 +459,23 @@ class Trainer:
             if cached is None or loader is not self.test_loader or len(cached) != len(label):
                 # The Distiller's prepared teacher (kdtune.teacher fast path) where there is one.
                 forward = getattr(self.distiller, "teacher_forward", None)
-                t_pred = torch.cat([(forward(x).logits if forward else teacher(x)).argmax(1) for x, _ in loader])
+                with self.autocast():
+                    inputs = (self.prepare_batch(*batch)[0] for batch in loader)
+                    t_pred = torch.cat([(forward(x).logits if forward else self._logits("teacher", teacher(x)))
+                                        .argmax(1) for x in inputs])
                 if loader is self.test_loader:
                     self._teacher_test_preds = t_pred
                     if self.teacher_key is not None:
                         _TEACHER_TEST_PREDS[self.teacher_key] = t_pred
             else:
-                t_pred = self._teacher_test_preds
+                t_pred = self._teacher_test_preds.to(pred.device)  # may come from a run on another device
             metrics["agreement_error"] = float((pred != t_pred).float().mean())
             metrics["teacher_test_acc"] = float((t_pred == label).float().mean())
         return metrics
+
+    def _logits(self, role: str, output: Any) -> Tensor:
+        logits_of = getattr(self.distiller, "logits_of", None)
+        return logits_of(role, output) if logits_of is not None else output
 
     # ------------------------------------------------------------------ fit
 

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,9 +47,11 @@ __all__ = [
     "FlattenPool",
     "Identity",
     "LinearProjector",
+    "MapToTokens",
     "ShapeMismatchError",
     "SpatialSelfAttention",
     "TokenMLP",
+    "TokensToMap",
     "autokd_attention",
     "autokd_inter",
     "autokd_local",
@@ -56,7 +59,9 @@ __all__ = [
     "autokd_multi_scale",
     "build_transform",
     "check_transform_options",
+    "patch_tokens",
     "resize_spatial",
+    "token_grid",
     "transform_options",
 ]
 
@@ -453,6 +458,75 @@ class TokenMLP(FeatureTransform):
 
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return self.mlp(s), t
+
+
+# --------------------------------------------------------------------------- CNN maps <-> tokens
+
+
+def token_grid(tokens: int) -> tuple[int, int]:
+    """(side, extra) of a square patch grid of ``tokens`` = side^2 + extra, extra in {0, 1} (a class
+    token first); raises ValueError when ``tokens`` is no such count."""
+    for extra in (0, 1):
+        side = math.isqrt(tokens - extra)
+        if side > 0 and side * side == tokens - extra:
+            return side, extra
+    raise ValueError(f"{tokens} tokens are not a square patch grid (with or without one class token)")
+
+
+def _grid_of(tf: FeatureTransform, shape: Shape) -> tuple[int, int]:
+    try:
+        return token_grid(shape[1])
+    except ValueError as err:
+        raise tf._mismatch(f"tokens on a square patch grid: {err}") from None
+
+
+def patch_tokens(t: Tensor, side: int) -> Tensor:
+    """(N, L, D) -> (N, D, side, side): the last side^2 tokens (a leading class token is dropped),
+    row by row, as a map."""
+    return t[:, -side * side:].transpose(1, 2).reshape(len(t), t.shape[-1], side, side)
+
+
+@_register("tokens_to_map")
+class TokensToMap(FeatureTransform):
+    """Student tokens onto a teacher's CNN map (ViT student, CNN teacher).
+
+    (N, L, Ds) -> drop a class token, patch grid g x g -> (N, Ds, g, g) -> 1x1 conv + BN to the
+    teacher's Ct channels -> resized to the teacher's (Ht, Wt) (:func:`resize_spatial`). Teacher
+    unchanged, so distances on maps (MSE, AT, CKA ...) apply.
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
+        super().__init__(s_shape, t_shape)
+        if len(self.s_shape) != 3 or len(self.t_shape) != 4:
+            raise self._mismatch("(N, L, D) student tokens and an (N, C, H, W) teacher map")
+        self.side, _ = _grid_of(self, self.s_shape)
+        self.proj = nn.Sequential(nn.Conv2d(self.s_shape[2], self.t_shape[1], 1, bias=False),
+                                  nn.BatchNorm2d(self.t_shape[1]))
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return resize_spatial(self.proj(patch_tokens(s, self.side)), t.shape[-2:]), t
+
+
+@_register("map_to_tokens")
+class MapToTokens(FeatureTransform):
+    """A student's CNN map onto a teacher's tokens (CNN student, ViT teacher).
+
+    Student (N, Cs, H, W) -> resized to the teacher's patch grid g x g -> 1x1 conv + BN to Dt ->
+    (N, g^2, Dt) tokens, row by row; teacher (N, L, Dt) -> its g^2 patch tokens (a class token,
+    which has no place on the grid, is dropped).
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
+        super().__init__(s_shape, t_shape)
+        if len(self.s_shape) != 4 or len(self.t_shape) != 3:
+            raise self._mismatch("an (N, C, H, W) student map and (N, L, D) teacher tokens")
+        self.side, _ = _grid_of(self, self.t_shape)
+        self.proj = nn.Sequential(nn.Conv2d(self.s_shape[1], self.t_shape[2], 1, bias=False),
+                                  nn.BatchNorm2d(self.t_shape[2]))
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.proj(resize_spatial(s, (self.side, self.side)))
+        return s.flatten(2).transpose(1, 2), t[:, -self.side * self.side:]
 
 
 # --------------------------------------------------------------------------- factory

@@ -62,10 +62,11 @@ def test_train_and_eval_modes(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, in_channels=1, num_classes=10)
     x = torch.randn(3, 1, 28, 28)
-    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    before = bn.running_mean.clone()
+    bn = next((m for m in model.modules() if isinstance(m, nn.BatchNorm2d)), None)  # None: a ViT (LayerNorm)
+    before = bn.running_mean.clone() if bn is not None else None
     model.train()(x)
-    assert not torch.equal(bn.running_mean, before)  # train mode updates BN statistics
+    if bn is not None:
+        assert not torch.equal(bn.running_mean, before)  # train mode updates BN statistics
 
     model.eval()
     with torch.no_grad():
@@ -145,3 +146,28 @@ def test_invalid_depths_raise() -> None:
         WideResNet(depth=15, k=1)
     with pytest.raises(ValueError, match="5 blocks"):
         VGG([[64], [128], [256], [512]])
+
+
+def test_vit_tiny_tokens_by_hand_and_parameter_count() -> None:
+    """Patch 4: 7x7 patch tokens at 28x28 (8x8 at 32x32) after one class token; the embedding is a
+    strided conv, so token 1 + r*7 + c is the patch at row r, column c."""
+    from kdtune.models.vit import ViT
+
+    torch.manual_seed(0)
+    m = create_model("vit_tiny", in_channels=1, num_classes=10)
+    assert isinstance(m, ViT)
+    x = torch.randn(2, 1, 28, 28)
+    tokens = m.tokens(x)
+    assert tokens.shape == (2, 50, 64) and m.tokens(torch.randn(2, 1, 32, 32)).shape == (2, 65, 64)
+    assert torch.allclose(tokens[:, 0], m.cls_token[0, 0].expand(2, -1))
+    pos = torch.nn.functional.interpolate(m.pos_embed, size=(7, 7), mode="bilinear", align_corners=False)
+    r, c = 2, 5
+    patch = x[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4].flatten(1)  # (2, 16)
+    by_hand = patch @ m.patch_embed.weight.flatten(1).T + m.patch_embed.bias + pos[0, :, r, c]
+    assert torch.allclose(tokens[:, 1 + 7 * r + c], by_hand, atol=1e-5)
+    # Per block: 2 LayerNorms (2*64 each), attention (4*64*64 + 4*64), MLP (64*128 + 128 + 128*64 + 64).
+    block = 2 * 2 * 64 + 4 * 64 * 64 + 4 * 64 + 64 * 128 + 128 + 128 * 64 + 64
+    total = (16 * 64 + 64) + 64 + 64 * 64 + 6 * block + 2 * 64 + (64 * 10 + 10)
+    assert sum(p.numel() for p in m.parameters()) == total
+    with pytest.raises(ValueError, match="not a multiple of the patch size 4"):
+        m(torch.randn(1, 1, 30, 30))

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from helpers import TinyNet, kdtune_run, tiny_autokd
-from kdtune.data import Augment, BatchLoader, from_arrays
+from kdtune.data import Augment, BatchLoader, DatasetLoader, SampleDataset, from_arrays
 from kdtune.distances import cka
 from kdtune.distiller import Distiller, LogitLoss
 from kdtune.pathways import Pathway
@@ -40,12 +40,20 @@ class Record(Callback):
         self.terms.append((float(out["kd"].detach()), float(out["f"].detach())))
 
 
-def train(cache, tmp_path):
+def batch_loader():
+    return BatchLoader(data(), 8, shuffle=True, augment=Augment(2, True), seed=5)
+
+
+def worker_loader():  # a DataLoader with 2 workers cropping and flipping
+    return DatasetLoader(SampleDataset(data(), Augment(2, True)), 8, shuffle=True, seed=5, workers=2)
+
+
+def train(cache, tmp_path, make_loader=batch_loader):
     d = make_distiller()
-    loader = BatchLoader(data(), 8, shuffle=True, augment=Augment(2, True), seed=5)
+    loader = make_loader()
     callbacks = [Record()]
     if cache:
-        tc = TeacherCache(tmp_path / "cache", BatchLoader(data(), 8, shuffle=True, augment=Augment(2, True), seed=5), 2)
+        tc = TeacherCache(tmp_path / "cache", make_loader(), 2)
         assert tc.build(d) > 0 and tc.build(d) == 0.0  # built once, then reused
         callbacks.append(CachedTeacher(tc))
     calls = []
@@ -57,13 +65,21 @@ def train(cache, tmp_path):
     return callbacks[0].terms, len(calls)
 
 
-def test_cached_teacher_gives_the_live_teachers_losses_on_the_same_augmented_batches(tmp_path):
-    live, live_calls = train(False, tmp_path)
-    cached, cached_calls = train(True, tmp_path)
+@pytest.mark.parametrize("make_loader", [batch_loader, worker_loader])
+def test_cached_teacher_gives_the_live_teachers_losses_on_the_same_augmented_batches(tmp_path, make_loader):
+    live, live_calls = train(False, tmp_path, make_loader)
+    cached, cached_calls = train(True, tmp_path, make_loader)
     assert live_calls == 10 and cached_calls == 0  # 2 epochs x 5 batches; the cached run never runs it
     assert len(live) == len(cached) == 10
     for a, b in zip(live, cached, strict=True):
         assert abs(a[0] - b[0]) < 1e-6 and abs(a[1] - b[1]) < 1e-6
+
+
+def test_cache_needs_a_seeded_kdtune_loader(tmp_path):
+    from torch.utils.data import DataLoader
+
+    with pytest.raises(ValueError, match="order must be seeded.*not a DataLoader"):
+        TeacherCache(tmp_path / "c", DataLoader(SampleDataset(data()), 8, shuffle=True), 1)
 
 
 def test_cache_for_other_data_fails_loudly(tmp_path):

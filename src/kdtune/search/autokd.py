@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from kdtune.capture import FeatureCapture, find_stage_outputs
 from kdtune.config import ModelConfig, RunConfig
-from kdtune.data import Augment, BatchLoader
+from kdtune.data import BatchLoader, DatasetLoader, dataset_augment, make_loader
 from kdtune.distances import cka
 from kdtune.pathways import resolve_stage
 from kdtune.search.incumbents import (
@@ -124,15 +124,17 @@ REWARD_FLOOR = -5.0
 
 
 @torch.no_grad()
-def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader, student_layers: Sequence[str],
-                   teacher_layers: Sequence[str], max_cka_samples: int = 1000) -> dict[str, float]:
+def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader | DatasetLoader,
+                   student_layers: Sequence[str], teacher_layers: Sequence[str],
+                   max_cka_samples: int = 1000) -> dict[str, float]:
     """Validation metrics a reward is made of.
 
     Returns ``ce`` (mean CE), ``acc``, ``cka`` (linear CKA of the raw features, mean over the layer
     pairs, on the first ``max_cka_samples`` samples), ``l1`` (``mean_n ||softmax(p_S) - softmax(p_T)||_1``,
     Table 9's L1 to the teacher; the paper does not say on what, we use the outputs).
     """
-    x0 = next(iter(loader))[0]
+    device = next(student.parameters()).device  # the loader yields CPU batches; the models may be on a GPU
+    x0 = next(iter(loader))[0].to(device)
     s_paths = _resolve(student, x0, student_layers, "student")
     t_paths = _resolve(teacher, x0, teacher_layers, "teacher")
     was = student.training
@@ -143,6 +145,7 @@ def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader, 
     with FeatureCapture(student, list(dict.fromkeys(s_paths)), detach=True) as s_cap, \
             FeatureCapture(teacher, list(dict.fromkeys(t_paths)), detach=True) as t_cap:
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             ps, pt = student(x), teacher(x)
             ce_sum += float(F.cross_entropy(ps, y, reduction="sum"))
             correct += int((ps.argmax(1) == y).sum())
@@ -285,7 +288,7 @@ def _probe_models(cfg: RunConfig, teachers: Sequence[ModelConfig]) -> tuple[nn.M
     splits = load_splits(cfg)
     student = build_model(cfg.student, splits.train.in_channels, splits.train.num_classes)
     models = [build_model(mc, splits.train.in_channels, splits.train.num_classes) for mc in teachers]
-    x, _ = next(iter(BatchLoader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)))
+    x, _ = next(iter(make_loader(splits.train, cfg.data.batch_size, shuffle=True, seed=cfg.seed)))
     return student, models, x
 
 
@@ -322,7 +325,7 @@ class TrialContext:
             print(self.budget_note, flush=True)
         self.train = proxy_subset(splits.train, self.subset, cfg.data.split_seed)
         self.val = splits.val
-        self.input_shape = tuple(self.train.images.shape[1:])
+        self.input_shape = self.train.input_shape
         self.plan = make_plan(cfg)
         self.cache: TeacherCache | None = None
         self.cache_seconds = 0.0
@@ -337,13 +340,13 @@ class TrialContext:
         """Optimiser steps of one proxy trial."""
         return self.epochs * len(self.train_loader())
 
-    def train_loader(self, full: bool = False) -> BatchLoader:
+    def train_loader(self, full: bool = False) -> BatchLoader | DatasetLoader:
         d = self.cfg.data
-        return BatchLoader(self.full_train if full else self.train, d.batch_size, shuffle=True,
-                           augment=Augment(d.crop_padding, d.flip), seed=self.cfg.seed)
+        return make_loader(self.full_train if full else self.train, d.batch_size, shuffle=True, seed=self.cfg.seed,
+                           workers=d.workers, augment=dataset_augment(d.dataset, d.crop_padding, d.flip))
 
-    def val_loader(self) -> BatchLoader:
-        return BatchLoader(self.val, self.cfg.data.eval_batch_size, shuffle=False)
+    def val_loader(self) -> BatchLoader | DatasetLoader:
+        return make_loader(self.val, self.cfg.data.eval_batch_size, shuffle=False, workers=self.cfg.data.workers)
 
     def spec_config(self, spec: DistillerSpec) -> RunConfig:
         """The plain run config of a searched (or hand-written) design."""

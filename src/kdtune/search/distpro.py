@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from kdtune.capture import find_stage_outputs
-from kdtune.data import BatchLoader
+from kdtune.data import BatchLoader, DatasetLoader, make_loader
 from kdtune.distiller import Distiller, LogitLoss, TeacherOutput
 from kdtune.losses import LOSSES
 from kdtune.pathways import PRE_ACTIVATION, Pathway, connect_stages
@@ -336,7 +336,7 @@ class DistProSearch:
         student = self.distiller.student
         params = {n.removeprefix("student."): v for n, v in student_params.items()}
         bufs = {n: b.clone() for n, b in student.named_buffers()}
-        return F.cross_entropy(functional_call(student, (params, bufs), (xv,)), yv)
+        return F.cross_entropy(self.distiller.logits_of("student", functional_call(student, (params, bufs), (xv,))), yv)
 
     def _alpha_grad(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int,
                     teacher: TeacherOutput) -> Tensor:
@@ -453,7 +453,7 @@ def _mean_over_ranks(hyper: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------- callbacks
 
 
-def _cycle(loader: BatchLoader, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+def _cycle(loader: BatchLoader | DatasetLoader, start: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Held-out batches forever, one per search step; batch k of the stream depends only on k, so
     a resumed search sees the batches an uninterrupted one would. Built once, never per step."""
     n = len(loader)
@@ -486,7 +486,7 @@ class DistProCallback(Callback):
         export: also write the finished process file here (e.g. a stable path for retrain configs).
     """
 
-    def __init__(self, val: BatchLoader, pathways: Sequence[PathwayInfo] | None = None,
+    def __init__(self, val: BatchLoader | DatasetLoader, pathways: Sequence[PathwayInfo] | None = None,
                  hypergradient: Hypergradient = "finite_difference", radius: float = 0.01,
                  meta: Mapping[str, Any] | None = None, export: str | Path | None = None) -> None:
         self.val, self.infos = val, list(pathways) if pathways is not None else None
@@ -507,9 +507,8 @@ class DistProCallback(Callback):
             self.infos = [PathwayInfo(n, "", "") for n in w.learned]
         if [p.name for p in self.infos] != w.learned:
             raise ValueError(f"pathway infos {[p.name for p in self.infos]} differ from the weighting's {w.learned}")
-        # Shard the held-out batches like the training batches: rank r takes every world_size-th.
-        self.val.rank, self.val.world_size = trainer.dist.rank, trainer.dist.world_size
-        self.val.channels_last = trainer.train_loader.channels_last  # the memory format the model was put in
+        # Shard the held-out batches like the training batches: each rank its own share.
+        self.val.shard(trainer.dist.rank, trainer.dist.world_size)
         self._val_iter = _cycle(self.val, trainer.global_step)
         if trainer.global_step > 0 and not self.steps:  # resumed, but the checkpoint had no recorded process
             self._restore_from_file(trainer)
@@ -547,7 +546,7 @@ class DistProCallback(Callback):
     def on_batch_start(self, trainer: Trainer, x: Tensor, y: Tensor) -> None:
         assert self.search is not None and self._val_iter is not None
         t0 = time.perf_counter()
-        xv, yv = next(self._val_iter)
+        xv, yv = trainer.prepare_batch(*next(self._val_iter))  # the memory format / device of the model
         step = trainer.global_step
         teacher, _ = self.search.step(x, y, xv, yv, trainer.optimizer, step)
         trainer.distiller.reuse_teacher_output(x, teacher)  # the real step reuses it
@@ -694,7 +693,7 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
         distiller = Distiller(student, teacher, pathways, logit_losses, weighting="distpro", weighting_kwargs=kwargs,
                               task_weight=dc.task_weight, input_shape=input_shape,
                               teacher_precision=cfg.teacher.precision)
-        val = BatchLoader(splits.val, cfg.data.batch_size, shuffle=True, seed=cfg.seed + 1)
+        val = make_loader(splits.val, cfg.data.batch_size, shuffle=True, seed=cfg.seed + 1, workers=cfg.data.workers)
         meta = {"teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint, "student": cfg.student.name,
                 "dataset": cfg.data.dataset, "train_per_class": cfg.data.train_per_class,
                 "val_fraction": cfg.data.val_fraction, "seed": cfg.seed, "epochs": cfg.train.epochs}

@@ -3,8 +3,9 @@
 * **Offline teacher** (:class:`TeacherCache`, :class:`CachedTeacher`): the teacher's logits and
   features for every training batch of every proxy epoch are computed once, stored on disk and
   read back by every trial instead of running the teacher. The batches are *replayed*: a
-  :class:`~kdtune.data.BatchLoader`'s order and per-sample crops/flips of epoch e depend only on
-  ``(seed, e)``, so iterating the same loader again yields the very augmented images the student
+  :class:`~kdtune.data.BatchLoader`'s or :class:`~kdtune.data.DatasetLoader`'s order and per-sample
+  crops/flips of epoch e depend only on ``(seed, e)`` (and, with workers, the worker count), so
+  iterating the same loader again yields the very augmented images the student
   sees, and the cached features match the student's view (§2.3: "apply the same data
   augmentation ... to ensure spatial alignment").
 * **Sparse student** (:class:`SparseStudent`): a random mask holds ``sparsity`` of every conv /
@@ -36,14 +37,14 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.checkpoint import load_checkpoint, save_atomic
-from kdtune.data import BatchLoader, ImageDataset, train_val_split
+from kdtune.data import BatchLoader, DatasetLoader, Images, train_val_split
 from kdtune.distiller import Distiller, TeacherOutput
 from kdtune.trainer import Callback, Trainer
 
 # --------------------------------------------------------------------------- subset / early stop
 
 
-def proxy_subset(ds: ImageDataset, fraction: float, seed: int = 0) -> ImageDataset:
+def proxy_subset(ds: Images, fraction: float, seed: int = 0) -> Images:
     """A stratified ``fraction`` of ``ds`` (each class keeps the same share), drawn with ``seed``."""
     if not 0 < fraction <= 1:
         raise ValueError(f"subset fraction must be in (0, 1], got {fraction}")
@@ -136,23 +137,23 @@ class TeacherCache:
 
     Args:
         directory: where the files live.
-        loader: the *training* loader of the trials (same dataset, batch size, seed, augmentation).
+        loader: the *training* loader of the trials (same dataset, batch size, seed, augmentation);
+            one whose epochs are seeded and that has a ``fingerprint()`` (kdtune's loaders).
         epochs: how many epochs to store (the proxy's epoch count).
     """
 
-    def __init__(self, directory: str | Path, loader: BatchLoader, epochs: int) -> None:
+    def __init__(self, directory: str | Path, loader: BatchLoader | DatasetLoader, epochs: int) -> None:
+        if not hasattr(loader, "fingerprint"):
+            raise ValueError(f"the teacher cache replays a loader's batches, so its order must be seeded: use a "
+                             f"kdtune BatchLoader or DatasetLoader, not a {type(loader).__name__} (or autokd.cache: "
+                             f"false)")
         self.directory, self.loader, self.epochs = Path(directory), loader, int(epochs)
         self._epoch: int | None = None
         self._data: dict[str, Any] | None = None
 
     def fingerprint(self) -> str:
         """Hash of what the cached batches depend on: images, labels, batch size, seed, augmentation."""
-        ld = self.loader
-        h = hashlib.sha256()
-        h.update(ld.ds.images.numpy().tobytes())
-        h.update(ld.ds.labels.numpy().tobytes())
-        h.update(repr((ld.batch_size, ld.shuffle, ld.seed, ld.augment, ld.drop_last, self.epochs)).encode())
-        return h.hexdigest()[:16]
+        return hashlib.sha256(f"{self.loader.fingerprint()}|{self.epochs}".encode()).hexdigest()[:16]
 
     def build(self, distiller: Distiller) -> float:
         """Run the teacher once over every proxy epoch and store its outputs; returns seconds spent.
@@ -212,7 +213,9 @@ class CachedTeacher(Callback):
             raise RuntimeError(f"teacher cache {self.cache.directory}: batch {self._index - 1} of epoch "
                                f"{trainer.epoch} has other labels than the training batch; the cache was "
                                f"built for other data, batch size or seed: delete it to rebuild")
-        out = TeacherOutput(stored["logits"], dict(stored["features"]))
+        # The cache lives on the CPU; the distiller may train on a GPU.
+        out = TeacherOutput(stored["logits"].to(x.device),
+                            {k: v.to(x.device) for k, v in stored["features"].items()})
         trainer.distiller.reuse_teacher_output(x, out)
 
 

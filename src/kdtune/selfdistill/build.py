@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from kdtune.config import ConfigError, RunConfig
-from kdtune.data import Augment, ImageDataset
+from kdtune.data import Images, dataset_augment
 from kdtune.selfdistill.meta import MetaStep
 from kdtune.selfdistill.selfdistiller import SelfDistiller
 from kdtune.trainer import Callback
@@ -15,7 +15,7 @@ from kdtune.trainer import Callback
 __all__ = ["from_config"]
 
 
-def from_config(cfg: RunConfig, student: nn.Module, train: ImageDataset,
+def from_config(cfg: RunConfig, student: nn.Module, train: Images,
                 input_shape: Sequence[int]) -> tuple[SelfDistiller, list[Callback]]:
     """The SelfDistiller of ``cfg.selfdistill`` around ``student``, and (for ``md``) its MetaStep callback.
 
@@ -44,5 +44,5 @@ def from_config(cfg: RunConfig, student: nn.Module, train: ImageDataset,
         d = cfg.data
         callbacks.append(MetaStep(distiller, train, every=sc.meta_every, steps=sc.meta_steps,
                                   batch_size=sc.meta_batch_size or d.batch_size,
-                                  augment=Augment(d.crop_padding, d.flip), seed=cfg.seed))
+                                  augment=dataset_augment(d.dataset, d.crop_padding, d.flip), seed=cfg.seed))
     return distiller, callbacks

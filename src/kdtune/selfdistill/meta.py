@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdtune.data import Augment, BatchLoader, ImageDataset
+from kdtune.data import Augment, Images, make_loader
 from kdtune.selfdistill.selfdistiller import SelfDistiller
 from kdtune.trainer import Callback, Trainer
 
@@ -42,7 +42,7 @@ class MetaStep(Callback):
 
     Args:
         distiller: a SelfDistiller with ``method="md"``.
-        train: the training set D (un-normalised images, as for :class:`~kdtune.data.BatchLoader`).
+        train: the training set D (un-normalised images, in memory or on disk).
         every: M, epochs between meta epochs (5 in the paper, §3.5).
         steps: meta steps per meta epoch; None: one after every training step (Alg. 1).
         batch_size: size of each of the two meta batches.
@@ -50,7 +50,7 @@ class MetaStep(Callback):
         seed: seeds the splits and meta batches together with the epoch.
     """
 
-    def __init__(self, distiller: SelfDistiller, train: ImageDataset, every: int = 5, steps: int | None = None,
+    def __init__(self, distiller: SelfDistiller, train: Images, every: int = 5, steps: int | None = None,
                  batch_size: int = 128, augment: Augment | None = None, seed: int = 0) -> None:
         if distiller.generator is None:
             raise ValueError(f"MetaStep needs a SelfDistiller with method='md', got method={distiller.method!r}")
@@ -88,9 +88,8 @@ class MetaStep(Callback):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.train), generator=g)
         half = len(self.train) // 2
-        channels_last = trainer.train_loader.channels_last
-        self._batches = (self._stream(order[:half], epoch, 0, channels_last),
-                         self._stream(order[half:2 * half], epoch, 1, channels_last))
+        self._batches = (self._stream(order[:half], epoch, 0, trainer),
+                         self._stream(order[half:2 * half], epoch, 1, trainer))
 
     def on_batch_end(self, trainer: Trainer, out: dict[str, Tensor]) -> None:
         if not self._active or (self.steps is not None and len(self._losses) >= self.steps):
@@ -113,13 +112,13 @@ class MetaStep(Callback):
 
     # ------------------------------------------------------------------ batches
 
-    def _stream(self, indices: Tensor, epoch: int, part: int, channels_last: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    def _stream(self, indices: Tensor, epoch: int, part: int, trainer: Trainer) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless shuffled, augmented, normalised batches of one half (reshuffled at each pass)."""
-        loader = BatchLoader(self.train.subset(indices), min(self.batch_size, len(indices)), shuffle=True,
-                             augment=self.augment, seed=(self.seed * 1_000_003 + epoch) * 2 + part,
-                             channels_last=channels_last)
+        loader = make_loader(self.train.subset(indices), min(self.batch_size, len(indices)), shuffle=True,
+                             augment=self.augment, seed=(self.seed * 1_000_003 + epoch) * 2 + part)
         passes = 0
         while True:
             loader.set_epoch(passes)
-            yield from loader
+            for batch in loader:
+                yield trainer.prepare_batch(*batch)  # the model's memory format and device
             passes += 1
