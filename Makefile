@@ -27,8 +27,9 @@ data: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/kdtune quickstart
 
+# Two single-threaded pytest workers (pytest-xdist): the slow tests are independent subprocess runs.
 test: setup
-	$(PY) -m pytest
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts

@@ -23,23 +23,22 @@ configs/fmnist/distpro_search.yaml (all 3 x 3 stage pairs x 3 transforms = 27 HC
    epochs on 5000).
 
 Blocks of ``--steps`` steps of each kind alternate ``--reps`` times (machine noise hits all
-kinds); timings are medians over blocks. Writes the table between ``<!-- table:distpro_cost -->``
-markers in benchmarks/RESULTS.md unless ``--no-write``.
+kinds); timings are medians over blocks of process CPU time (and wall time). The KD step and the
+"as before issue 16" rows (the teacher's own hooked forward, every pathway's input conv run
+separately) put the fast teacher and the fused pathways in scale in the same run. Writes the
+table between ``<!-- table:distpro_cost -->`` markers in benchmarks/RESULTS.md unless ``--no-write``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from timing import seconds_per_call
+from timing import interleaved, load_note
 
 from kdtune.data import BatchLoader, balanced_subset, load_fashion_mnist, train_val_split
 from kdtune.distiller import Distiller
@@ -56,13 +55,17 @@ TRANSFORM_KWARGS: dict[str, dict] = {}
 
 
 def build(weighting: str, kwargs: dict, teacher: torch.nn.Module,
-          pathways=None) -> tuple[Distiller, torch.optim.Optimizer]:
+          pathways=None, before: bool = False, logit_losses=()) -> tuple[Distiller, torch.optim.Optimizer]:
+    """A distiller + optimiser; ``before``: as kdtune was before issue 16 (the teacher's own hooked
+    forward, every pathway's input conv separately)."""
     torch.manual_seed(0)
     student = create_model("resnet8", in_channels=1, num_classes=10)
     if pathways is None:
         pathways, _ = search_space(teacher, student, SHAPE, "all", TRANSFORMS, "hcl", transform_kwargs=TRANSFORM_KWARGS)
         kwargs = {"learned": [p.name for p in pathways], **kwargs} if weighting == "distpro" else kwargs
-    d = Distiller(student, teacher, pathways, weighting=weighting, weighting_kwargs=kwargs, input_shape=SHAPE)
+    d = Distiller(student, teacher, pathways, logit_losses, weighting=weighting, weighting_kwargs=kwargs,
+                  input_shape=SHAPE, fast_teacher=not before)
+    d.fuse_input_convs = not before
     d.to(memory_format=torch.channels_last)
     d.train()
     opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.1, momentum=0.9, nesterov=True,
@@ -91,8 +94,8 @@ def main() -> None:
     p.add_argument("--process", help="process file of a search (default: a short search makes one)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--per-class", type=int, default=500, help="training images per class (FMNIST-5k: 500)")
-    p.add_argument("--steps", type=int, default=5, help="steps per timed block")
-    p.add_argument("--reps", type=int, default=3, help="blocks per kind")
+    p.add_argument("--steps", type=int, default=20, help="steps per timed block")
+    p.add_argument("--reps", type=int, default=2, help="blocks per kind (interleaved rounds)")
     p.add_argument("--search-steps", type=int, default=40, help="search steps for a process when none is given")
     p.add_argument("--search-epochs", type=int, default=10)
     p.add_argument("--retrain-epochs", type=int, default=30)
@@ -121,15 +124,18 @@ def main() -> None:
     train, val = train_val_split(full, 0.2, seed=0)
     data, held_out = batches(train, args.batch, 0), batches(val, args.batch, 1)
 
+    kd, kd_opt = build("fixed", {}, teacher, pathways=[], logit_losses=["kd"])
     plain, plain_opt = build("equal", {"normalize": True}, teacher)
+    plain_old, plain_old_opt = build("equal", {"normalize": True}, teacher, before=True)
     search_d, search_opt = build("distpro", {"tau": args.tau}, teacher)
+    search_old_d, search_old_opt = build("distpro", {"tau": args.tau}, teacher, before=True)
     n_paths = len(plain.pathways)
-    search = DistProSearch(search_d)
+    search, search_old = DistProSearch(search_d), DistProSearch(search_old_d)
     step_no = [0]
 
-    def plain_step() -> None:
+    def plain_step(d, opt) -> None:
         x, y = next(data)
-        real_step(plain, plain_opt, x, y, 0)
+        real_step(d, opt, x, y, 0)
 
     def search_step(d, opt, s) -> None:
         x, y = next(data)
@@ -153,14 +159,14 @@ def main() -> None:
         print(f"(no --process: a {args.search_steps}-step search made a one-step process; pass --process for "
               f"the real measurement)", file=sys.stderr)
 
-    for _ in range(2):  # warm-up
-        plain_step()
-        search_step(search_d, search_opt, search)
-    t_plain, t_search = [], []
-    for _ in range(args.reps):
-        t_plain.append(seconds_per_call(plain_step, args.steps))
-        t_search.append(seconds_per_call(lambda: search_step(search_d, search_opt, search), args.steps))
-    plain_s, search_s = statistics.median(t_plain), statistics.median(t_search)
+    timed = interleaved({
+        "kd": lambda: plain_step(kd, kd_opt),
+        "plain": lambda: plain_step(plain, plain_opt),
+        "plain_old": lambda: plain_step(plain_old, plain_old_opt),
+        "search": lambda: search_step(search_d, search_opt, search),
+        "search_old": lambda: search_step(search_old_d, search_old_opt, search_old),
+    }, args.steps, args.reps)
+    kd_s, search_s = timed["kd"]["cpu_ms"] / 1000, timed["search"]["cpu_ms"] / 1000
 
     # Retraining: the process stretched to the retrain length; dropping at tau vs none.
     retrain_steps = args.retrain_epochs * -(-len(full) // args.batch)
@@ -177,36 +183,43 @@ def main() -> None:
     kept_fraction = float(kept.mean())
     probe_steps = torch.linspace(0, retrain_steps - 1, max(2, args.reps * args.steps)).long().tolist()
 
-    def replay_block(d, opt) -> float:
-        t0 = time.perf_counter()
+    def replay_block(d, opt) -> None:
         for s in probe_steps:
             x, y = next(data)
             real_step(d, opt, x, y, s)
-        return (time.perf_counter() - t0) / len(probe_steps)
 
-    replay_block(replay_drop, replay_opt)  # warm-up
-    t_drop, t_all = [], []
-    for _ in range(args.reps):  # alternating blocks, as for the step kinds above
-        t_drop.append(replay_block(replay_drop, replay_opt))
-        t_all.append(replay_block(replay_all, replay_all_opt))
-    drop_s, all_s = statistics.median(t_drop), statistics.median(t_all)
+    replay = interleaved({"drop": lambda: replay_block(replay_drop, replay_opt),
+                          "all": lambda: replay_block(replay_all, replay_all_opt)}, 1, args.reps, warmup=1)
+    drop_s, all_s = (replay[k]["cpu_ms"] / 1000 / len(probe_steps) for k in ("drop", "all"))
 
     search_total = search_len * search_s
     retrain_total = retrain_steps * drop_s
+
+    def row(label: str, key: str, base: str = "kd") -> tuple[str, ...]:
+        t = timed[key]
+        return (label, f"{t['cpu_ms']:.0f}", f"{t['wall_ms']:.0f}", f"{t['cpu_ms'] / timed[base]['cpu_ms']:.2f}×",
+                f"{t['cpu_ms'] / timed['plain']['cpu_ms']:.2f}×")
+
     rows = [
-        ("plain multi-pathway KD step (27 pathways, fixed weights)", f"{1000 * plain_s:.0f} ms", "1.00×"),
-        ("search step (every pathway computed)", f"{1000 * search_s:.0f} ms", f"{search_s / plain_s:.2f}×"),
-        ("retrain step, every pathway computed", f"{1000 * all_s:.0f} ms", f"{all_s / plain_s:.2f}×"),
-        (f"retrain step, dropping at τ = {args.tau:g}", f"{1000 * drop_s:.0f} ms", f"{drop_s / plain_s:.2f}×"),
+        row("KD step (teacher + student + KD, no pathway)", "kd"),
+        row(f"{n_paths}-pathway step (fixed weights): fast teacher, fused input convs", "plain"),
+        row(f"{n_paths}-pathway step, as before issue 16 (hooked teacher, separate convs)", "plain_old"),
+        row("search step (every pathway computed)", "search"),
+        row("search step, as before issue 16", "search_old"),
     ]
     lines = [
         f"### DistPro cost (ResNet-56 -> ResNet-8, FMNIST 28×28, {n_paths} pathways"
         f"{', 3x3 adapters pool first' if args.pool_first else ''})", "",
-        f"Command: `python benchmarks/distpro_cost.py {' '.join(sys.argv[1:])}` — {datetime.date.today().isoformat()}, "
-        f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, batch {args.batch}, "
-        f"medians of {args.reps} blocks × {args.steps} steps.", "",
-        "| step | time | vs plain KD step |", "|---|---:|---:|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows], "",
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/distpro_cost.py {' '.join(sys.argv[1:])}` — "
+        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {platform.machine()}, {load_note()} at the end, torch threads "
+        f"{torch.get_num_threads()}, batch {args.batch}; interleaved blocks of {args.steps} steps of each kind, "
+        f"{args.reps} rounds; medians of process CPU time (robust to the shared machine's load) and wall time; "
+        "ratios of the CPU medians.", "",
+        "| step | CPU ms | wall ms | vs KD step | vs pathway step |", "|---|---:|---:|---:|---:|",
+        *[f"| {' | '.join(r)} |" for r in rows], "",
+        f"- Retrain step (process replayed, CPU): every pathway computed {1000 * all_s:.0f} ms "
+        f"({all_s / kd_s:.2f}× the KD step), dropping at τ = {args.tau:g} {1000 * drop_s:.0f} ms "
+        f"({drop_s / kd_s:.2f}× the KD step).",
         f"- Pathway losses computed in retraining with dropping at τ = {args.tau:g}: **{100 * kept_fraction:.1f} %** "
         f"of those without dropping ({n_paths} pathways; process {args.process or '(short search)'} "
         f"stretched to {retrain_steps} steps); retrain step time saved: **{100 * (1 - drop_s / all_s):.1f} %**.",

@@ -367,3 +367,12 @@ def test_distpro_transform_kwargs_must_name_candidate_transforms() -> None:
     # A misspelt option fails when the config loads, not when the search builds its adapters.
     with pytest.raises(ConfigError, match=r"distpro\.transform_kwargs.*'pool_frist'.*its options: \['pool_first'\]"):
         build(distpro={"transforms": ["conv3x3"], "transform_kwargs": {"conv3x3": {"pool_frist": True}}})
+
+
+def test_teacher_precision_is_fp32_or_bf16() -> None:
+    base = {"student": {"name": "resnet8"}, "teacher": {"name": "resnet56"}}
+    assert from_dict(RunConfig, base).teacher.precision == "fp32"
+    cfg = from_dict(RunConfig, {**base, "teacher": {"name": "resnet56", "precision": "bf16"}})
+    assert cfg.teacher.precision == "bf16"
+    with pytest.raises(ConfigError, match=r"teacher\.precision.*fp32"):
+        from_dict(RunConfig, {**base, "teacher": {"name": "resnet56", "precision": "fp16"}})

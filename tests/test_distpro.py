@@ -226,6 +226,7 @@ def test_search_computes_every_pathway_below_tau_and_logs_what_replay_keeps():
     for p in d.pathways:
         p.transform.register_forward_hook(lambda m, a, o, name=p.name: ran.append(name))
     x, y, xv, yv = batches()
+    d.fuse_input_convs = False  # each transform's own forward runs: the hooks see which ones
     out = d(x, y)
     assert sorted(ran) == sorted(d.weighting.learned)
     assert all(name in out for name in d.weighting.learned)
@@ -242,9 +243,14 @@ def test_search_computes_every_pathway_below_tau_and_logs_what_replay_keeps():
     ran.clear()
     for p in replay.pathways:
         p.transform.register_forward_hook(lambda m, a, o, name=p.name: ran.append(name))
+    replay.fuse_input_convs = False
     out = replay(x, y)
     assert sorted(ran) == sorted(d.weighting.learned[n // 2:])
     assert not any(name in out for name in d.weighting.learned[: n // 2])
+    replay.fuse_input_convs = True  # fused input convs concatenate the kept pathways' weights only
+    replay(x, y)["loss"].backward()
+    used = {p.name for p in replay.pathways if any(q.grad is not None for q in p.parameters())}
+    assert used == set(d.weighting.learned[n // 2:])
 
 
 def test_alpha_optimiser_adam_and_sgd():

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from kdtune.distiller import Distiller
 from kdtune.losses import LOSSES
+from kdtune.models import create_model
 from kdtune.pathways import Pathway, connect_stages, resolve_stage
 from kdtune.transforms import ShapeMismatchError
 
@@ -96,3 +98,50 @@ def test_token_and_vector_features_in_pathways_give_the_hand_computed_losses():
     cls = student.norm(tokens)[:, 0]
     expected = F.mse_loss(d.pathways[1].transform.proj(cls), t_map.mean((2, 3)))
     assert torch.allclose(out["vector"], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_fused_input_convs_equal_separate_pathways(pool_first):
+    from kdtune.search.distpro import search_space
+
+    torch.manual_seed(0)
+    student, teacher = create_model("resnet8", 1, 10), create_model("resnet14", 1, 10)
+    kwargs = {"conv3x3": {"pool_first": True}, "distpro": {"pool_first": True}} if pool_first else {}
+    pathways, _ = search_space(teacher, student, (1, 28, 28), "all", ("conv1x1", "conv3x3", "distpro"), "hcl",
+                               transform_kwargs=kwargs)
+    d = Distiller(student, teacher, pathways, weighting="equal", input_shape=(1, 28, 28))
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    teacher_out = d.teacher_forward(x)
+    results = []
+    for fuse in (True, False):
+        d.fuse_input_convs = fuse
+        torch.manual_seed(1)
+        terms = d.distill_terms(d.student(x), y, teacher_out)
+        sum(terms.values()).backward()
+        grads = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
+        d.zero_grad()
+        results.append((terms, grads))
+    (fused, fused_grads), (separate, separate_grads) = results
+    assert len(fused) == 27 and fused.keys() == separate.keys()
+    for k in separate:
+        torch.testing.assert_close(fused[k], separate[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert fused_grads.keys() == separate_grads.keys()
+    for k in separate_grads:
+        torch.testing.assert_close(fused_grads[k], separate_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_fused_input_convs_group_per_feature_and_kind():
+    from kdtune.pathways import fused_input_convs
+
+    torch.manual_seed(0)
+    s, t8, t16 = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8), torch.randn(2, 3, 4, 4)
+    a = Pathway("t", "s", transform="conv1x1", distance="mse").build(s.shape, t8.shape)
+    b = Pathway("t", "s", transform="conv1x1", distance="mse").build(s.shape, t16.shape)
+    c = Pathway("t", "s", transform="conv3x3", distance="mse").build(s.shape, t8.shape)
+    other = torch.randn(2, 4, 8, 8)
+    items = [("s", a, s, t8), ("s", b, s, t16), ("s", c, s, t8), ("other", a, other, t8)]
+    out = fused_input_convs(items)
+    assert set(out) == {0, 1}  # the 1x1 pair on "s"; the lone 3x3 and the other feature run alone
+    torch.testing.assert_close(out[0], a.transform.conv(s))
+    torch.testing.assert_close(out[1], b.transform.conv(s))
+    assert fused_input_convs(items[1:3]) == {}  # a dropped pathway leaves nothing to fuse

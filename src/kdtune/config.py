@@ -150,6 +150,9 @@ class ModelConfig:
     """Weights to load: a file path, or ``"zoo:<name>"`` for a shipped teacher."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments of the model constructor (e.g. ``num_classes``)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Teacher only: ``fp32`` (its forward exact up to float rounding) or ``bf16`` (faster, approximate;
+    losses stay fp32). See ``kdtune.teacher``."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "must name a model, got an empty string")

@@ -9,7 +9,9 @@ The objective is ``task_weight * CE(student(x), y) + weighting({term_i})`` with 
 loss and per pathway. The teacher is frozen: always in eval mode (its BatchNorm statistics never
 move), run under ``no_grad``, computed once per batch (:meth:`Distiller.teacher_forward`) and
 reusable by callers that need several student forwards per batch (DistPro's look-ahead) or that
-read teacher outputs from a cache (Auto-KD).
+read teacher outputs from a cache (Auto-KD). It runs through :class:`kdtune.teacher.TeacherRunner`:
+one traced graph with BatchNorm folded and fused inference kernels, checked against the teacher's
+own forward (``teacher_precision="bf16"`` trades exactness for speed).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from kdtune.capture import (
 )
 from kdtune.capture import select_output as _pick
 from kdtune.losses import LOSSES
-from kdtune.pathways import Pathway, PathwayLoss, full_precision, resolve_stage, split_pre_activation
+from kdtune.pathways import Pathway, PathwayLoss, full_precision, fused_input_convs, resolve_stage, split_pre_activation
+from kdtune.teacher import Precision, TeacherRunner
 from kdtune.weighting import Weighting, build_weighting
 
 
@@ -95,6 +98,9 @@ class Distiller(nn.Module):
         teacher_output, student_output: where the logits are in a model output that is not one
             tensor: an int index (tuple/list), a str key (dict, or attribute of e.g. a HF
             ``ModelOutput``) or a callable ``output -> Tensor``. ``None``: the output is the logits.
+        teacher_precision: ``"fp32"`` (exact up to float rounding) or ``"bf16"`` teacher forward.
+        fast_teacher: False runs the teacher's own forward with hooks (the reference path; also
+            taken when the teacher's logits or features need selectors).
 
     Only the student, the pathway transforms and the weighting are parameters of this module
     (and of its ``state_dict``); the teacher is held aside so checkpoints stay small and no
@@ -105,7 +111,8 @@ class Distiller(nn.Module):
                  pathways: Sequence[Pathway] = (), logit_losses: Sequence[str | LogitLoss] = (),
                  weighting: str | Weighting = "fixed", weighting_kwargs: Mapping[str, Any] | None = None,
                  task_weight: float = 1.0, input_shape: Sequence[int] | None = None,
-                 teacher_output: Selector = None, student_output: Selector = None) -> None:
+                 teacher_output: Selector = None, student_output: Selector = None,
+                 teacher_precision: Precision = "fp32", fast_teacher: bool = True) -> None:
         super().__init__()
         if teacher is None and (pathways or logit_losses):
             raise ValueError("pathways and logit losses need a teacher; pass teacher= or remove them")
@@ -115,6 +122,9 @@ class Distiller(nn.Module):
         if input_shape is not None:
             self.check_input(torch.zeros(2, *input_shape))
         self._pending_teacher: tuple[Tensor, TeacherOutput] | None = None  # see reuse_teacher_output
+        # Pathways on one student feature as one conv (pathways.fused_input_convs): numerically the same,
+        # but measured no faster on CPU (RESULTS.md, distpro_cost_pool_first), so off by default.
+        self.fuse_input_convs = False
         self.task_weight = float(task_weight)
         self.logit_losses = [self._resolve_logit_loss(x) for x in logit_losses]
         self.pathways = nn.ModuleList(self._build_pathways(list(pathways), input_shape))
@@ -130,8 +140,10 @@ class Distiller(nn.Module):
         # Several pathways may read one module (DistPro: every stage x N transforms): capture it once.
         self._student_capture = (FeatureCapture(student, self._student_features, self._student_selectors).attach()
                                  if self.pathways else None)
-        self._teacher_capture = (FeatureCapture(self.teacher, self._teacher_features, self._teacher_selectors,
-                                                detach=True).attach() if self.pathways else None)
+        # The fast path traces plain module outputs; selected outputs keep the teacher's own forward.
+        fast_teacher = fast_teacher and teacher_output is None
+        self._teacher_runner = (TeacherRunner(self.teacher, self._teacher_features, teacher_precision, fast_teacher,
+                                              self._teacher_selectors) if self.teacher is not None else None)
 
     # ------------------------------------------------------------------ construction
 
@@ -234,6 +246,7 @@ class Distiller(nn.Module):
         super()._apply(fn, recurse)
         if self.teacher is not None:
             self.teacher._apply(fn)
+            self._teacher_runner.reset()  # its prepared graph holds the old device/dtype weights
         return self
 
     # ------------------------------------------------------------------ outputs and inputs
@@ -293,14 +306,12 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    @torch.no_grad()
     def teacher_forward(self, x: Tensor) -> TeacherOutput:
-        """Teacher logits (N, K) and captured features; computed once per batch."""
-        if self.teacher is None:
+        """Teacher logits (N, K) and captured features (no graph); computed once per batch."""
+        if self._teacher_runner is None:
             raise RuntimeError("this Distiller has no teacher")
-        logits = self.logits_of("teacher", self.teacher(x))
-        feats = dict(self._teacher_capture.features) if self._teacher_capture is not None else {}
-        return TeacherOutput(logits, feats)
+        logits, feats = self._teacher_runner(x)
+        return TeacherOutput(self.logits_of("teacher", logits), feats)
 
     def reuse_teacher_output(self, x: Tensor, output: TeacherOutput) -> None:
         """Let the next :meth:`forward` on this very tensor ``x`` use ``output`` instead of running
@@ -312,16 +323,21 @@ class Distiller(nn.Module):
                       step: int = 0) -> dict[str, Tensor]:
         """One 0-dim tensor per logit loss and per pathway, for the last student forward.
 
-        Terms the weighting marks inactive at ``step`` are not computed at all.
+        Terms the weighting marks inactive at ``step`` are not computed at all. With
+        ``fuse_input_convs`` the input convolutions of the active pathways reading one student
+        feature run as one convolution.
         """
         active = self.weighting.active(step)
         terms: dict[str, Tensor] = {}
         for ll in self.logit_losses:
             if active is None or ll.name in active:
                 terms[ll.name] = LOSSES.get(ll.name).fn(logits, teacher.logits, labels, **ll.kwargs)
-        for p, s_path, t_path in zip(self.pathways, self._student_paths, self._teacher_paths, strict=True):
-            if active is None or p.name in active:
-                terms[p.name] = p(self._student_capture[s_path], teacher.features[t_path])
+        items = [(s_path, p, self._student_capture[s_path], teacher.features[t_path])
+                 for p, s_path, t_path in zip(self.pathways, self._student_paths, self._teacher_paths, strict=True)
+                 if active is None or p.name in active]
+        fused = fused_input_convs(items) if self.fuse_input_convs else {}
+        for i, (_, p, s, t) in enumerate(items):
+            terms[p.name] = p.after_input_conv(fused[i], t) if i in fused else p(s, t)
         return terms
 
     def forward(self, x: Tensor, y: Tensor, step: int = 0,

@@ -13,17 +13,18 @@ activation (:func:`kdtune.capture.pre_activation_path`), as ReviewKD and DistPro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdtune.capture import Selector
 from kdtune.distances import DISTANCES
 from kdtune.losses import LOSSES
-from kdtune.transforms import FeatureTransform, ShapeMismatchError, build_transform
+from kdtune.transforms import FeatureTransform, ShapeMismatchError, build_transform, resize_spatial
 
 STAGE_PREFIX = "stage:"
 #: Suffix of a pathway path read before the output's final activation.
@@ -128,6 +129,11 @@ class PathwayLoss(nn.Module):
         s, t = self.transform(full_precision(student_feature), full_precision(teacher_feature))
         return self.distance(s, t, **self.distance_kwargs)
 
+    def after_input_conv(self, h: Tensor, teacher_feature: Tensor) -> Tensor:
+        """The loss given ``h``, the transform's input convolution already applied (fused)."""
+        s, t = self.transform.forward_after_input_conv(h, teacher_feature)
+        return self.distance(s, t, **self.distance_kwargs)
+
     @torch.no_grad()
     def check_shapes(self, student_shape: Sequence[int], teacher_shape: Sequence[int]) -> None:
         """Fail at construction, not at step 1, when the aligned shapes cannot be compared."""
@@ -147,6 +153,46 @@ class PathwayLoss(nn.Module):
                 f"{type(self.transform).__name__}; the distance needs equal shapes — use an adapter "
                 f"transform such as 'conv1x1' (see `kdtune list transforms`)"
             )
+
+
+def fused_input_convs(items: Sequence[tuple[Hashable, PathwayLoss, Tensor, Tensor]]) -> dict[int, Tensor]:
+    """The input convolutions of pathways that read one student feature, computed together.
+
+    ``items`` are ``(feature key, pathway, student feature, teacher feature)``. Pathways whose
+    transform starts with a convolution (:meth:`FeatureTransform.input_conv`) of the same kind
+    (kernel, stride, padding, dilation, bias or not) on the same feature pooled to the same size
+    form a group; a group of two or more runs as one ``conv2d`` with the members' weights
+    concatenated along the output channels (Cout = sum of theirs), split back per member — the
+    same sums as separate convolutions (up to float rounding), one pass over the input. Only the
+    pathways given are concatenated, so a dropped pathway costs nothing.
+
+    Returns:
+        ``{index into items: h}`` for the members of groups of two or more.
+    """
+    groups: dict[tuple, list[tuple[int, nn.Conv2d]]] = {}
+    for i, (key, pathway, s, t) in enumerate(items):
+        found = pathway.transform.input_conv(s, t)
+        if found is None:
+            continue
+        conv, size = found
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            continue
+        kind = (key, size, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.bias is None)
+        groups.setdefault(kind, []).append((i, conv))
+    out: dict[int, Tensor] = {}
+    for kind, members in groups.items():
+        if len(members) < 2:
+            continue
+        first, size = members[0][0], kind[1]
+        s = items[first][2] if size is None else resize_spatial(items[first][2], size)
+        convs = [conv for _, conv in members]
+        weight = torch.cat([c.weight for c in convs])
+        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        h = F.conv2d(s, weight, bias, convs[0].stride, convs[0].padding, convs[0].dilation)
+        fmt = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        for (i, _), part in zip(members, h.split([c.out_channels for c in convs], dim=1), strict=True):
+            out[i] = part.contiguous(memory_format=fmt)  # a channel slice of NHWC is strided: slow kernels
+    return out
 
 
 def resolve_stage(path: str, stages: Sequence[str], role: str) -> str:

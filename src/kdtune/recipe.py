@@ -92,7 +92,8 @@ def build_distiller(cfg: RunConfig, in_channels: int, num_classes: int, input_sh
     logit_losses = [LogitLoss(ll.name, ll.weight, dict(ll.kwargs)) for ll in dc.logit_losses]
     return Distiller(student, teacher, pathways=pathways, logit_losses=logit_losses,
                      weighting=dc.weighting.name, weighting_kwargs=dc.weighting.kwargs,
-                     task_weight=dc.task_weight, input_shape=input_shape)
+                     task_weight=dc.task_weight, input_shape=input_shape,
+                     teacher_precision=cfg.teacher.precision if cfg.teacher is not None else "fp32")
 
 
 def seed_everything(seed: int) -> None:

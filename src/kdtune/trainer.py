@@ -510,9 +510,12 @@ class Trainer:
         if teacher is not None:
             cached = self._teacher_test_preds
             if cached is None or loader is not self.test_loader or len(cached) != len(label):
+                # The Distiller's prepared teacher (kdtune.teacher fast path) where there is one.
+                forward = getattr(self.distiller, "teacher_forward", None)
                 with self.autocast():
-                    t_pred = torch.cat([self._logits("teacher", teacher(self.prepare_batch(*batch)[0])).argmax(1)
-                                        for batch in loader])
+                    inputs = (self.prepare_batch(*batch)[0] for batch in loader)
+                    t_pred = torch.cat([(forward(x).logits if forward else self._logits("teacher", teacher(x)))
+                                        .argmax(1) for x in inputs])
                 if loader is self.test_loader:
                     self._teacher_test_preds = t_pred
                     if self.teacher_key is not None:

@@ -95,6 +95,18 @@ class FeatureTransform(nn.Module):
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def input_conv(self, s: Tensor, t: Tensor) -> tuple[nn.Conv2d, tuple[int, int] | None] | None:
+        """The convolution this transform applies first to the student feature, and the H x W the
+        feature is pooled to before it (None: not pooled); None when the transform does not start
+        with a convolution. Pathways reading one student feature through convs of the same kind
+        compute them as one convolution with concatenated weights (:func:`kdtune.pathways.
+        fused_input_convs`) and hand each its slice ``h`` to :meth:`forward_after_input_conv`."""
+        return None
+
+    def forward_after_input_conv(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``forward(s, t)`` given ``h``, the output of :meth:`input_conv` on the (pooled) ``s``."""
+        raise NotImplementedError(f"transform {self.name!r} has no input convolution")
+
     def extra_repr(self) -> str:
         return f"s_shape={self.s_shape}, t_shape={self.t_shape}"
 
@@ -154,6 +166,14 @@ def shrink_to(x: Tensor, size: Sequence[int]) -> Tensor:
     """Average-pool ``x`` (N, C, H, W) to ``size`` if it is at least as large on both axes; else unchanged."""
     h, w = x.shape[-2:]
     return resize_spatial(x, size) if h >= int(size[0]) and w >= int(size[1]) else x
+
+
+def _pooled_size(pool_first: bool, s: Tensor, t: Tensor) -> tuple[int, int] | None:
+    """The H x W that ``pool_first`` shrinks ``s`` to before the first conv (None: not pooled)."""
+    size = (int(t.shape[-2]), int(t.shape[-1]))
+    if not pool_first or s.shape[-2:] == size or not (s.shape[-2] >= size[0] and s.shape[-1] >= size[1]):
+        return None
+    return size
 
 
 # --------------------------------------------------------------------------- parameter-free
@@ -250,7 +270,13 @@ class Conv1x1Adapter(FeatureTransform):
         self.bn = nn.BatchNorm2d(ct)
 
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        return resize_spatial(self.bn(self.conv(s)), t.shape[-2:]), t
+        return self.forward_after_input_conv(self.conv(s), t)
+
+    def input_conv(self, s: Tensor, t: Tensor) -> tuple[nn.Conv2d, tuple[int, int] | None]:
+        return self.conv, None
+
+    def forward_after_input_conv(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return resize_spatial(self.bn(h), t.shape[-2:]), t
 
 
 @_register("conv3x3")
@@ -284,7 +310,13 @@ class Conv3x3Adapter(FeatureTransform):
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         if self.pool_first:
             s = shrink_to(s, t.shape[-2:])
-        return resize_spatial(self.block(s), t.shape[-2:]), t
+        return self.forward_after_input_conv(self.block[0](s), t)
+
+    def input_conv(self, s: Tensor, t: Tensor) -> tuple[nn.Conv2d, tuple[int, int] | None]:
+        return self.block[0], _pooled_size(self.pool_first, s, t)
+
+    def forward_after_input_conv(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return resize_spatial(self.block[1:](h), t.shape[-2:]), t
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", pool_first=True" if self.pool_first else "")
@@ -353,7 +385,13 @@ class DistProBlock(FeatureTransform):
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         if self.pool_first:
             s = shrink_to(s, t.shape[-2:])
-        x = self.conv2(self.attention(self.conv1(s)))  # (N, Ct, Hs, Ws)
+        return self.forward_after_input_conv(self.conv1[0](s), t)
+
+    def input_conv(self, s: Tensor, t: Tensor) -> tuple[nn.Conv2d, tuple[int, int] | None]:
+        return self.conv1[0], _pooled_size(self.pool_first, s, t)
+
+    def forward_after_input_conv(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.conv2(self.attention(self.conv1[1](h)))  # (N, Ct, Hs, Ws)
         x = resize_spatial(x, t.shape[-2:])  # (N, Ct, Ht, Wt)
         return self.conv3(x), t
 

@@ -691,7 +691,8 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
                   "init": dp.init, "tau": dp.tau, "alpha_optimizer": dp.alpha_optimizer, "alpha_lr": dp.alpha_lr,
                   "alpha_betas": dp.alpha_betas, "alpha_weight_decay": dp.alpha_weight_decay}
         distiller = Distiller(student, teacher, pathways, logit_losses, weighting="distpro", weighting_kwargs=kwargs,
-                              task_weight=dc.task_weight, input_shape=input_shape)
+                              task_weight=dc.task_weight, input_shape=input_shape,
+                              teacher_precision=cfg.teacher.precision)
         val = make_loader(splits.val, cfg.data.batch_size, shuffle=True, seed=cfg.seed + 1, workers=cfg.data.workers)
         meta = {"teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint, "student": cfg.student.name,
                 "dataset": cfg.data.dataset, "train_per_class": cfg.data.train_per_class,
@@ -725,5 +726,6 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
     logit_losses += replayed
     distiller = Distiller(student, teacher, pathways, logit_losses, weighting="process",
                           weighting_kwargs={**kwargs, "file": str(file), "process": process},
-                          task_weight=dc.task_weight, input_shape=input_shape)
+                          task_weight=dc.task_weight, input_shape=input_shape,
+                          teacher_precision=cfg.teacher.precision)
     return distiller, []  # the Trainer stretches the process (set_total_steps)
