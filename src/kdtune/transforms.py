@@ -124,6 +124,10 @@ class FeatureTransform(nn.Module):
             raise self._mismatch(what)
 
 
+def conv1x1_bn(c_in: int, c_out: int) -> nn.Sequential:
+    """The channel adapter of SPEC's "Adapters": a bias-free 1x1 conv + BN, (N, c_in, H, W) -> (N, c_out, H, W)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
 def _as_shape(shape: Sequence[int], arg: str) -> Shape:
     if isinstance(shape, torch.Tensor):
         raise TypeError(f"{arg} must be a shape such as tensor.shape, got a tensor")
@@ -375,7 +379,7 @@ class DistProBlock(FeatureTransform):
         self.pool_first = bool(pool_first)
         cs, ct = self.s_shape[1], self.t_shape[1]
         pad = kernel_size // 2
-        self.conv1 = nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+        self.conv1 = conv1x1_bn(cs, ct)
         self.attention = SpatialSelfAttention(ct, attention_kernel, attention_sigmoid)
         self.conv2 = nn.Sequential(nn.Conv2d(ct, ct, kernel_size, padding=pad, bias=False),
                                    nn.BatchNorm2d(ct))
@@ -501,8 +505,7 @@ class TokensToMap(FeatureTransform):
         if len(self.s_shape) != 3 or len(self.t_shape) != 4:
             raise self._mismatch("(N, L, D) student tokens and an (N, C, H, W) teacher map")
         self.side, _ = _grid_of(self, self.s_shape)
-        self.proj = nn.Sequential(nn.Conv2d(self.s_shape[2], self.t_shape[1], 1, bias=False),
-                                  nn.BatchNorm2d(self.t_shape[1]))
+        self.proj = conv1x1_bn(self.s_shape[2], self.t_shape[1])
 
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return resize_spatial(self.proj(patch_tokens(s, self.side)), t.shape[-2:]), t
@@ -522,8 +525,7 @@ class MapToTokens(FeatureTransform):
         if len(self.s_shape) != 4 or len(self.t_shape) != 3:
             raise self._mismatch("an (N, C, H, W) student map and (N, L, D) teacher tokens")
         self.side, _ = _grid_of(self, self.t_shape)
-        self.proj = nn.Sequential(nn.Conv2d(self.s_shape[1], self.t_shape[2], 1, bias=False),
-                                  nn.BatchNorm2d(self.t_shape[2]))
+        self.proj = conv1x1_bn(self.s_shape[1], self.t_shape[2])
 
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         s = self.proj(resize_spatial(s, (self.side, self.side)))
