@@ -128,6 +128,7 @@ def conv1x1_bn(c_in: int, c_out: int) -> nn.Sequential:
     """The channel adapter of SPEC's "Adapters": a bias-free 1x1 conv + BN, (N, c_in, H, W) -> (N, c_out, H, W)."""
     return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
 
+
 def _as_shape(shape: Sequence[int], arg: str) -> Shape:
     if isinstance(shape, torch.Tensor):
         raise TypeError(f"{arg} must be a shape such as tensor.shape, got a tensor")
