@@ -204,6 +204,37 @@ def test_hcl_is_weighted_sum_of_pooled_mses():
     assert fn(s1, t1).item() == pytest.approx(m(f64(s1), f64(t1)), rel=1e-5)
 
 
+def _hcl_by_definition(s: torch.Tensor, t: torch.Tensor, levels=(4, 2, 1)) -> torch.Tensor:
+    """ReviewKD's loop: both maps pooled separately by adaptive average pooling, level by level."""
+    h, w = s.shape[-2:]
+    loss, weight, total = torch.nn.functional.mse_loss(s, t), 1.0, 1.0
+    for level in levels:
+        if level >= min(h, w):
+            continue
+        weight /= 2.0
+        pool = torch.nn.functional.adaptive_avg_pool2d
+        loss = loss + weight * torch.nn.functional.mse_loss(pool(s, level), pool(t, level))
+        total += weight
+    return loss / total
+
+
+@pytest.mark.parametrize("hw", [(28, 28), (14, 14), (7, 7), (6, 10), (3, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hcl_equals_its_definition_in_value_and_gradient(hw, channels_last):
+    """The fast HCL (pooled differences; nested average pools or one pooling matrix) is ReviewKD's
+    loop on every map size: divisible (28), not (14 -> 4, 7 -> 4 and 2), non-square, tiny."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    s = torch.randn(3, 5, *hw, dtype=torch.float64).to(memory_format=fmt).requires_grad_(True)
+    t = torch.randn(3, 5, *hw, dtype=torch.float64).to(memory_format=fmt)
+    got, expected = DISTANCES.get("hcl")(s, t), _hcl_by_definition(s, t)
+    (g_got,), (g_expected,) = torch.autograd.grad(got, s), torch.autograd.grad(expected, s)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-10, atol=1e-14)
+    other = DISTANCES.get("hcl")(s, t, levels=(3, 1))  # levels that do not nest 28 -> 3
+    assert other.item() == pytest.approx(_hcl_by_definition(s, t, (3, 1)).item(), rel=1e-12)
+
+
 def test_at_distance_hand_computed():
     s = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     t = torch.tensor([[0.0, 1.0], [0.6, 0.8]])

@@ -79,6 +79,24 @@ def test_hand_built_model_keeps_captured_pre_bn_conv_and_folds_captured_bn():
         torch.testing.assert_close(bn2, model.bn2(h), rtol=1e-5, atol=1e-5)
 
 
+def test_features_keep_the_memory_format_of_the_teachers_own_forward():
+    """A channels-last teacher's own forward gives channels-last maps; so does the fast path (whose
+    inference graph returns NCHW), so distances never mix the two layouts."""
+    model = _trained_bn(ConvBnNet()).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 8, 8).contiguous(memory_format=torch.channels_last)
+    paths = ["conv1", "bn2"]
+    fast, ref = TeacherRunner(model, paths), TeacherRunner(model, paths, fast=False)
+    for _ in range(2):  # the first call (checked against the reference) and a later one
+        _, feats = fast(x)
+        _, ref_feats = ref(x)
+        for k in paths:
+            assert not ref_feats[k].is_contiguous() and ref_feats[k].is_contiguous(memory_format=torch.channels_last)
+            assert feats[k].stride() == ref_feats[k].stride(), k
+    contiguous = _trained_bn(ConvBnNet())
+    _, feats = TeacherRunner(contiguous, paths)(torch.randn(4, 1, 8, 8))
+    assert all(f.is_contiguous() for f in feats.values())
+
+
 def test_teacher_is_not_modified():
     model = _trained_bn(ConvBnNet())
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -250,19 +250,52 @@ def hcl(s: Tensor, t: Tensor, levels: Sequence[int] = (4, 2, 1)) -> Tensor:
     we skip when ``l >= min(H, W)``. E.g. 8x8: levels 4, 2, 1 with weights 1, 1/2, 1/4, 1/8;
     4x4: levels 2, 1 with weights 1, 1/2, 1/4; 1x1: plain MSE.
 
+    Computed cheaply, equal up to float rounding: pooling is linear, so ``MSE(P_k(s), P_k(t))`` is
+    the mean square of ``P_k(s - t)`` (the teacher is never pooled on its own), and
+    :func:`_pooled_levels` pools that difference to every level at once.
+
     Shapes: (N, C, H, W) both, identical -> 0-dim.
     """
     _require_dims("hcl", s, t, (4,), "(N, C, H, W) maps")
     h, w = s.shape[-2:]
+    used = tuple(int(level) for level in levels if level < min(h, w))
+    weights = [0.5 ** (k + 1) for k in range(len(used))]
     loss = F.mse_loss(s, t)
-    weight, total = 1.0, 1.0
-    for level in levels:
-        if level >= min(h, w):
-            continue
-        weight /= 2.0
-        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(s, level), F.adaptive_avg_pool2d(t, level))
-        total += weight
-    return loss / total
+    if used:
+        pooled = _pooled_levels(s - t, used)
+        loss = loss + sum(wk * p.square().mean() for wk, p in zip(weights, pooled, strict=True))
+    return loss / (1.0 + sum(weights))
+
+
+def _pooled_levels(x: Tensor, levels: tuple[int, ...]) -> list[Tensor]:
+    """``adaptive_avg_pool2d(x, l)`` for every level l, each flattened to (N, C, l*l) or (N, l*l, C).
+
+    When the levels tile each other exactly (28 -> 4 -> 2 -> 1), each is average-pooled from the
+    previous, smaller one; otherwise (7x7 -> 4, 2) all levels are one matrix product with the
+    pooling's (sum l^2, H W) matrix, whose forward and backward are far cheaper than the adaptive
+    pooling kernels'. Both give the adaptive pooling's averages.
+    """
+    n, c, h, w = x.shape
+    nested = all(a % b == 0 for a, b in zip((h, *levels), levels, strict=False)) and w % levels[0] == 0
+    if nested:
+        out, coarser = [], x
+        for level in levels:
+            coarser = F.avg_pool2d(coarser, (coarser.shape[-2] // level, coarser.shape[-1] // level))
+            out.append(coarser.flatten(2))
+        return out
+    matrix = _pooling_matrix(h, w, levels, x.dtype, x.device)  # (sum l^2, H W)
+    if x.is_contiguous():
+        pooled, dim = x.reshape(n, c, h * w) @ matrix.T, 2  # (N, C, sum l^2)
+    else:  # channels-last (N, H, W, C) memory: pool along H W without a copy
+        pooled, dim = matrix @ x.permute(0, 2, 3, 1).reshape(n, h * w, c), 1  # (N, sum l^2, C)
+    return list(pooled.split([level * level for level in levels], dim=dim))
+
+
+@functools.lru_cache(maxsize=32)
+def _pooling_matrix(h: int, w: int, levels: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Rows: the weights adaptive average pooling of an H x W map to each level gives each pixel."""
+    unit_maps = torch.eye(h * w, dtype=dtype, device=device).view(h * w, 1, h, w)
+    return torch.cat([F.adaptive_avg_pool2d(unit_maps, level).flatten(1).T for level in levels])
 
 
 @register_distance("at", same_shape=True)

@@ -163,6 +163,7 @@ class TeacherRunner:
         self._checked: set[tuple[tuple[int, ...], torch.dtype, torch.device]] = set()
         self._version = -1  # of the teacher's weights the graph was prepared from
         self.folded = 0
+        self._channels_last: set[str] = set()  # features the teacher's own forward gives channels-last
 
     def reset(self) -> None:
         """Forget the prepared graph (after the teacher moved device or dtype)."""
@@ -192,11 +193,18 @@ class TeacherRunner:
         logits, *feats = self._graph(x)
         if self.precision == "bf16":
             logits, feats = logits.float(), [f.float() for f in feats]
-        return logits, dict(zip(self.features, feats, strict=True))
+        out = dict(zip(self.features, feats, strict=True))
+        # In the memory format of the teacher's own forward (a channels-last model gives channels-last maps),
+        # converted once here: every distance reading an NCHW map against a channels-last one would be slow.
+        for name in self._channels_last:
+            out[name] = out[name].contiguous(memory_format=torch.channels_last)
+        return logits, out
 
     def _first_call(self, x: Tensor, key: tuple) -> tuple[Tensor, dict[str, Tensor]]:
         """Prepare the graph if needed and check it against the reference on this batch."""
         ref_logits, ref_feats = self.reference(x)
+        self._channels_last = {name for name, f in ref_feats.items() if f.dim() == 4 and not f.is_contiguous()
+                               and f.is_contiguous(memory_format=torch.channels_last)}
         if not isinstance(ref_logits, Tensor):  # a tuple/dict output: the caller picks the logits
             self.fast = False
             return ref_logits, ref_feats
