@@ -137,6 +137,21 @@ def test_virtual_step_equals_real_optimiser_step(kind):
         assert torch.allclose(theta1[n], params[n].detach(), atol=1e-6, rtol=1e-5), n
 
 
+def test_alpha_gradient_from_the_weighted_terms_equals_it_through_the_whole_loss():
+    """The θ± passes run the network without a graph and differentiate only the weighting of its
+    terms: the same ∇α̃ L_train as autograd through the whole loss."""
+    d, opt = warmed("sgd", double=True)
+    x, y, _, _ = batches(True)
+    search = DistProSearch(d)
+    t = d.teacher_forward(x)
+    params = {n: p.detach() + 0.01 for n, p in d.named_parameters()}  # some θ other than the module's
+    alpha = d.weighting.alpha_tilde.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(search._train_loss(params, alpha, x, y, 3, t), alpha)
+    got = search._alpha_grad(params, x, y, 3, t)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+
+
 def test_finite_difference_agrees_with_exact():
     """Eq. 5 against double backward on a small network (cosine >= 0.99)."""
     d, opt = warmed("sgd")
@@ -200,6 +215,38 @@ def test_lookahead_leaves_no_trace(mode):
         assert torch.equal(v, teacher_before[k]), k
     for p, q in zip(opt.param_groups[0]["params"], opt_ref.param_groups[0]["params"], strict=True):
         assert torch.equal(opt.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+
+
+def test_shared_forward_gives_the_same_step_with_one_student_forward_fewer():
+    """share_forward: the look-ahead's pass at θ is the real step's forward, re-weighted with the new α:
+    the same hypergradient, α̃, parameters, BN statistics, momentum and logged terms as two passes."""
+    d, opt = warmed("sgd")
+    d_ref, opt_ref = twin(d, opt, "sgd")
+    x, y, xv, yv = batches()
+    forwards = {"shared": 0, "separate": 0}
+    d.student.register_forward_hook(lambda *a: forwards.__setitem__("shared", forwards["shared"] + 1))
+    d_ref.student.register_forward_hook(lambda *a: forwards.__setitem__("separate", forwards["separate"] + 1))
+    outs = []
+    for model, optimizer, share in ((d, opt, True), (d_ref, opt_ref, False)):
+        model.train()
+        t, hyper = DistProSearch(model).step(x, y, xv, yv, optimizer, step=2, share_forward=share)
+        model.reuse_teacher_output(x, t)
+        out = model(x, y, 2)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        outs.append((hyper, out))
+    (hyper, out), (hyper_ref, out_ref) = outs
+    torch.testing.assert_close(hyper, hyper_ref, rtol=1e-5, atol=1e-7)
+    assert out.keys() == out_ref.keys()
+    for k in out_ref:
+        torch.testing.assert_close(out[k], out_ref[k], rtol=1e-5, atol=1e-7, msg=k)
+    mine, ref = d.state_dict(), d_ref.state_dict()
+    for k in ref:  # params, α̃ and its moments, BN running statistics (moved once), num_batches_tracked
+        torch.testing.assert_close(mine[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+    for p, q in zip(opt.param_groups[0]["params"], opt_ref.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], opt_ref.state[q]["momentum_buffer"])
+    assert forwards["shared"] == forwards["separate"] - 1
 
 
 def test_teacher_runs_once_per_search_step_and_alpha_is_not_trained_by_main_optimiser():

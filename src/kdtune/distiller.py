@@ -60,6 +60,10 @@ class TeacherOutput:
     features: dict[str, Tensor]
 
 
+def _autocast_enabled(x: Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Put a model in eval mode with no parameter requiring a gradient."""
     model.eval()
@@ -122,6 +126,7 @@ class Distiller(nn.Module):
         if input_shape is not None:
             self.check_input(torch.zeros(2, *input_shape))
         self._pending_teacher: tuple[Tensor, TeacherOutput] | None = None  # see reuse_teacher_output
+        self._pending_forward: tuple[Tensor, dict[str, Tensor], bool] | None = None  # see reuse_forward
         # Pathways on one student feature as one conv (pathways.fused_input_convs): numerically the same,
         # but measured no faster on CPU (RESULTS.md, distpro_cost_pool_first), so off by default.
         self.fuse_input_convs = False
@@ -319,15 +324,39 @@ class Distiller(nn.Module):
         look-ahead, in ``on_batch_start``) hands it to the real step: the teacher runs once per step."""
         self._pending_teacher = (x, output)
 
+    def reuse_forward(self, x: Tensor, output: Mapping[str, Tensor]) -> None:
+        """Let the next :meth:`forward` on this very tensor ``x`` reuse ``output``, this distiller's
+        output for ``x`` at the current parameters, instead of running the student, the teacher and
+        the pathways again: only the weighting is applied anew (DistPro's search computes the real
+        step's forward before its α update). The student's BatchNorm statistics moved once, in
+        that forward, as in any step."""
+        self._pending_forward = (x, dict(output), _autocast_enabled(x))
+
+    def _reused(self, x: Tensor, step: int) -> dict[str, Tensor] | None:
+        """The output handed to :meth:`reuse_forward` for ``x``, if it holds every term wanted at ``step``."""
+        pending, self._pending_forward = self._pending_forward, None
+        if pending is None or pending[0] is not x:
+            return None
+        _, output, autocast = pending
+        if autocast != _autocast_enabled(x):
+            raise RuntimeError("reuse_forward: the reused forward and this one differ in autocast; run both in "
+                               "the same precision context")
+        active = self.weighting.active(step)
+        wanted = [name for name in self.weighting.names if active is None or name in active]
+        return output if "teacher_logits" in output and all(name in output for name in wanted) else None
+
     def distill_terms(self, logits: Tensor, labels: Tensor, teacher: TeacherOutput,
-                      step: int = 0) -> dict[str, Tensor]:
+                      step: int = 0, computed: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         """One 0-dim tensor per logit loss and per pathway, for the last student forward.
 
         Terms the weighting marks inactive at ``step`` are not computed at all. With
         ``fuse_input_convs`` the input convolutions of the active pathways reading one student
-        feature run as one convolution.
+        feature run as one convolution. ``computed``: the terms of an earlier forward on this
+        batch (:meth:`reuse_forward`), taken as they are.
         """
         active = self.weighting.active(step)
+        if computed is not None:
+            return {name: computed[name] for name in self.weighting.names if active is None or name in active}
         terms: dict[str, Tensor] = {}
         for ll in self.logit_losses:
             if active is None or ll.name in active:
@@ -349,15 +378,21 @@ class Distiller(nn.Module):
             distillation term, ``w/<term>`` the weight it got this step, and the weighting's
             ``diagnostics`` (0-dim tensors).
         """
+        pending, self._pending_teacher = self._pending_teacher, None
+        reused = self._reused(x, step) if teacher_output is None else None
+        if reused is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                teacher = TeacherOutput(reused["teacher_logits"], {})
+                return self._losses(reused["logits"], y, step, teacher, computed=reused)
         # A teacher without terms (student alone, kept for agreement metrics) is never run.
         if teacher_output is None and self.has_terms:
-            pending, self._pending_teacher = self._pending_teacher, None
             teacher_output = pending[1] if pending is not None and pending[0] is x else self.teacher_forward(x)
         logits = self.student_logits(x)
         with torch.autocast(logits.device.type, enabled=False):  # losses in fp32 whatever the forward's precision
             return self._losses(logits, y, step, teacher_output)
 
-    def _losses(self, logits: Tensor, y: Tensor, step: int, teacher_output: TeacherOutput | None) -> dict[str, Tensor]:
+    def _losses(self, logits: Tensor, y: Tensor, step: int, teacher_output: TeacherOutput | None,
+                computed: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         logits = full_precision(logits)
         task = F.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "task": task}
@@ -365,7 +400,7 @@ class Distiller(nn.Module):
         if teacher_output is not None:
             out["teacher_logits"] = teacher_output.logits
             teacher_output = TeacherOutput(full_precision(teacher_output.logits), teacher_output.features)
-            terms = self.distill_terms(logits, y, teacher_output, step)
+            terms = self.distill_terms(logits, y, teacher_output, step, computed)
             if terms:
                 distill, weights = self.weighting(terms, step)
                 loss = loss + distill

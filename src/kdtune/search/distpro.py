@@ -340,16 +340,23 @@ class DistProSearch:
 
     def _alpha_grad(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int,
                     teacher: TeacherOutput) -> Tensor:
-        """∇α̃ L_train(θ, α̃) at fixed θ: a forward only (θ carries no gradient), as §3.4 counts."""
+        """∇α̃ L_train(θ, α̃) at fixed θ: a forward only, as §3.4 counts. α̃ enters L_train only through
+        the weighting of the terms, which do not depend on it: the network runs without a graph and
+        only the weighting of its terms is differentiated (the same gradient as through the whole loss)."""
+        with torch.no_grad():
+            out = functional_call(self.distiller, (dict(params), self._buffers(None)), (x, y, step),
+                                  {"teacher_output": teacher})
+        terms = {name: out[name] for name in self.weighting.names if name in out}
         alpha = self.weighting.alpha_tilde.detach().clone().requires_grad_(True)
-        loss = self._train_loss(params, alpha, x, y, step, teacher)
-        (grad,) = torch.autograd.grad(loss, alpha, allow_unused=True)
+        distill, _ = functional_call(self.weighting, {"alpha_tilde": alpha}, (terms, step))
+        (grad,) = torch.autograd.grad(distill, alpha, allow_unused=True)
         return torch.zeros_like(alpha) if grad is None else grad
 
     # ------------------------------------------------------------------ hypergradients
 
     def hypergradient(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
-                      step: int = 0, teacher_output: TeacherOutput | None = None) -> Tensor:
+                      step: int = 0, teacher_output: TeacherOutput | None = None,
+                      train_output: Mapping[str, Tensor] | None = None) -> Tensor:
         """∇α̃ L_val(θ'(α̃)), θ' the virtual step of eq. 4; (L,).
 
         Args:
@@ -357,11 +364,13 @@ class DistProSearch:
             optimizer: the real optimiser (its rule and state define the virtual step).
             step: the global step (for strategies that depend on it).
             teacher_output: the teacher's outputs on ``x`` (computed here if not given).
+            train_output: the distiller's own forward on ``(x, y)`` at the current θ and α, graph
+                kept (finite difference only): its loss gives ∇θ L_train instead of a look-ahead pass.
         """
         t = teacher_output if teacher_output is not None else self.distiller.teacher_forward(x)
         if self.mode == "exact":
             return self._exact(x, y, xv, yv, optimizer, step, t)
-        return self._finite_difference(x, y, xv, yv, optimizer, step, t)
+        return self._finite_difference(x, y, xv, yv, optimizer, step, t, train_output)
 
     def _exact(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
                step: int, t: TeacherOutput) -> Tensor:
@@ -379,7 +388,7 @@ class DistProSearch:
         return torch.zeros_like(alpha) if hyper is None else hyper.detach()
 
     def _finite_difference(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
-                           step: int, t: TeacherOutput) -> Tensor:
+                           step: int, t: TeacherOutput, train_output: Mapping[str, Tensor] | None = None) -> Tensor:
         """Eq. 5: ``−ξ ∇²α̃θ L_train · v ≈ (∇α̃ L_train(θ⁺) − ∇α̃ L_train(θ⁻)) / 2ε``.
 
         For plain SGD, ∂θ'/∂α̃ = −ξ ∂g/∂α̃ and θ± = θ ± ε v with ε = r/‖v‖, v = ∇θ' L_val(θ').
@@ -393,8 +402,9 @@ class DistProSearch:
         fixed = {n: p.detach() for n, p in params.items()}
         names = self._student_names(optimizer)
         # 1. g = ∇θ L_train(θ, α) at the current α (one student forward + backward).
-        loss = self._train_loss(params, None, x, y, step, t)
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        shared = train_output is not None  # the real step's forward: its graph is kept for the real backward
+        loss = train_output["loss"] if shared else self._train_loss(params, None, x, y, step, t)
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=shared)
         g = {n: gr.detach().requires_grad_(True) for n, gr in zip(names, grads, strict=True) if gr is not None}
         # 2. θ' by the optimiser's rule, kept differentiable in g for the vjp of step 4.
         with torch.enable_grad():
@@ -422,15 +432,28 @@ class DistProSearch:
         return (g_plus - g_minus) * (norm / (2.0 * self.radius))
 
     def step(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
-             step: int = 0) -> tuple[TeacherOutput, Tensor]:
+             step: int = 0, share_forward: bool = False) -> tuple[TeacherOutput, Tensor]:
         """One α update (Alg. 1 line 4) before the real step on the same batch (line 5).
+
+        Args:
+            share_forward: the look-ahead's first pass (L_train at θ and the current α) *is* the real
+                step's forward: it runs on the distiller itself (moving the student's BatchNorm
+                statistics, as the real forward does) and the distiller's next forward on ``x``
+                reuses it with the updated α (:meth:`Distiller.reuse_forward`) — one student and
+                pathway forward fewer per step, the same numbers. Only for a caller whose next
+                step is the real step on ``x``, in the same autocast context, outside DDP (whose
+                forward syncs buffers first). Finite-difference hypergradients only.
 
         Returns:
             The teacher's outputs on ``x`` (hand them to the real step) and the hypergradient (L,).
         """
         t = self.distiller.teacher_forward(x)
-        hyper = _mean_over_ranks(self.hypergradient(x, y, xv, yv, optimizer, step, t))
+        shared = (self.distiller(x, y, step, teacher_output=t) if share_forward and self.mode == "finite_difference"
+                  else None)
+        hyper = _mean_over_ranks(self.hypergradient(x, y, xv, yv, optimizer, step, t, shared))
         self.weighting.update_alpha(hyper)
+        if shared is not None:
+            self.distiller.reuse_forward(x, shared)
         return t, hyper
 
 
@@ -548,7 +571,10 @@ class DistProCallback(Callback):
         t0 = time.perf_counter()
         xv, yv = trainer.prepare_batch(*next(self._val_iter))  # the memory format / device of the model
         step = trainer.global_step
-        teacher, _ = self.search.step(x, y, xv, yv, trainer.optimizer, step)
+        # The real step reuses the look-ahead's forward at θ (same numbers), except under DDP, whose forward
+        # syncs buffers first, and in bf16, whose look-ahead runs outside the real step's autocast.
+        share = not trainer.dist.enabled and trainer.cfg.precision != "bf16"
+        teacher, _ = self.search.step(x, y, xv, yv, trainer.optimizer, step, share_forward=share)
         trainer.distiller.reuse_teacher_output(x, teacher)  # the real step reuses it
         self.seconds += time.perf_counter() - t0
         w = self.search.weighting
