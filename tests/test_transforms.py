@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -15,6 +16,7 @@ from kdtune.transforms import (
     ShapeMismatchError,
     SpatialSelfAttention,
     build_transform,
+    pooled_conv1x1_bn,
     resize_spatial,
     transform_options,
 )
@@ -112,6 +114,46 @@ def test_conv1x1_value_against_einsum_and_block_pooling():
     y = (y - np.arange(5.0)[None, :, None, None]) / math.sqrt(4.0 + tf.bn.eps)
     expected = y.reshape(2, 5, 2, 2, 2, 2).mean(axis=(3, 5))  # 2x2 blocks -> (2, 5, 2, 2)
     np.testing.assert_allclose(out.detach().numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("s_hw", "size"), [((8, 8), (4, 4)), ((7, 7), (3, 3)), ((6, 9), (4, 4))])
+@pytest.mark.parametrize("bn_kwargs", [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}])
+@pytest.mark.parametrize("bias", [False, True])
+def test_pooled_conv1x1_bn_equals_pooling_after_conv_and_bn(s_hw, size, bn_kwargs, bias):
+    """The 1x1 adapter on a larger student map, computed at the teacher's size with BN's statistics
+    from the input's moments, equals conv -> BN -> pooling: value, every gradient, running statistics,
+    in training (twice: the momentum / cumulative average) and in eval mode; channels-last too."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 1, bias=bias).double()
+    bn = nn.BatchNorm2d(5, **bn_kwargs).double()
+    if bn.affine:
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.5, 0.5)
+    conv_ref, bn_ref = copy.deepcopy(conv), copy.deepcopy(bn)
+    for train in (True, True, False):
+        bn.train(train)
+        bn_ref.train(train)
+        x = (torch.randn(4, 3, *s_hw, dtype=torch.float64) + 2.0).to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        got = pooled_conv1x1_bn(conv, bn, x, size)
+        expected = resize_spatial(bn_ref(conv_ref(x)), size)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(expected)
+        params, params_ref = [*conv.parameters(), *bn.parameters()], [*conv_ref.parameters(), *bn_ref.parameters()]
+        grads = torch.autograd.grad(got, [x, *params], g)
+        grads_ref = torch.autograd.grad(expected, [x, *params_ref], g)
+        for a, b in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        for a, b in zip(bn.buffers(), bn_ref.buffers(), strict=True):  # running mean / var, batches tracked
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_conv1x1_adapter_pools_first_only_when_the_student_map_is_larger():
+    tf = build_transform("conv1x1", (2, 3, 8, 8), (2, 5, 4, 4))
+    s, t = torch.randn(2, 3, 8, 8), torch.randn(2, 5, 4, 4)
+    assert tf.input_conv(s, t) is None  # computed at 4x4 (pooled_conv1x1_bn): not fused with other convs
+    assert tf.input_conv(torch.randn(2, 3, 4, 4), t) == (tf.conv, None)
+    assert tf.input_conv(torch.randn(2, 3, 2, 2), t) == (tf.conv, None)  # upsampled after BN
 
 
 def test_conv_adapters_upsample_when_student_is_smaller():

@@ -173,6 +173,44 @@ def shrink_to(x: Tensor, size: Sequence[int]) -> Tensor:
     return resize_spatial(x, size) if h >= int(size[0]) and w >= int(size[1]) else x
 
 
+def pooled_conv1x1_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, size: Sequence[int]) -> Tensor:
+    """``resize_spatial(bn(conv(x)), size)`` for a 1x1 ``conv`` (stride 1, one group) on a map x at
+    least as large as ``size`` on both axes, computed at ``size``.
+
+    Average pooling commutes with a 1x1 conv and with BN's per-channel affine map, so only BN's
+    batch statistics need the full map, and they follow from the input's moments: with μ and Σ
+    the mean and (biased) covariance of x's channels over N, H, W, the conv output's are ``W μ``
+    and ``diag(W Σ Wᵀ)``. So ``(conv(pool(x)) - W μ) / sqrt(diag(W Σ Wᵀ) + eps) * γ + β`` — equal up to
+    float rounding in value, gradients and running statistics (updated as BatchNorm does), at
+    (Hs Ws) / (Ht Wt) times fewer multiply-adds and no (N, Cout, Hs, Ws) map (16x from 28x28 to 7x7).
+
+    Shapes: x (N, Cin, H, W) -> (N, Cout, *size).
+    """
+    h = conv(resize_spatial(x, size))
+    if not bn.training and bn.track_running_stats:
+        return bn(h)  # running statistics: BN is a per-channel affine map, it commutes with pooling
+    weight = conv.weight.flatten(1)  # (Cout, Cin)
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # (N H W, Cin): a view of a channels-last map
+    mean_in = pixels.mean(0)  # (Cin,)
+    centred = pixels - mean_in
+    count = len(pixels)
+    cov = centred.T @ centred / count  # (Cin, Cin)
+    mean, var = weight @ mean_in, ((weight @ cov) * weight).sum(1)  # of conv(x) per output channel
+    if conv.bias is not None:
+        mean = mean + conv.bias
+    if bn.training and bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.lerp_(mean, factor)
+            bn.running_var.lerp_(var * count / max(count - 1, 1), factor)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+    out = (h - mean[:, None, None]) * scale[:, None, None]
+    return out + bn.bias[:, None, None] if bn.affine else out
+
+
 def _pooled_size(pool_first: bool, s: Tensor, t: Tensor) -> tuple[int, int] | None:
     """The H x W that ``pool_first`` shrinks ``s`` to before the first conv (None: not pooled)."""
     size = (int(t.shape[-2]), int(t.shape[-1]))
@@ -275,10 +313,18 @@ class Conv1x1Adapter(FeatureTransform):
         self.bn = nn.BatchNorm2d(ct)
 
     def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        if self._pools_first(s, t):
+            return pooled_conv1x1_bn(self.conv, self.bn, s, t.shape[-2:]), t
         return self.forward_after_input_conv(self.conv(s), t)
 
-    def input_conv(self, s: Tensor, t: Tensor) -> tuple[nn.Conv2d, tuple[int, int] | None]:
-        return self.conv, None
+    @staticmethod
+    def _pools_first(s: Tensor, t: Tensor) -> bool:
+        """A student map larger than the teacher's: conv, BN and pooling computed at the teacher's size
+        (:func:`pooled_conv1x1_bn`, the same function)."""
+        return _pooled_size(True, s, t) is not None
+
+    def input_conv(self, s: Tensor, t: Tensor) -> tuple[nn.Conv2d, tuple[int, int] | None] | None:
+        return None if self._pools_first(s, t) else (self.conv, None)
 
     def forward_after_input_conv(self, h: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return resize_spatial(self.bn(h), t.shape[-2:]), t
