@@ -134,14 +134,17 @@ def test_fused_input_convs_group_per_feature_and_kind():
     from kdtune.pathways import fused_input_convs
 
     torch.manual_seed(0)
-    s, t8, t16 = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8), torch.randn(2, 3, 4, 4)
+    s, t8, t16 = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 8, 8), torch.randn(2, 3, 16, 16)
     a = Pathway("t", "s", transform="conv1x1", distance="mse").build(s.shape, t8.shape)
     b = Pathway("t", "s", transform="conv1x1", distance="mse").build(s.shape, t16.shape)
     c = Pathway("t", "s", transform="conv3x3", distance="mse").build(s.shape, t8.shape)
+    pooled = Pathway("t", "s", transform="conv1x1", distance="mse").build(s.shape, (2, 6, 4, 4))
     other = torch.randn(2, 4, 8, 8)
-    items = [("s", a, s, t8), ("s", b, s, t16), ("s", c, s, t8), ("other", a, other, t8)]
+    items = [("s", a, s, t8), ("s", b, s, t16), ("s", c, s, t8), ("other", a, other, t8),
+             ("s", pooled, s, torch.randn(2, 6, 4, 4))]
     out = fused_input_convs(items)
-    assert set(out) == {0, 1}  # the 1x1 pair on "s"; the lone 3x3 and the other feature run alone
+    # the 1x1 pair on "s"; the lone 3x3, the other feature and the 1x1 computed at 4x4 run alone
+    assert set(out) == {0, 1}
     torch.testing.assert_close(out[0], a.transform.conv(s))
     torch.testing.assert_close(out[1], b.transform.conv(s))
     assert fused_input_convs(items[1:3]) == {}  # a dropped pathway leaves nothing to fuse
