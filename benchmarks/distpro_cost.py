@@ -23,10 +23,11 @@ configs/fmnist/distpro_search.yaml (all 3 x 3 stage pairs x 3 transforms = 27 HC
    epochs on 5000).
 
 Blocks of ``--steps`` steps of each kind alternate ``--reps`` times (machine noise hits all
-kinds); timings are medians over blocks of process CPU time (and wall time). The KD step and the
-"as before issue 16" rows (the teacher's own hooked forward, every pathway's input conv run
-separately) put the fast teacher and the fused pathways in scale in the same run. Writes the
-table between ``<!-- table:distpro_cost -->`` markers in benchmarks/RESULTS.md unless ``--no-write``.
+kinds); timings are medians over blocks of process CPU time (and wall time). The KD step puts the
+pathways in scale; the search step is timed as :class:`DistProCallback` runs it (the look-ahead's
+pass at θ shared with the real step) and without that sharing; the pathway step with the
+distiller's default (each pathway's input conv separately) and with ``fuse_input_convs``. Writes
+the table between ``<!-- table:distpro_cost -->`` markers in benchmarks/RESULTS.md unless ``--no-write``.
 """
 
 from __future__ import annotations
@@ -55,17 +56,17 @@ TRANSFORM_KWARGS: dict[str, dict] = {}
 
 
 def build(weighting: str, kwargs: dict, teacher: torch.nn.Module,
-          pathways=None, before: bool = False, logit_losses=()) -> tuple[Distiller, torch.optim.Optimizer]:
-    """A distiller + optimiser; ``before``: as kdtune was before issue 16 (the teacher's own hooked
-    forward, every pathway's input conv separately)."""
+          pathways=None, fused: bool = False, logit_losses=()) -> tuple[Distiller, torch.optim.Optimizer]:
+    """A distiller + optimiser, channels-last as the Trainer runs it; ``fused``: input convs of the
+    pathways on one student feature as one conv (``Distiller.fuse_input_convs``)."""
     torch.manual_seed(0)
     student = create_model("resnet8", in_channels=1, num_classes=10)
     if pathways is None:
         pathways, _ = search_space(teacher, student, SHAPE, "all", TRANSFORMS, "hcl", transform_kwargs=TRANSFORM_KWARGS)
         kwargs = {"learned": [p.name for p in pathways], **kwargs} if weighting == "distpro" else kwargs
     d = Distiller(student, teacher, pathways, logit_losses, weighting=weighting, weighting_kwargs=kwargs,
-                  input_shape=SHAPE, fast_teacher=not before)
-    d.fuse_input_convs = not before
+                  input_shape=SHAPE)
+    d.fuse_input_convs = fused
     d.to(memory_format=torch.channels_last)
     d.train()
     opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.1, momentum=0.9, nesterov=True,
@@ -126,21 +127,22 @@ def main() -> None:
 
     kd, kd_opt = build("fixed", {}, teacher, pathways=[], logit_losses=["kd"])
     plain, plain_opt = build("equal", {"normalize": True}, teacher)
-    plain_old, plain_old_opt = build("equal", {"normalize": True}, teacher, before=True)
+    plain_fused, plain_fused_opt = build("equal", {"normalize": True}, teacher, fused=True)
     search_d, search_opt = build("distpro", {"tau": args.tau}, teacher)
-    search_old_d, search_old_opt = build("distpro", {"tau": args.tau}, teacher, before=True)
+    unshared_d, unshared_opt = build("distpro", {"tau": args.tau}, teacher)
     n_paths = len(plain.pathways)
-    search, search_old = DistProSearch(search_d), DistProSearch(search_old_d)
+    search, unshared = DistProSearch(search_d), DistProSearch(unshared_d)
     step_no = [0]
 
     def plain_step(d, opt) -> None:
         x, y = next(data)
         real_step(d, opt, x, y, 0)
 
-    def search_step(d, opt, s) -> None:
+    def search_step(d, opt, s, share: bool = True) -> None:
+        """One step as DistProCallback + Trainer run it (share: the look-ahead's pass at θ is the real forward)."""
         x, y = next(data)
         xv, yv = next(held_out)
-        t, _ = s.step(x, y, xv, yv, opt, step_no[0])
+        t, _ = s.step(x, y, xv, yv, opt, step_no[0], share_forward=share)
         d.reuse_teacher_output(x, t)
         real_step(d, opt, x, y, step_no[0])
         step_no[0] += 1
@@ -162,9 +164,9 @@ def main() -> None:
     timed = interleaved({
         "kd": lambda: plain_step(kd, kd_opt),
         "plain": lambda: plain_step(plain, plain_opt),
-        "plain_old": lambda: plain_step(plain_old, plain_old_opt),
+        "plain_fused": lambda: plain_step(plain_fused, plain_fused_opt),
         "search": lambda: search_step(search_d, search_opt, search),
-        "search_old": lambda: search_step(search_old_d, search_old_opt, search_old),
+        "search_unshared": lambda: search_step(unshared_d, unshared_opt, unshared, share=False),
     }, args.steps, args.reps)
     kd_s, search_s = timed["kd"]["cpu_ms"] / 1000, timed["search"]["cpu_ms"] / 1000
 
@@ -202,10 +204,10 @@ def main() -> None:
 
     rows = [
         row("KD step (teacher + student + KD, no pathway)", "kd"),
-        row(f"{n_paths}-pathway step (fixed weights): fast teacher, fused input convs", "plain"),
-        row(f"{n_paths}-pathway step, as before issue 16 (hooked teacher, separate convs)", "plain_old"),
-        row("search step (every pathway computed)", "search"),
-        row("search step, as before issue 16", "search_old"),
+        row(f"{n_paths}-pathway step (fixed weights)", "plain"),
+        row(f"{n_paths}-pathway step, input convs fused (`fuse_input_convs`)", "plain_fused"),
+        row("search step (every pathway computed; look-ahead pass at θ shared with the real step)", "search"),
+        row("search step, look-ahead pass at θ not shared", "search_unshared"),
     ]
     lines = [
         f"### DistPro cost (ResNet-56 -> ResNet-8, FMNIST 28×28, {n_paths} pathways"
