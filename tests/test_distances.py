@@ -235,6 +235,20 @@ def test_hcl_equals_its_definition_in_value_and_gradient(hw, channels_last):
     assert other.item() == pytest.approx(_hcl_by_definition(s, t, (3, 1)).item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("hw", [(8, 8), (7, 7), (2, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_hcl_gradients_of_both_inputs_and_second_derivatives(hw, channels_last):
+    """The hand-written backward: numerical gradients of s and t, and of the gradient itself
+    (DistPro's exact hypergradient differentiates through it), nested pools and pooling matrix."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    s = torch.randn(2, 3, *hw, dtype=torch.float64).to(memory_format=fmt).requires_grad_(True)
+    t = torch.randn(2, 3, *hw, dtype=torch.float64).to(memory_format=fmt).requires_grad_(True)
+    fn = DISTANCES.get("hcl")
+    assert torch.autograd.gradcheck(fn, (s, t))
+    assert torch.autograd.gradgradcheck(fn, (s, t))
+
+
 def test_at_distance_hand_computed():
     s = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     t = torch.tensor([[0.0, 1.0], [0.6, 0.8]])

@@ -250,45 +250,112 @@ def hcl(s: Tensor, t: Tensor, levels: Sequence[int] = (4, 2, 1)) -> Tensor:
     we skip when ``l >= min(H, W)``. E.g. 8x8: levels 4, 2, 1 with weights 1, 1/2, 1/4, 1/8;
     4x4: levels 2, 1 with weights 1, 1/2, 1/4; 1x1: plain MSE.
 
-    Computed cheaply, equal up to float rounding: pooling is linear, so ``MSE(P_k(s), P_k(t))`` is
-    the mean square of ``P_k(s - t)`` (the teacher is never pooled on its own), and
-    :func:`_pooled_levels` pools that difference to every level at once.
+    Computed cheaply, equal up to float rounding (:class:`_HierarchicalContext`): pooling is
+    linear, so ``MSE(P_k(s), P_k(t))`` is the mean square of ``P_k(s - t)`` — the teacher is never
+    pooled on its own — and the gradient ``2 (d / n + sum_k w_k P_k^T P_k d / n_k) / total`` (d = s - t)
+    is one pass over the map instead of autograd's chain of pooling and loss backwards.
 
     Shapes: (N, C, H, W) both, identical -> 0-dim.
     """
     _require_dims("hcl", s, t, (4,), "(N, C, H, W) maps")
     h, w = s.shape[-2:]
-    used = tuple(int(level) for level in levels if level < min(h, w))
-    weights = [0.5 ** (k + 1) for k in range(len(used))]
-    loss = F.mse_loss(s, t)
-    if used:
-        pooled = _pooled_levels(s - t, used)
-        loss = loss + sum(wk * p.square().mean() for wk, p in zip(weights, pooled, strict=True))
-    return loss / (1.0 + sum(weights))
+    levels = tuple(int(level) for level in levels if level < min(h, w))
+    return _HierarchicalContext.apply(s, t, levels)
 
 
-def _pooled_levels(x: Tensor, levels: tuple[int, ...]) -> list[Tensor]:
-    """``adaptive_avg_pool2d(x, l)`` for every level l, each flattened to (N, C, l*l) or (N, l*l, C).
+class _HierarchicalContext(torch.autograd.Function):
+    """HCL of :func:`hcl` for its used ``levels``, with the gradient of its docstring written out.
 
-    When the levels tile each other exactly (28 -> 4 -> 2 -> 1), each is average-pooled from the
-    previous, smaller one; otherwise (7x7 -> 4, 2) all levels are one matrix product with the
-    pooling's (sum l^2, H W) matrix, whose forward and backward are far cheaper than the adaptive
-    pooling kernels'. Both give the adaptive pooling's averages.
+    The backward is made of differentiable operations: under ``create_graph`` (a double backward)
+    it recomputes the difference and its pooling from ``s`` and ``t``, so higher derivatives are
+    exact too.
     """
-    n, c, h, w = x.shape
-    nested = all(a % b == 0 for a, b in zip((h, *levels), levels, strict=False)) and w % levels[0] == 0
-    if nested:
-        out, coarser = [], x
-        for level in levels:
-            coarser = F.avg_pool2d(coarser, (coarser.shape[-2] // level, coarser.shape[-1] // level))
-            out.append(coarser.flatten(2))
-        return out
-    matrix = _pooling_matrix(h, w, levels, x.dtype, x.device)  # (sum l^2, H W)
-    if x.is_contiguous():
-        pooled, dim = x.reshape(n, c, h * w) @ matrix.T, 2  # (N, C, sum l^2)
-    else:  # channels-last (N, H, W, C) memory: pool along H W without a copy
-        pooled, dim = matrix @ x.permute(0, 2, 3, 1).reshape(n, h * w, c), 1  # (N, sum l^2, C)
-    return list(pooled.split([level * level for level in levels], dim=dim))
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, t: Tensor, levels: tuple[int, ...]) -> Tensor:
+        diff = s - t
+        pooling = _LevelPooling(diff, levels)
+        pooled = pooling.pool(diff)
+        weights = [0.5 ** (k + 1) for k in range(len(levels))]
+        loss = torch.linalg.vector_norm(diff).square() / diff.numel()
+        for wk, p in zip(weights, pooled, strict=True):
+            loss = loss + wk * p.square().mean()
+        ctx.save_for_backward(s, t, diff, *pooled)
+        ctx.pooling, ctx.weights = pooling, weights
+        return loss / (1.0 + sum(weights))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        s, t, diff, *pooled = ctx.saved_tensors
+        pooling, weights = ctx.pooling, ctx.weights
+        if torch.is_grad_enabled():  # create_graph: every factor from the graph of s and t
+            diff = s - t
+            pooled = pooling.pool(diff)
+        scale = grad * (2.0 / (1.0 + sum(weights)))
+        coefficients = [p * (scale * (wk / p.numel())) for wk, p in zip(weights, pooled, strict=True)]
+        grad_s = pooling.add_transposed(diff, scale / diff.numel(), coefficients)
+        return (grad_s if ctx.needs_input_grad[0] else None, -grad_s if ctx.needs_input_grad[1] else None, None)
+
+
+class _LevelPooling:
+    """``adaptive_avg_pool2d`` of (N, C, H, W) maps to several levels, and its transpose.
+
+    When the levels tile each other exactly (28 -> 4 -> 2 -> 1) each is average-pooled from the
+    previous one; otherwise (7x7 -> 4, 2) all levels are one product with the pooling's
+    (sum l^2, H W) matrix, far cheaper than the adaptive pooling kernels. Both give its averages.
+    A channels-last map is pooled in its own memory layout, without a copy.
+    """
+
+    def __init__(self, x: Tensor, levels: tuple[int, ...]) -> None:
+        n, c, h, w = x.shape
+        self.levels = levels
+        self.nested = bool(levels) and all(a % b == 0 for a, b in zip((h, *levels), levels, strict=False)) \
+            and w % levels[0] == 0
+        self.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        self.matrix = None if self.nested or not levels else _pooling_matrix(h, w, levels, x.dtype, x.device)
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """x as (N, H W, C) (channels-last memory) or (N, C, H W): a view when x is laid out so."""
+        n, c, h, w = x.shape
+        return x.permute(0, 2, 3, 1).reshape(n, h * w, c) if self.channels_last else x.reshape(n, c, h * w)
+
+    def pool(self, x: Tensor) -> list[Tensor]:
+        """P_k x for every level (in a layout of this class's own; only the values matter)."""
+        if self.nested:
+            out, coarser = [], x
+            for level in self.levels:
+                coarser = F.avg_pool2d(coarser, (coarser.shape[-2] // level, coarser.shape[-1] // level))
+                out.append(coarser)
+            return out
+        if self.matrix is None:
+            return []
+        rows = self._rows(x)
+        pooled = self.matrix @ rows if self.channels_last else rows @ self.matrix.T  # (N, L, C) / (N, C, L)
+        return list(pooled.split([level * level for level in self.levels], dim=1 if self.channels_last else 2))
+
+    def add_transposed(self, x: Tensor, alpha: Tensor, coefficients: Sequence[Tensor]) -> Tensor:
+        """``alpha x + sum_k P_k^T c_k``, the c_k shaped as :meth:`pool` gives; x's shape and layout."""
+        n, c, h, w = x.shape
+        if not coefficients:
+            return x * alpha
+        if not self.nested:
+            q = torch.cat(list(coefficients), dim=1 if self.channels_last else 2)
+            spread = self.matrix.T @ q if self.channels_last else q @ self.matrix  # (N, H W, C) / (N, C, H W)
+            out = torch.addcmul(spread, self._rows(x), alpha)
+            return out.view(n, h, w, c).permute(0, 3, 1, 2) if self.channels_last else out.view(n, c, h, w)
+        acc = coefficients[-1]  # P_k^T = P_0^T R_1^T ... R_k^T, each R the average of r x r blocks
+        for k in range(len(self.levels) - 2, -1, -1):
+            r = self.levels[k] // self.levels[k + 1]
+            acc = coefficients[k] + acc.repeat_interleave(r, -2).repeat_interleave(r, -1) / (r * r)
+        level = self.levels[0]
+        bh, bw = h // level, w // level
+        acc = acc / (bh * bw)
+        if self.channels_last:  # (N, l, bh, l, bw, C) views: each block gets its pooled coefficient
+            blocks = x.permute(0, 2, 3, 1).reshape(n, level, bh, level, bw, c)
+            out = torch.addcmul(acc.permute(0, 2, 3, 1).reshape(n, level, 1, level, 1, c), blocks, alpha)
+            return out.view(n, h, w, c).permute(0, 3, 1, 2)
+        blocks = x.reshape(n, c, level, bh, level, bw)
+        return torch.addcmul(acc.reshape(n, c, level, 1, level, 1), blocks, alpha).view(n, c, h, w)
 
 
 @functools.lru_cache(maxsize=32)
