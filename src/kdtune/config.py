@@ -378,6 +378,9 @@ class SelfDistillConfig:
     """Batch size of the two meta batches; null: ``data.batch_size``."""
     generator_lr: float = 0.1
     """Initial Adam learning rate of the label generator (paper: 0.1); it follows the main schedule."""
+    generator_residual: bool = True
+    """``md``: the generator starts at F̂_k = F_k (T_k = the exit's own prediction) and learns a residual;
+    false: eq. 5 as written (random T_k at the start). kdtune.selfdistill.generator says why."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")
