@@ -88,7 +88,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("mgda (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
-        ("MD (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
+        ("MD (no teacher), eq. 5 generator", "configs/fmnist2k/selfdistill.yaml",
+         ["method=md", "selfdistill.generator_residual=false"]),
+        ("MD (no teacher), residual generator (default)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
     # stage -> last stage, at its catalogue weight and calibrated; one seed. "student alone" is the floor.
@@ -109,7 +111,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),
-        ("resnet8 MD (exit heads give T_k)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
+        ("resnet8 MD (exit heads give T_k)", "configs/fmnist/selfdistill.yaml",
+         ["method=md", "selfdistill.generator_residual=false"]),
+        ("resnet8 MD, residual generator (default)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
