@@ -68,7 +68,8 @@ class SelfDistiller(nn.Module):
             ``["layer1", "layer2", "layer3"]``): exits go on all but the last.
         alpha: a of eq. 4, the weight of the hard-label term of an exit (0.5 in the paper).
         tau: τ of eq. 2 and 4 (1 in the paper).
-        generator_lr: initial Adam learning rate of the label generator (0.1 in the paper, §4.1); ``md``
+        generator_lr: initial Adam learning rate of the label generator (0.1 in the paper, §4.1; 0.001
+            here, Adam's default: see :class:`~kdtune.config.SelfDistillConfig`); ``md``
             only. :class:`~kdtune.selfdistill.meta.MetaStep` scales it with the main schedule.
         generator_residual: ``md`` only: the generator starts at F̂_k = F_k, i.e. T_k = the exit's own
             prediction (:class:`~kdtune.selfdistill.generator.TopDownLabelGenerator`); False: eq. 5 as
@@ -81,7 +82,7 @@ class SelfDistiller(nn.Module):
 
     def __init__(self, student: nn.Module, input_shape: Sequence[int], method: Method = "md",
                  stages: Sequence[str] | None = None, alpha: float = 0.5, tau: float = 1.0,
-                 generator_lr: float = 0.1, generator_residual: bool = True) -> None:
+                 generator_lr: float = 0.001, generator_residual: bool = True) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown self-distillation method {method!r}; choose one of {list(METHODS)}")
