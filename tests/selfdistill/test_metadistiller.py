@@ -71,7 +71,8 @@ def test_exits_found_on_a_user_model() -> None:
     assert len(sd.exits) == 2 and sd.teacher is None and sd.generator is None
     x, y = batch()
     out = sd(x, y)
-    assert set(out) == {"loss", "logits", "task", "exit1_ce", "exit1_kl", "exit2_ce", "exit2_kl"}
+    assert set(out) == {"loss", "logits", "task", "exit1_ce", "exit1_kl", "exit1_acc", "exit2_ce", "exit2_kl",
+                        "exit2_acc"}
     assert out["logits"].shape == (8, 10) and all(v.ndim == 0 for k, v in out.items() if k != "logits")
     out["loss"].backward()
     assert all(p.grad is not None for p in sd.student.parameters())
@@ -107,7 +108,11 @@ def test_zoo_models(name: str, stages: list[str], method: str) -> None:
     out = sd(x, y)
     out["loss"].backward()
     assert sorted(k for k in out if k.startswith("exit")) == (
-        ["exit1_ce", "exit2_ce"] if method == "dsn" else ["exit1_ce", "exit1_kl", "exit2_ce", "exit2_kl"])
+        ["exit1_acc", "exit1_ce", "exit2_acc", "exit2_ce"] if method == "dsn"
+        else ["exit1_acc", "exit1_ce", "exit1_kl", "exit2_acc", "exit2_ce", "exit2_kl"])
+    for k in (1, 2):  # the exit's accuracy on the batch, by an independent count
+        heads_out = sd.exits[k - 1](sd.features()[k - 1])
+        assert out[f"exit{k}_acc"].item() == pytest.approx((heads_out.argmax(1) == y).float().mean().item())
     assert all(p.grad is not None for p in sd.exits.parameters())
     sd.eval()
     logits = sd.eval_logits(x)

@@ -213,7 +213,8 @@ class SelfDistiller(nn.Module):
 
         Returns:
             ``loss`` (L_S, eq. 3), ``logits`` (N, K) = S_K, ``task`` = CE(y, S_K), and per exit k:
-            ``exit<k>_ce`` = CE(y, S_k) and, for sd/md, ``exit<k>_kl`` = τ² KL(T_k ‖ S_k); for md also
+            ``exit<k>_ce`` = CE(y, S_k), ``exit<k>_acc`` (fraction of argmax S_k == y) and, for sd/md,
+            ``exit<k>_kl`` = τ² KL(T_k ‖ S_k); for md also
             ``gen/exit<k>_label_agree`` (fraction of argmax T_k == y) and ``gen/exit<k>_max_prob`` (mean
             max_c T_k), logged per epoch, so a generator that collapses onto one class is visible.
         """
@@ -227,6 +228,8 @@ class SelfDistiller(nn.Module):
             s_k = head(f)
             ce = F.cross_entropy(s_k, y)
             out[f"exit{k}_ce"] = ce
+            with torch.no_grad():  # beside gen/exit<k>_label_agree: are the targets better than the exit?
+                out[f"exit{k}_acc"] = (s_k.argmax(1) == y).float().mean()
             if targets is None:
                 loss = loss + ce  # DSN: eq. 4 with a = 1
                 continue
