@@ -66,7 +66,7 @@ def test_without_a_default_recipe_a_config_asking_for_none_names_the_sections(mo
 
 
 def test_prepare_builds_one_training_run_not_a_search():
-    with pytest.raises(ConfigError, match=r"a weight_search config \(search\) runs a search, not one training run"):
+    with pytest.raises(ConfigError, match=r"asks for weight_search \(search\), which drives its own runs"):
         prepare(config(**TEACHER, search={"space": {"kd": [0.1, 1.0]}}), None)
 
 
@@ -98,3 +98,11 @@ def test_register_recipe_rejects_clashes(monkeypatch):
         register_recipe(Recipe("distpro", ("distpro",), build=plain_distiller))
     with pytest.raises(ValueError, match="a default recipe is already registered"):
         register_recipe(Recipe("another_default", build=plain_distiller))
+
+
+def test_a_recipe_may_ask_for_a_setting_inside_an_optional_section(monkeypatch):
+    monkeypatch.setattr(base, "RECIPES", {k: r for k, r in base.RECIPES.items() if k != "autokd"})
+    register_recipe(Recipe("spec_only", ("autokd.spec",), build=plain_distiller))
+    assert select_recipe(config()).name == "distill"  # no autokd section: its spec is not set either
+    assert select_recipe(config(**TEACHER, autokd=AUTOKD)).name == "distill"
+    assert select_recipe(config(**TEACHER, autokd={**AUTOKD, "spec": "best.yaml"})).name == "spec_only"

@@ -54,10 +54,13 @@ class Recipe:
 
 
 def _is_set(cfg: RunConfig, section: str) -> bool:
-    """Whether ``cfg`` sets ``section`` (``"autokd"``: not None) or has ``setting=value``."""
+    """Whether ``cfg`` sets ``section`` (``"autokd"``: not None) or has ``setting=value``
+    (``"autokd.spec"`` is not set in a config without ``autokd``)."""
     path, _, value = section.partition("=")
     obj: Any = cfg
     for key in path.split("."):
+        if obj is None:
+            return False
         obj = getattr(obj, key)
     return obj is not None if not value else str(obj) == value
 
@@ -103,8 +106,8 @@ def prepare(cfg: RunConfig, run_dir: Path | None, callbacks: tuple[Callback, ...
     (:func:`kdtune.build.make_trainer`; no training yet)."""
     recipe = select_recipe(cfg)
     if recipe.build is None:
-        raise ConfigError(f"a {recipe.name} config ({', '.join(recipe.selected_by(cfg))}) runs a search, not one "
-                          f"training run: run it with `kdtune run` (kdtune.recipe.run)")
+        raise ConfigError(f"the config asks for {recipe.name} ({', '.join(recipe.selected_by(cfg))}), which drives "
+                          f"its own runs, not one trainer: run it with `kdtune run` (kdtune.recipe.run)")
     return make_trainer(cfg, run_dir, recipe.build, callbacks, eval_split)
 
 
