@@ -168,23 +168,44 @@ def test_trainer_steps_model_and_exits_but_not_the_generator(tiny_data: ImageDat
 # --------------------------------------------------------------------------- label generator (eq. 5)
 
 
-def test_generator_is_eq5() -> None:
+@pytest.mark.parametrize("residual", [False, True])
+def test_generator_is_eq5(residual: bool) -> None:
+    """eq. 5, and with ``residual`` F̂_k = F_k + eq. 5's map (checked with non-zero refine weights)."""
     torch.manual_seed(0)
-    gen = TopDownLabelGenerator([4, 6, 8])
+    gen = TopDownLabelGenerator([4, 6, 8], residual=residual)
+    for conv in gen.refine:  # the residual generator starts at zero: give it weights to check the formula
+        torch.nn.init.normal_(conv.weight, std=0.1)
+        torch.nn.init.normal_(conv.bias, std=0.1)
     feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4), torch.randn(2, 8, 2, 2)]
+    skip = [f if residual else 0.0 for f in feats]
     f3 = gen.lateral[2](feats[2])  # F̂_3 = conv1x1(F_3)
-    f2 = gen.refine[1](F.interpolate(f3, scale_factor=2, mode="bilinear") + gen.lateral[1](feats[1]))
-    f1 = gen.refine[0](F.interpolate(f2, scale_factor=2, mode="bilinear") + gen.lateral[0](feats[0]))
+    f2 = skip[1] + gen.refine[1](F.interpolate(f3, scale_factor=2, mode="bilinear") + gen.lateral[1](feats[1]))
+    f1 = skip[0] + gen.refine[0](F.interpolate(f2, scale_factor=2, mode="bilinear") + gen.lateral[0](feats[0]))
     assert f2.shape == feats[1].shape and f1.shape == feats[0].shape  # F̂_k has F_k's shape
     fused1, fused2 = gen(feats)
     torch.testing.assert_close(fused1, f1)
     torch.testing.assert_close(fused2, f2)
 
 
+def test_residual_generator_starts_at_the_exits_own_predictions() -> None:
+    """generator_residual (default): F̂_k = F_k at initialisation, so T_k = exit_head_k(F_k) — with the
+    heads in the same mode (batch statistics while training); eq. 5 as written starts elsewhere."""
+    x, _ = batch()
+    for residual in (True, False):
+        sd = make("md", generator_residual=residual)
+        logits = sd.student(x)
+        feats = sd.features()
+        targets = sd.soft_target_logits(feats, logits)
+        with torch.no_grad():
+            own = [head(f) for head, f in zip(sd.exits, feats[:-1], strict=True)]
+        same = all(torch.allclose(t, o, atol=1e-6) for t, o in zip(targets, own, strict=True))
+        assert same == residual
+
+
 def test_targets_are_the_exit_heads_as_constant_functions() -> None:
     """T_k = exit_head_k(F̂_k) (§3.3); the T_k path trains only θ_g: the heads get no gradient and
     their BatchNorm running statistics stay bit-identical."""
-    sd = make("md")
+    sd = make("md", generator_residual=False)  # zero-initialised refine convs would block the laterals' gradient
     x, y = batch()
     logits = sd.student(x)
     feats = sd.features()

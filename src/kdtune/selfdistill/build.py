@@ -41,7 +41,8 @@ def from_config(cfg: RunConfig, student: nn.Module, train: Images,
         raise ConfigError("selfdistill does not combine with distill.logit_losses / distill.pathways (they need a "
                           "teacher); remove them")
     distiller = SelfDistiller(student, input_shape, method=sc.method, stages=sc.stages, alpha=sc.alpha,
-                              tau=sc.tau, generator_lr=sc.generator_lr)
+                              tau=sc.tau, generator_lr=sc.generator_lr,
+                              generator_residual=sc.generator_residual)
     callbacks: list[Callback] = []
     if sc.method == "md":
         d = cfg.data

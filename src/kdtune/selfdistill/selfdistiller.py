@@ -68,8 +68,12 @@ class SelfDistiller(nn.Module):
             ``["layer1", "layer2", "layer3"]``): exits go on all but the last.
         alpha: a of eq. 4, the weight of the hard-label term of an exit (0.5 in the paper).
         tau: τ of eq. 2 and 4 (1 in the paper).
-        generator_lr: initial Adam learning rate of the label generator (0.1 in the paper, §4.1); ``md``
+        generator_lr: initial Adam learning rate of the label generator (0.1 in the paper, §4.1; 0.001
+            here, Adam's default: see :class:`~kdtune.config.SelfDistillConfig`); ``md``
             only. :class:`~kdtune.selfdistill.meta.MetaStep` scales it with the main schedule.
+        generator_residual: ``md`` only: the generator starts at F̂_k = F_k, i.e. T_k = the exit's own
+            prediction (:class:`~kdtune.selfdistill.generator.TopDownLabelGenerator`); False: eq. 5 as
+            written, random T_k at the start.
 
     Raises:
         ValueError: unknown method, fewer than 2 stages, a stage that is not a 4-D map, or a
@@ -78,7 +82,7 @@ class SelfDistiller(nn.Module):
 
     def __init__(self, student: nn.Module, input_shape: Sequence[int], method: Method = "md",
                  stages: Sequence[str] | None = None, alpha: float = 0.5, tau: float = 1.0,
-                 generator_lr: float = 0.1) -> None:
+                 generator_lr: float = 0.001, generator_residual: bool = True) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown self-distillation method {method!r}; choose one of {list(METHODS)}")
@@ -100,7 +104,7 @@ class SelfDistiller(nn.Module):
         self.generator: TopDownLabelGenerator | None = None
         self.generator_optimizer: torch.optim.Optimizer | None = None
         if method == "md":
-            self.generator = TopDownLabelGenerator(channels)
+            self.generator = TopDownLabelGenerator(channels, residual=generator_residual)
             self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr)
         self._eval_cache: tuple[Tensor, Tensor, list[Tensor]] | None = None
         self._attach_hooks()
