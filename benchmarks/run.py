@@ -131,6 +131,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),
         ("resnet8 MD (exit heads give T_k)", "configs/fmnist/selfdistill.yaml",
          ["method=md", "selfdistill.generator_residual=false"]),
+        ("resnet8 MD, residual generator, L_val of the final output only", "configs/fmnist/selfdistill.yaml",
+         ["method=md", "selfdistill.meta_objective=final"]),
         ("resnet8 MD, residual generator (default)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),

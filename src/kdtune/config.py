@@ -395,6 +395,9 @@ class SelfDistillConfig:
     generator_residual: bool = True
     """``md``: the generator starts at F̂_k = F_k (T_k = the exit's own prediction) and learns a residual;
     false: eq. 5 as written (random T_k at the start). kdtune.selfdistill.generator says why."""
+    meta_objective: Literal["exits", "final"] = "exits"
+    """``md``: the meta step's L_val (eq. 6) is the validation CE of every output after the look-ahead
+    (``exits``) or of the final output only (``final``); SelfDistiller.meta_gradient says why."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")

@@ -255,12 +255,14 @@ def test_state_with_old_generator_heads_fails_with_a_message() -> None:
 # --------------------------------------------------------------------------- meta step (eq. 6-8)
 
 
-def test_meta_gradient_equals_finite_differences() -> None:
-    """∇θ_g CE(S_K(x_val; θ_s⁺(θ_g))) from the functional look-ahead equals central differences of
-    the same quantity computed by an independent route: a real SGD step on a copy of the model."""
+@pytest.mark.parametrize("objective", ["exits", "final"])
+def test_meta_gradient_equals_finite_differences(objective: str) -> None:
+    """∇θ_g L_val(θ_s⁺(θ_g)) from the functional look-ahead equals central differences of the same
+    quantity computed by an independent route: a real SGD step on a copy of the model. ``final``:
+    L_val = CE(y, S_K⁺), the model stepped; ``exits``: + Σ_k CE(y, S_k⁺), model and exits stepped."""
     torch.set_default_dtype(torch.float64)
     try:
-        sd = make("md")
+        sd = make("md", meta_objective=objective)
     finally:
         torch.set_default_dtype(torch.float32)
     x_a, y_a = batch(8, seed=1, dtype=torch.float64)
@@ -275,11 +277,15 @@ def test_meta_gradient_equals_finite_differences() -> None:
             for p, v in zip(m.generator.parameters(), gen_params, strict=True):
                 p.copy_(v)
         loss = m(x_a, y_a)["loss"]  # the training forward (generator without a graph)
-        params = list(m.student.parameters())
+        stepped = m.student if objective == "final" else m
+        params = [p for n, p in stepped.named_parameters() if not n.startswith("generator.")]
         with torch.no_grad():
             for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
                 p -= zeta * g  # θ_s⁺ = θ_s − ζ ∇θ_s L_S   (eq. 7)
-        return float(F.cross_entropy(m.student(x_b), y_b).detach())
+        if objective == "final":
+            return float(F.cross_entropy(m.student(x_b), y_b).detach())
+        out = m(x_b, y_b)
+        return float((out["task"] + out["exit1_ce"] + out["exit2_ce"]).detach())
 
     assert val_loss.item() == pytest.approx(val_ce_after_one_real_step(theta_g), rel=1e-10)
     flat = torch.cat([g.flatten() for g in grads])

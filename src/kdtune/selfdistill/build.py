@@ -42,7 +42,8 @@ def from_config(cfg: RunConfig, student: nn.Module, train: Images,
                           "teacher); remove them")
     distiller = SelfDistiller(student, input_shape, method=sc.method, stages=sc.stages, alpha=sc.alpha,
                               tau=sc.tau, generator_lr=sc.generator_lr,
-                              generator_residual=sc.generator_residual)
+                              generator_residual=sc.generator_residual,
+                              meta_objective=sc.meta_objective)
     callbacks: list[Callback] = []
     if sc.method == "md":
         d = cfg.data
