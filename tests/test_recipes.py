@@ -1,6 +1,9 @@
 """kdtune.recipes: a config runs the one recipe its sections ask for (plain distillation when none);
 asking for two, or for none with no default, is a one-line error naming the sections."""
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -106,3 +109,10 @@ def test_a_recipe_may_ask_for_a_setting_inside_an_optional_section(monkeypatch):
     assert select_recipe(config()).name == "distill"  # no autokd section: its spec is not set either
     assert select_recipe(config(**TEACHER, autokd=AUTOKD)).name == "distill"
     assert select_recipe(config(**TEACHER, autokd={**AUTOKD, "spec": "best.yaml"})).name == "spec_only"
+
+
+def test_the_searches_libraries_are_imported_only_by_a_search():
+    """optuna and sqlalchemy (~0.4 s) load when a weight search or Auto-KD runs, not for every run."""
+    code = "import sys, kdtune.recipe; print(sorted({'optuna', 'sqlalchemy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

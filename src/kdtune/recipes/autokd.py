@@ -8,12 +8,13 @@ from typing import Any
 
 from kdtune.config import RunConfig
 from kdtune.recipes.base import Recipe, register_recipe, select_recipe
-from kdtune.search.autokd import run_autokd, spec_config
 from kdtune.trainer import Callback
 
 
 def autokd(cfg: RunConfig, run_dir: Path, resume: bool,
            callbacks: tuple[Callback, ...]) -> tuple[Path, dict[str, Any]]:
+    from kdtune.search.autokd import run_autokd, spec_config  # optuna + sqlalchemy (~0.2 s): only for Auto-KD
+
     assert cfg.autokd is not None
     if cfg.autokd.spec is None:
         return run_autokd(cfg, run_dir, callbacks)
