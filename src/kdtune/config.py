@@ -153,6 +153,10 @@ class ModelConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """Teacher only: ``fp32`` (its forward exact up to float rounding) or ``bf16`` (faster, approximate;
     losses stay fp32). See ``kdtune.teacher``."""
+    output: int | str | None = None
+    """Where the logits are in the model's output when it is not one tensor: a key (str) of a dict
+    output (or an attribute, e.g. of a HF ``ModelOutput``) or an index (int) into a tuple / list
+    output; null: the output is the logits (``Distiller(teacher_output=..., student_output=...)``)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "must name a model, got an empty string")
@@ -195,6 +199,14 @@ class PathwayConfig:
     """Extra arguments of the transform."""
     distance_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of the distance."""
+    selector: int | str | None = None
+    """Picks the feature out of a module output that is not one tensor (e.g. a block returning
+    ``(hidden, attention)``): an index (int) into a tuple / list or a key (str) of a dict (or an
+    attribute); used on both sides. null: the module's output is the feature."""
+    teacher_selector: int | str | None = None
+    """The same for the teacher's module only (overrides ``selector``)."""
+    student_selector: int | str | None = None
+    """The same for the student's module only (overrides ``selector``)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.teacher), "teacher", "must name a teacher module path, got an empty string")
