@@ -27,7 +27,7 @@ from kdtune.distributed import init_distributed
 from kdtune.errors import RunDirError
 from kdtune.plugins import import_plugins
 from kdtune.recipes import prepare, select_recipe
-from kdtune.rundir import create_run_dir, run_lock
+from kdtune.rundir import create_run_dir, remove_if_unused, run_lock
 from kdtune.trainer import Callback
 
 # Re-exported: the builders lived here before kdtune.build, and users import them from here.
@@ -71,8 +71,13 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False,
             print(f"run directory: {path}", flush=True)
         path.mkdir(parents=True, exist_ok=True)  # a directory the caller chose (new_run_dir made its own)
     # One process trains in a directory at a time (ranks of one torchrun job share rank 0's lock).
-    with run_lock(path) if info.is_main else nullcontext():
-        return recipe.run(cfg, path, resume, callbacks)
+    try:
+        with run_lock(path) if info.is_main else nullcontext():
+            return recipe.run(cfg, path, resume, callbacks)
+    except BaseException:
+        if run_dir is None and info.is_main:
+            remove_if_unused(path)  # a run refused on bad input leaves no empty directory behind
+        raise
 
 
 def resume_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
