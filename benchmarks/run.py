@@ -46,6 +46,9 @@ DISTPRO_PROCESS = "benchmarks/data/distpro_process_fmnist5k_pooled.json"
 DISTPRO_PROCESS_FIG4 = "benchmarks/data/distpro_process_fmnist5k.json"
 #: The process of the search with issue 13's fixes (pre-activation taps, no dropping while searching, step decay).
 DISTPRO_PROCESS_FIXED = "benchmarks/data/distpro_process_fmnist5k_fixed.json"
+#: FMNIST-2k-x: the process of its own DistPro search and the spec of its Auto-KD search (table `fmnist2k_auto`).
+DISTPRO_PROCESS_2K = "benchmarks/data/distpro_process_fmnist2k.json"
+AUTOKD_SPEC_2K = "benchmarks/data/autokd_mcts_fmnist2k.yaml"
 POOL_FIRST = "distpro.transform_kwargs={conv3x3: {pool_first: true}, distpro: {pool_first: true}}"
 
 #: An override that makes a row a search only (no final training): its run ends with ``autokd.json``.
@@ -88,7 +91,25 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("mgda (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
-        ("MD (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
+        ("MD (no teacher), eq. 5 generator", "configs/fmnist2k/selfdistill.yaml",
+         ["method=md", "selfdistill.generator_residual=false"]),
+        ("MD (no teacher), residual generator (default)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
+    ]),
+    # The automated rows of issue 13 on FMNIST-2k-x that came after the `fmnist2k` table was run (its student
+    # alone / KD rows are that table's): self-distillation with the residual generator, Auto-KD's search with
+    # the KD incumbent then its final training, DistPro's fixed search then the replayed process.
+    "fmnist2k_auto": ("FMNIST-2k-x, WRN-40-2 -> MobileNetV2 (x0.5), 2,000 images, 15 epochs, lr 0.01: automated rows", [
+        ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
+        ("MD (no teacher), residual generator (default)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
+        # 16 of the config's 40 proxy trials: a trial costs ~4 min here (>= 150 steps of MobileNetV2), 40 ~2.6 h.
+        ("Auto-KD: MCTS search, 16 trials (KD incumbent) -> final", "configs/fmnist2k/autokd_search.yaml",
+         [f"autokd.export={AUTOKD_SPEC_2K}", "autokd.trials=16"]),
+        ("DistPro search (searching student, 80 % of the data)", "configs/fmnist2k/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_2K}", POOL_FIRST]),
+        ("DistPro process (retrain)", "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K}", "baseline=process"]),
+        ("DistPro pathways, equal weights", "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K}", "baseline=equal"]),
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
     # stage -> last stage, at its catalogue weight and calibrated; one seed. "student alone" is the floor.
@@ -109,7 +130,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),
-        ("resnet8 MD (exit heads give T_k)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
+        ("resnet8 MD (exit heads give T_k)", "configs/fmnist/selfdistill.yaml",
+         ["method=md", "selfdistill.generator_residual=false"]),
+        ("resnet8 MD, residual generator, L_val of the final output only", "configs/fmnist/selfdistill.yaml",
+         ["method=md", "selfdistill.meta_objective=final"]),
+        ("resnet8 MD, residual generator (default)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
@@ -219,6 +244,8 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
                     ("exit 2 acc %", "test_acc/exit2")],
     "auto5k": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2")],
     "fmnist2k": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2")],
+    "fmnist2k_auto": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2"),
+                      ("exit 3 acc %", "test_acc/exit3")],
     "selfdistill_lr": [("ensemble acc %", "test_acc/ensemble"), ("exit 1 acc %", "test_acc/exit1"),
                        ("exit 2 acc %", "test_acc/exit2")],
 }

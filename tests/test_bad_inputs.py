@@ -159,8 +159,9 @@ CASES: dict[str, Case] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, tmp_path, run_dir, capsys):
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, tmp_path, run_dir, capsys, monkeypatch):
     argv, expected = CASES[case](tmp_path, run_dir)
+    monkeypatch.chdir(tmp_path)  # configs without output_dir write to ./runs: keep it in the test's directory
     before = checksums(tmp_path)
     if case == "resume a run another process holds":
         with run_lock(run_dir):  # another open file description: flock refuses it as it would another process
@@ -177,6 +178,8 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, tmp_path, run_dir,
     after = checksums(tmp_path)
     assert {k: v for k, v in after.items() if k in before} == before  # no existing file changed or lost
     assert not (tmp_path / "PWNED").exists()  # no payload ran
+    left = [d for d in (tmp_path / "runs").glob("*") if not [f for f in d.iterdir() if f.name != ".lock"]]
+    assert not left, f"a refused run left an empty run directory: {left}"
 
 
 def test_the_nan_run_keeps_its_files_as_they_were_before_the_bad_step(tmp_path, capsys):

@@ -376,3 +376,21 @@ def test_teacher_precision_is_fp32_or_bf16() -> None:
     assert cfg.teacher.precision == "bf16"
     with pytest.raises(ConfigError, match=r"teacher\.precision.*fp32"):
         from_dict(RunConfig, {**base, "teacher": {"name": "resnet56", "precision": "fp16"}})
+
+
+def test_output_selectors_are_a_key_or_an_index() -> None:
+    pathway = {"teacher": "blocks.1", "student": "blocks.1"}
+    raw = {"student": {"name": "resnet8"}, "teacher": {"name": "resnet56"}, "distill": {"pathways": [pathway]}}
+    cfg = from_dict(RunConfig, apply_overrides(raw, ["teacher.output=logits", "student.output=1",
+                                                     "distill.pathways.0.selector=0",
+                                                     "distill.pathways.0.student_selector=hidden"]))
+    assert cfg.teacher is not None and cfg.teacher.output == "logits" and cfg.student.output == 1
+    p = cfg.distill.pathways[0]
+    assert (p.selector, p.teacher_selector, p.student_selector) == (0, None, "hidden")
+    assert from_dict(RunConfig, raw).student.output is None  # default: the output is the logits
+    with pytest.raises(ConfigError, match=r"^student\.output: expected int \| str \| null, got float 1\.5$"):
+        from_dict(RunConfig, apply_overrides(raw, ["student.output=1.5"]))
+    with pytest.raises(ConfigError, match=r"^distill\.pathways\.0\.selector: expected int \| str \| null, got bool"):
+        from_dict(RunConfig, apply_overrides(raw, ["distill.pathways.0.selector=true"]))
+    with pytest.raises(ConfigError, match=r"unknown key 'outputs' in 'teacher'.*Did you mean 'output'"):
+        from_dict(RunConfig, {**raw, "teacher": {"name": "resnet56", "outputs": "logits"}})

@@ -153,6 +153,10 @@ class ModelConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     """Teacher only: ``fp32`` (its forward exact up to float rounding) or ``bf16`` (faster, approximate;
     losses stay fp32). See ``kdtune.teacher``."""
+    output: int | str | None = None
+    """Where the logits are in the model's output when it is not one tensor: a key (str) of a dict
+    output (or an attribute, e.g. of a HF ``ModelOutput``) or an index (int) into a tuple / list
+    output; null: the output is the logits (``Distiller(teacher_output=..., student_output=...)``)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "name", "must name a model, got an empty string")
@@ -195,6 +199,14 @@ class PathwayConfig:
     """Extra arguments of the transform."""
     distance_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra arguments of the distance."""
+    selector: int | str | None = None
+    """Picks the feature out of a module output that is not one tensor (e.g. a block returning
+    ``(hidden, attention)``): an index (int) into a tuple / list or a key (str) of a dict (or an
+    attribute); used on both sides. null: the module's output is the feature."""
+    teacher_selector: int | str | None = None
+    """The same for the teacher's module only (overrides ``selector``)."""
+    student_selector: int | str | None = None
+    """The same for the student's module only (overrides ``selector``)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.teacher), "teacher", "must name a teacher module path, got an empty string")
@@ -376,8 +388,16 @@ class SelfDistillConfig:
     """Meta steps per meta epoch; null: one after every training step (Alg. 1)."""
     meta_batch_size: int | None = None
     """Batch size of the two meta batches; null: ``data.batch_size``."""
-    generator_lr: float = 0.1
-    """Initial Adam learning rate of the label generator (paper: 0.1); it follows the main schedule."""
+    generator_lr: float = 0.001
+    """Initial Adam learning rate of the label generator; it follows the main schedule. The paper's 0.1
+    (§4.1) moves every generator weight by up to 0.1 per Adam step: measured, its labels agreed with y on
+    ~10 % of images after the first meta epoch (kdtune.selfdistill.generator); 0.001 is Adam's own default."""
+    generator_residual: bool = True
+    """``md``: the generator starts at F̂_k = F_k (T_k = the exit's own prediction) and learns a residual;
+    false: eq. 5 as written (random T_k at the start). kdtune.selfdistill.generator says why."""
+    meta_objective: Literal["exits", "final"] = "exits"
+    """``md``: the meta step's L_val (eq. 6) is the validation CE of every output after the look-ahead
+    (``exits``) or of the final output only (``final``); SelfDistiller.meta_gradient says why."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")

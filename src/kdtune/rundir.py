@@ -47,6 +47,17 @@ def create_run_dir(base: str | os.PathLike[str]) -> Path:
     raise AssertionError("unreachable")
 
 
+def remove_if_unused(run_dir: str | os.PathLike[str]) -> bool:
+    """Remove ``run_dir`` if nothing but its lock file is in it (a run that failed before writing
+    anything); a directory holding any other file is kept. Returns whether it was removed."""
+    path = Path(run_dir)
+    if not path.is_dir() or any(p.name != LOCK_FILE for p in path.iterdir()):
+        return False
+    (path / LOCK_FILE).unlink(missing_ok=True)
+    path.rmdir()
+    return True
+
+
 @contextmanager
 def run_lock(run_dir: str | os.PathLike[str], wait: bool = False) -> Iterator[None]:
     """Hold the exclusive lock of ``run_dir`` for the ``with`` block.

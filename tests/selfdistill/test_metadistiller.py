@@ -71,7 +71,8 @@ def test_exits_found_on_a_user_model() -> None:
     assert len(sd.exits) == 2 and sd.teacher is None and sd.generator is None
     x, y = batch()
     out = sd(x, y)
-    assert set(out) == {"loss", "logits", "task", "exit1_ce", "exit1_kl", "exit2_ce", "exit2_kl"}
+    assert set(out) == {"loss", "logits", "task", "exit1_ce", "exit1_kl", "exit1_acc", "exit2_ce", "exit2_kl",
+                        "exit2_acc"}
     assert out["logits"].shape == (8, 10) and all(v.ndim == 0 for k, v in out.items() if k != "logits")
     out["loss"].backward()
     assert all(p.grad is not None for p in sd.student.parameters())
@@ -107,7 +108,11 @@ def test_zoo_models(name: str, stages: list[str], method: str) -> None:
     out = sd(x, y)
     out["loss"].backward()
     assert sorted(k for k in out if k.startswith("exit")) == (
-        ["exit1_ce", "exit2_ce"] if method == "dsn" else ["exit1_ce", "exit1_kl", "exit2_ce", "exit2_kl"])
+        ["exit1_acc", "exit1_ce", "exit2_acc", "exit2_ce"] if method == "dsn"
+        else ["exit1_acc", "exit1_ce", "exit1_kl", "exit2_acc", "exit2_ce", "exit2_kl"])
+    for k in (1, 2):  # the exit's accuracy on the batch, by an independent count
+        heads_out = sd.exits[k - 1](sd.features()[k - 1])
+        assert out[f"exit{k}_acc"].item() == pytest.approx((heads_out.argmax(1) == y).float().mean().item())
     assert all(p.grad is not None for p in sd.exits.parameters())
     sd.eval()
     logits = sd.eval_logits(x)
@@ -168,23 +173,44 @@ def test_trainer_steps_model_and_exits_but_not_the_generator(tiny_data: ImageDat
 # --------------------------------------------------------------------------- label generator (eq. 5)
 
 
-def test_generator_is_eq5() -> None:
+@pytest.mark.parametrize("residual", [False, True])
+def test_generator_is_eq5(residual: bool) -> None:
+    """eq. 5, and with ``residual`` F̂_k = F_k + eq. 5's map (checked with non-zero refine weights)."""
     torch.manual_seed(0)
-    gen = TopDownLabelGenerator([4, 6, 8])
+    gen = TopDownLabelGenerator([4, 6, 8], residual=residual)
+    for conv in gen.refine:  # the residual generator starts at zero: give it weights to check the formula
+        torch.nn.init.normal_(conv.weight, std=0.1)
+        torch.nn.init.normal_(conv.bias, std=0.1)
     feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4), torch.randn(2, 8, 2, 2)]
+    skip = [f if residual else 0.0 for f in feats]
     f3 = gen.lateral[2](feats[2])  # F̂_3 = conv1x1(F_3)
-    f2 = gen.refine[1](F.interpolate(f3, scale_factor=2, mode="bilinear") + gen.lateral[1](feats[1]))
-    f1 = gen.refine[0](F.interpolate(f2, scale_factor=2, mode="bilinear") + gen.lateral[0](feats[0]))
+    f2 = skip[1] + gen.refine[1](F.interpolate(f3, scale_factor=2, mode="bilinear") + gen.lateral[1](feats[1]))
+    f1 = skip[0] + gen.refine[0](F.interpolate(f2, scale_factor=2, mode="bilinear") + gen.lateral[0](feats[0]))
     assert f2.shape == feats[1].shape and f1.shape == feats[0].shape  # F̂_k has F_k's shape
     fused1, fused2 = gen(feats)
     torch.testing.assert_close(fused1, f1)
     torch.testing.assert_close(fused2, f2)
 
 
+def test_residual_generator_starts_at_the_exits_own_predictions() -> None:
+    """generator_residual (default): F̂_k = F_k at initialisation, so T_k = exit_head_k(F_k) — with the
+    heads in the same mode (batch statistics while training); eq. 5 as written starts elsewhere."""
+    x, _ = batch()
+    for residual in (True, False):
+        sd = make("md", generator_residual=residual)
+        logits = sd.student(x)
+        feats = sd.features()
+        targets = sd.soft_target_logits(feats, logits)
+        with torch.no_grad():
+            own = [head(f) for head, f in zip(sd.exits, feats[:-1], strict=True)]
+        same = all(torch.allclose(t, o, atol=1e-6) for t, o in zip(targets, own, strict=True))
+        assert same == residual
+
+
 def test_targets_are_the_exit_heads_as_constant_functions() -> None:
     """T_k = exit_head_k(F̂_k) (§3.3); the T_k path trains only θ_g: the heads get no gradient and
     their BatchNorm running statistics stay bit-identical."""
-    sd = make("md")
+    sd = make("md", generator_residual=False)  # zero-initialised refine convs would block the laterals' gradient
     x, y = batch()
     logits = sd.student(x)
     feats = sd.features()
@@ -234,12 +260,14 @@ def test_state_with_old_generator_heads_fails_with_a_message() -> None:
 # --------------------------------------------------------------------------- meta step (eq. 6-8)
 
 
-def test_meta_gradient_equals_finite_differences() -> None:
-    """∇θ_g CE(S_K(x_val; θ_s⁺(θ_g))) from the functional look-ahead equals central differences of
-    the same quantity computed by an independent route: a real SGD step on a copy of the model."""
+@pytest.mark.parametrize("objective", ["exits", "final"])
+def test_meta_gradient_equals_finite_differences(objective: str) -> None:
+    """∇θ_g L_val(θ_s⁺(θ_g)) from the functional look-ahead equals central differences of the same
+    quantity computed by an independent route: a real SGD step on a copy of the model. ``final``:
+    L_val = CE(y, S_K⁺), the model stepped; ``exits``: + Σ_k CE(y, S_k⁺), model and exits stepped."""
     torch.set_default_dtype(torch.float64)
     try:
-        sd = make("md")
+        sd = make("md", meta_objective=objective)
     finally:
         torch.set_default_dtype(torch.float32)
     x_a, y_a = batch(8, seed=1, dtype=torch.float64)
@@ -254,11 +282,15 @@ def test_meta_gradient_equals_finite_differences() -> None:
             for p, v in zip(m.generator.parameters(), gen_params, strict=True):
                 p.copy_(v)
         loss = m(x_a, y_a)["loss"]  # the training forward (generator without a graph)
-        params = list(m.student.parameters())
+        stepped = m.student if objective == "final" else m
+        params = [p for n, p in stepped.named_parameters() if not n.startswith("generator.")]
         with torch.no_grad():
             for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
                 p -= zeta * g  # θ_s⁺ = θ_s − ζ ∇θ_s L_S   (eq. 7)
-        return float(F.cross_entropy(m.student(x_b), y_b).detach())
+        if objective == "final":
+            return float(F.cross_entropy(m.student(x_b), y_b).detach())
+        out = m(x_b, y_b)
+        return float((out["task"] + out["exit1_ce"] + out["exit2_ce"]).detach())
 
     assert val_loss.item() == pytest.approx(val_ce_after_one_real_step(theta_g), rel=1e-10)
     flat = torch.cat([g.flatten() for g in grads])

@@ -44,6 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor, nn
 
 from kdtune import jsonutil
+from kdtune.build import build_distiller, build_model, calibrate_run, load_splits, seed_everything
 from kdtune.capture import FeatureCapture, find_stage_outputs
 from kdtune.config import ModelConfig, RunConfig
 from kdtune.data import BatchLoader, DatasetLoader, dataset_augment, make_loader
@@ -283,8 +284,6 @@ def spec_config(cfg: RunConfig, spec: DistillerSpec | None = None, plan: Distill
 
 def _probe_models(cfg: RunConfig, teachers: Sequence[ModelConfig]) -> tuple[nn.Module, list[nn.Module], Tensor]:
     """The seeded initial student (as the run builds it), the teachers, and the first training batch."""
-    from kdtune.recipe import build_model, load_splits, seed_everything
-
     seed_everything(cfg.seed)
     splits = load_splits(cfg)
     student = build_model(cfg.student, splits.train.in_channels, splits.train.num_classes)
@@ -308,8 +307,6 @@ class TrialContext:
     """What every trial of one search shares: data, proxy loaders and budget, teacher cache, mu."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path) -> None:
-        from kdtune.recipe import build_distiller, load_splits
-
         ak = _autokd(cfg)
         if cfg.data.val_fraction <= 0:
             raise ValueError("Auto-KD scores trials on a validation split carved from the training data: set "
@@ -356,8 +353,6 @@ class TrialContext:
     def trainer(self, trial_cfg: RunConfig, run_dir: Path | None, full: bool = False) -> Trainer:
         """A trainer of ``trial_cfg`` under the proxies (``full=True``: all the training split, the full
         epochs, no cache, dense student -- the fidelity check's reference)."""
-        from kdtune.recipe import build_distiller, calibrate_run, seed_everything
-
         ak = _autokd(self.cfg)
         trial_cfg = copy.deepcopy(trial_cfg)
         trial_cfg.train.epochs = self.cfg.train.epochs if full else self.epochs

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from kdtune.build import build_model, build_pathways
 from kdtune.capture import find_stage_outputs
 from kdtune.data import BatchLoader, DatasetLoader, make_loader
 from kdtune.distiller import Distiller, LogitLoss, TeacherOutput
@@ -683,10 +684,8 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
       pathways; the configured logit losses, else the catalogue's ``kd``), for a KD row in the same table.
 
     Args:
-        cfg: a :class:`~kdtune.config.RunConfig`; splits: its :class:`~kdtune.recipe.Splits`.
+        cfg: a :class:`~kdtune.config.RunConfig`; splits: its :class:`~kdtune.build.Splits`.
     """
-    from kdtune.recipe import build_model
-
     if cfg.teacher is None:
         raise ValueError("DistPro needs a teacher: set teacher: {name: ..., checkpoint: ...}")
     n_in, n_cls = splits.train.in_channels, splits.train.num_classes
@@ -718,6 +717,7 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
                   "alpha_betas": dp.alpha_betas, "alpha_weight_decay": dp.alpha_weight_decay}
         distiller = Distiller(student, teacher, pathways, logit_losses, weighting="distpro", weighting_kwargs=kwargs,
                               task_weight=dc.task_weight, input_shape=input_shape,
+                              teacher_output=cfg.teacher.output, student_output=cfg.student.output,
                               teacher_precision=cfg.teacher.precision)
         val = make_loader(splits.val, cfg.data.batch_size, shuffle=True, seed=cfg.seed + 1, workers=cfg.data.workers)
         meta = {"teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint, "student": cfg.student.name,
@@ -731,17 +731,15 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
             raise ValueError("baseline kd trains plain KD on the logits: remove distill.pathways")
         losses = logit_losses or [LogitLoss("kd")]  # the configured logit losses, else Hinton KD (tau 4)
         return Distiller(student, teacher, [], losses, weighting="fixed", task_weight=dc.task_weight,
-                         input_shape=input_shape), []
+                         input_shape=input_shape, teacher_output=cfg.teacher.output,
+                         student_output=cfg.student.output), []
     file = kwargs.pop("file", None)
     if file is None:
         raise ValueError("weighting 'process' needs the process file of a DistPro search: "
                          "distill.weighting.kwargs.file, or `kdtune run <config> process=<run>/process.json`")
     process = Process.load(file)
     if dc.pathways:
-        pathways = [Pathway(teacher=p.teacher, student=p.student, method=p.method, transform=p.transform,
-                            distance=p.distance, weight=p.weight, name=p.name,
-                            transform_kwargs=dict(p.transform_kwargs), distance_kwargs=dict(p.distance_kwargs))
-                    for p in dc.pathways]
+        pathways = build_pathways(dc.pathways)
     else:
         pathways = pathways_from_process(process, teacher, student, input_shape)
     replayed = logit_losses_from_process(process)
@@ -753,5 +751,6 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
     distiller = Distiller(student, teacher, pathways, logit_losses, weighting="process",
                           weighting_kwargs={**kwargs, "file": str(file), "process": process},
                           task_weight=dc.task_weight, input_shape=input_shape,
+                          teacher_output=cfg.teacher.output, student_output=cfg.student.output,
                           teacher_precision=cfg.teacher.precision)
     return distiller, []  # the Trainer stretches the process (set_total_steps)

@@ -13,8 +13,9 @@ student's classifier (:func:`logits_module`) and ``<member_j>`` (distances ``log
 ``logit_dist``). Capture, the offline teacher cache and the trainer need no change.
 
 A config names the ensemble as a model, ``ModelConfig(name="teacher_ensemble", kwargs={"members":
-{name: model config}})`` (:func:`ensemble_config`); ``recipe.build_model`` builds it member by member,
-so a saved ``config.yaml`` trains and resumes like any run.
+{name: model config}})`` (:func:`ensemble_config`); :func:`kdtune.build.build_model` builds it member by
+member (the module itself is :class:`kdtune.ensemble.TeacherEnsemble`), so a saved ``config.yaml``
+trains and resumes like any run.
 
 Limitation: the ensemble's own output (what the trainer's teacher-agreement metrics and a plain
 ``logit_losses`` entry see) is the mean of the members' logits; per-teacher logit terms must be
@@ -23,42 +24,16 @@ pathways, because a logit loss only receives that one output.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdtune.config import ModelConfig, from_dict, to_dict
+from kdtune.config import ModelConfig, to_dict
+from kdtune.ensemble import ENSEMBLE, TeacherEnsemble
 
-#: Model name of a teacher ensemble in a config (built by ``recipe.build_model``).
-ENSEMBLE = "teacher_ensemble"
-
-
-class TeacherEnsemble(nn.Module):
-    """Teachers side by side, each a submodule named after it.
-
-    Args:
-        members: member name -> model mapping (N, C, H, W) to logits (N, K); names must be valid
-            module names (no ".").
-
-    ``forward(x)`` returns the mean of the members' logits (N, K); each member's own logits are
-    captured at the path ``<name>``.
-    """
-
-    def __init__(self, members: Mapping[str, nn.Module]) -> None:
-        super().__init__()
-        if len(members) < 2:
-            raise ValueError(f"a teacher ensemble needs at least 2 members, got {list(members)}")
-        for name, model in members.items():
-            self.add_module(name, model)
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.named_children()]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.stack([member(x) for member in self.children()]).mean(dim=0)
+__all__ = ["ENSEMBLE", "TeacherEnsemble", "ensemble_config", "logits_module", "member_names"]
 
 
 def member_names(teachers: Sequence[ModelConfig]) -> list[str]:
@@ -77,18 +52,6 @@ def ensemble_config(teachers: Sequence[ModelConfig]) -> ModelConfig:
     """The config of a :class:`TeacherEnsemble` of ``teachers`` (named by :func:`member_names`)."""
     members = {name: to_dict(mc) for name, mc in zip(member_names(teachers), teachers, strict=True)}
     return ModelConfig(name=ENSEMBLE, kwargs={"members": members})
-
-
-def build_ensemble(mc: ModelConfig, in_channels: int, num_classes: int) -> TeacherEnsemble:
-    """Build a :class:`TeacherEnsemble` from its config, each member with its own weights."""
-    from kdtune.recipe import build_model  # recipe builds ensembles through this module
-
-    members: Any = mc.kwargs.get("members")
-    if not isinstance(members, Mapping) or set(mc.kwargs) != {"members"}:
-        raise ValueError(f"model {ENSEMBLE!r} takes kwargs {{members: {{name: model config}}}}, got {mc.kwargs}")
-    return TeacherEnsemble({name: build_model(from_dict(ModelConfig, cfg, f"teacher.kwargs.members.{name}"),
-                                              in_channels, num_classes)
-                            for name, cfg in members.items()})
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from kdtune import jsonutil
+from kdtune.build import make_trainer
 from kdtune.config import RunConfig, SearchConfig, StudyConfig, WeightingConfig, save_config
 from kdtune.errors import KdtuneError
 from kdtune.pathways import Pathway
@@ -314,8 +315,6 @@ def train_config(cfg: RunConfig, trial_cfg: RunConfig, run_dir: Path) -> dict[st
         The trial's summary, with ``val_acc`` / ``val_agreement_error`` (the trainer's test_* keys
         are validation metrics here) and ``eval_split: "val"``.
     """
-    from kdtune.recipe import prepare
-
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -325,7 +324,7 @@ def train_config(cfg: RunConfig, trial_cfg: RunConfig, run_dir: Path) -> dict[st
     trial_cfg.name = f"{cfg.name}-trial"
     if cfg.search is not None and cfg.search.trial_epochs is not None:
         trial_cfg.train.epochs = cfg.search.trial_epochs
-    trainer = prepare(trial_cfg, run_dir, eval_split="val")
+    trainer = make_trainer(trial_cfg, run_dir, eval_split="val")
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -431,10 +430,8 @@ def retrain_best(final_cfg: RunConfig, run_dir: Path, callbacks: tuple[Callback,
                  search_summary: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """Train a search's winning config on all the training data (no validation split) in the
     search's run directory, resuming if it was interrupted; the summary keeps the search's under ``key``."""
-    from kdtune.recipe import prepare  # recipe imports this module: import at call time
-
     final_cfg.data.val_fraction = 0.0  # retrain on all the training data, evaluate on test
-    trainer = prepare(final_cfg, run_dir, callbacks)
+    trainer = make_trainer(final_cfg, run_dir, callbacks=callbacks)
     save_config(final_cfg, run_dir / "best_config.yaml")  # after prepare: with calibrated weights, if measured
     summary = trainer.fit(resume=(run_dir / "checkpoints" / "last.pt").exists())
     summary[key] = search_summary

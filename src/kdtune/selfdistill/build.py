@@ -34,11 +34,16 @@ def from_config(cfg: RunConfig, student: nn.Module, train: Images,
     if cfg.teacher is not None:
         raise ConfigError(f"selfdistill (method {sc.method!r}) is teacher-free: set `teacher: null` "
                           f"(the config names teacher {cfg.teacher.name!r})")
+    if cfg.student.output is not None:
+        raise ConfigError(f"selfdistill reads the student's logits tensor itself: student.output "
+                          f"({cfg.student.output!r}) is not supported; make the student return its logits")
     if cfg.distill.logit_losses or cfg.distill.pathways:
         raise ConfigError("selfdistill does not combine with distill.logit_losses / distill.pathways (they need a "
                           "teacher); remove them")
     distiller = SelfDistiller(student, input_shape, method=sc.method, stages=sc.stages, alpha=sc.alpha,
-                              tau=sc.tau, generator_lr=sc.generator_lr)
+                              tau=sc.tau, generator_lr=sc.generator_lr,
+                              generator_residual=sc.generator_residual,
+                              meta_objective=sc.meta_objective)
     callbacks: list[Callback] = []
     if sc.method == "md":
         d = cfg.data

@@ -18,7 +18,8 @@ all ranks take the same generator step (the model's parameters are identical on 
 BatchNorm uses batch statistics).
 
 Written per meta epoch to ``<run>/meta.jsonl``: ``{"epoch", "meta_steps", "meta_val_ce",
-"meta_val_ce_first", "meta_val_ce_last"}`` (L_val of the look-ahead model before each step).
+"meta_val_ce_first", "meta_val_ce_last"}`` (L_val of the look-ahead model before each step: the summed
+CE of the final output and the exits, or of the final output alone, as ``meta_objective`` says).
 """
 
 from __future__ import annotations

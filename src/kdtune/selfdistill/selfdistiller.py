@@ -48,6 +48,9 @@ __all__ = ["METHODS", "SelfDistiller"]
 Method = Literal["dsn", "sd", "md"]
 #: The variants of Table 4: hard labels only, final output as teacher, meta-learned generator.
 METHODS: tuple[str, ...] = ("dsn", "sd", "md")
+#: What MetaDistiller's meta step minimises after the look-ahead (:meth:`SelfDistiller.meta_gradient`).
+MetaObjective = Literal["exits", "final"]
+META_OBJECTIVES: tuple[str, ...] = ("exits", "final")
 
 
 class SelfDistiller(nn.Module):
@@ -68,8 +71,14 @@ class SelfDistiller(nn.Module):
             ``["layer1", "layer2", "layer3"]``): exits go on all but the last.
         alpha: a of eq. 4, the weight of the hard-label term of an exit (0.5 in the paper).
         tau: τ of eq. 2 and 4 (1 in the paper).
-        generator_lr: initial Adam learning rate of the label generator (0.1 in the paper, §4.1); ``md``
+        generator_lr: initial Adam learning rate of the label generator (0.1 in the paper, §4.1; 0.001
+            here, Adam's default: see :class:`~kdtune.config.SelfDistillConfig`); ``md``
             only. :class:`~kdtune.selfdistill.meta.MetaStep` scales it with the main schedule.
+        generator_residual: ``md`` only: the generator starts at F̂_k = F_k, i.e. T_k = the exit's own
+            prediction (:class:`~kdtune.selfdistill.generator.TopDownLabelGenerator`); False: eq. 5 as
+            written, random T_k at the start.
+        meta_objective: ``md`` only: L_val of eq. 6 over every output after the look-ahead
+            (``exits``) or the final output alone (``final``); see :meth:`meta_gradient`.
 
     Raises:
         ValueError: unknown method, fewer than 2 stages, a stage that is not a 4-D map, or a
@@ -78,7 +87,8 @@ class SelfDistiller(nn.Module):
 
     def __init__(self, student: nn.Module, input_shape: Sequence[int], method: Method = "md",
                  stages: Sequence[str] | None = None, alpha: float = 0.5, tau: float = 1.0,
-                 generator_lr: float = 0.1) -> None:
+                 generator_lr: float = 0.001, generator_residual: bool = True,
+                 meta_objective: MetaObjective = "exits") -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown self-distillation method {method!r}; choose one of {list(METHODS)}")
@@ -86,11 +96,14 @@ class SelfDistiller(nn.Module):
             raise ValueError(f"alpha (a of eq. 4) must be in [0, 1], got {alpha}")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
+        if meta_objective not in META_OBJECTIVES:
+            raise ValueError(f"unknown meta_objective {meta_objective!r}; choose one of {list(META_OBJECTIVES)}")
         if generator_lr <= 0:
             raise ValueError(f"generator_lr must be > 0, got {generator_lr}")
         self.student = student
         self.teacher = None  # teacher-free; the Trainer checks this attribute
         self.method, self.alpha, self.tau, self.generator_lr = method, float(alpha), float(tau), float(generator_lr)
+        self.meta_objective = meta_objective
 
         example = torch.zeros(2, *input_shape)
         self.stages = list(stages) if stages else find_stage_outputs(student, example)
@@ -100,7 +113,7 @@ class SelfDistiller(nn.Module):
         self.generator: TopDownLabelGenerator | None = None
         self.generator_optimizer: torch.optim.Optimizer | None = None
         if method == "md":
-            self.generator = TopDownLabelGenerator(channels)
+            self.generator = TopDownLabelGenerator(channels, residual=generator_residual)
             self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr)
         self._eval_cache: tuple[Tensor, Tensor, list[Tensor]] | None = None
         self._attach_hooks()
@@ -200,7 +213,8 @@ class SelfDistiller(nn.Module):
 
         Returns:
             ``loss`` (L_S, eq. 3), ``logits`` (N, K) = S_K, ``task`` = CE(y, S_K), and per exit k:
-            ``exit<k>_ce`` = CE(y, S_k) and, for sd/md, ``exit<k>_kl`` = τ² KL(T_k ‖ S_k); for md also
+            ``exit<k>_ce`` = CE(y, S_k), ``exit<k>_acc`` (fraction of argmax S_k == y) and, for sd/md,
+            ``exit<k>_kl`` = τ² KL(T_k ‖ S_k); for md also
             ``gen/exit<k>_label_agree`` (fraction of argmax T_k == y) and ``gen/exit<k>_max_prob`` (mean
             max_c T_k), logged per epoch, so a generator that collapses onto one class is visible.
         """
@@ -214,6 +228,8 @@ class SelfDistiller(nn.Module):
             s_k = head(f)
             ce = F.cross_entropy(s_k, y)
             out[f"exit{k}_ce"] = ce
+            with torch.no_grad():  # beside gen/exit<k>_label_agree: are the targets better than the exit?
+                out[f"exit{k}_acc"] = (s_k.argmax(1) == y).float().mean()
             if targets is None:
                 loss = loss + ce  # DSN: eq. 4 with a = 1
                 continue
@@ -272,10 +288,18 @@ class SelfDistiller(nn.Module):
         """∇θ_g L_val(θ_s⁺(θ_g)) by a functional one-step look-ahead (eq. 7–8; Alg. 1, lines 12–17).
 
         ``θ_s⁺ = θ_s − ζ ∇θ_s L_S(x_train, y_train; θ_s, T(θ_g))`` (eq. 7) is computed with the graph
-        kept (``create_graph``), then ``L_val = CE(y_val, S_K(x_val; θ_s⁺))`` and its gradient in θ_g
-        (eq. 8), which flows through the second-order term ``−ζ ∂²L_S / ∂θ_g ∂θ_s``. θ_s is the
-        model's parameters; the exits enter L_S with their current values but are not stepped,
-        since S_K does not depend on them.
+        kept (``create_graph``), then L_val on the validation batch and its gradient in θ_g (eq. 8),
+        which flows through the second-order term ``−ζ ∂²L_S / ∂θ_g ∂θ_s``. L_val is "the standard
+        cross entropy" (eq. 6) of the model's outputs, read two ways (``meta_objective``):
+
+        - ``exits`` (default): θ_s is the model *and its exits* (every output of eq. 3), and
+          L_val = CE(y, S_K⁺) + Σ_k CE(y, S_k⁺), the hard-label loss of every output after the step;
+        - ``final``: θ_s is the model, L_val = CE(y, S_K⁺) (the exits do not reach S_K).
+
+        With ``final`` nothing asks T_k to help exit k: measured on FMNIST-5k (benchmarks/RESULTS.md,
+        issue 13) the generator learned targets that agree with y on 2 % of images (below chance) and
+        exit 1 ended 16 points below DSN's, while the final output gained; ``exits`` keeps the paper's
+        point that the soft targets "facilitate the self-boosting" of the intermediate outputs.
 
         The look-ahead runs on stand-ins (``torch.func.functional_call``): parameter leaves that
         share the real values, and *copies* of every BatchNorm buffer, so the real model's
@@ -292,16 +316,24 @@ class SelfDistiller(nn.Module):
         """
         if self.generator is None:
             raise RuntimeError(f"method {self.method!r} has no label generator; the meta step is for method 'md'")
-        theta = {n: p.detach().requires_grad_(True) for n, p in self.student.named_parameters() if p.requires_grad}
+        stepped = self.student if self.meta_objective == "final" else self
+        prefix = "student." if self.meta_objective == "final" else ""
+        theta = {prefix + n: p.detach().requires_grad_(True) for n, p in stepped.named_parameters()
+                 if p.requires_grad and not n.startswith("generator.")}
         buffers = {n: b.clone() for n, b in self.named_buffers()}  # running stats move on copies
-        params = {f"student.{n}": t for n, t in theta.items()}
-        out = functional_call(self, {**params, **buffers}, (x_train, y_train), {"generator_grad": True})
+        out = functional_call(self, {**theta, **buffers}, (x_train, y_train), {"generator_grad": True})
         grads = torch.autograd.grad(out["loss"], list(theta.values()), create_graph=True, allow_unused=True)
         theta_plus = {n: t if g is None else t - lr * g  # eq. 7
                       for (n, t), g in zip(theta.items(), grads, strict=True)}
-        student_buffers = {n: b.clone() for n, b in self.student.named_buffers()}
-        val_logits = functional_call(self.student, {**theta_plus, **student_buffers}, (x_val,))
-        val_loss = F.cross_entropy(val_logits, y_val)  # L_val, the standard CE (eq. 6)
+        fresh = {n: b.clone() for n, b in self.named_buffers()}
+        if self.meta_objective == "final":
+            student_plus = {n.removeprefix(prefix): t for n, t in theta_plus.items()}
+            student_buffers = {n.removeprefix(prefix): b for n, b in fresh.items() if n.startswith(prefix)}
+            val_loss = F.cross_entropy(functional_call(self.student, {**student_plus, **student_buffers}, (x_val,)),
+                                       y_val)  # L_val = CE(y, S_K⁺)
+        else:
+            val = functional_call(self, {**theta_plus, **fresh}, (x_val, y_val))
+            val_loss = val["task"] + sum(val[f"exit{k}_ce"] for k in range(1, len(self.exits) + 1))
         meta_grads = torch.autograd.grad(val_loss, list(self.generator.parameters()))  # eq. 8
         self._eval_cache = None
         return val_loss.detach(), list(meta_grads)

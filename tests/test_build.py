@@ -1,0 +1,109 @@
+"""kdtune.build from a run config: models whose outputs are dicts and tuples, read through
+``teacher.output`` / ``student.output`` and ``distill.pathways[i].selector`` (real Fashion-MNIST,
+a few images, 1 epoch)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from helpers import TinyNet
+from kdtune.cli import main
+from kdtune.config import ConfigError, RunConfig, from_dict
+from kdtune.losses import kd
+from kdtune.models import MODELS, register_model
+from kdtune.recipe import prepare
+
+
+class PairStage(nn.Module):
+    """A block returning (feature map (N, C, H, W), pooled (N, C)), as transformer blocks return tuples."""
+
+    def __init__(self, blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x):
+        h = self.blocks(x)
+        return h, h.mean((2, 3))
+
+
+class DictNet(nn.Module):
+    """A user's model returning ``{"pooled": (N, C), "logits": (N, K)}``; its ``stage`` returns a tuple."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 4) -> None:
+        super().__init__()
+        self.net = TinyNet(width, in_channels, num_classes)
+        self.stage = PairStage(self.net.blocks)
+
+    def forward(self, x):
+        _, pooled = self.stage(x)
+        return {"pooled": pooled, "logits": self.net.head(pooled)}
+
+
+@pytest.fixture
+def dict_net():
+    register_model("dict_net")(DictNet)
+    yield
+    MODELS._items.pop("dict_net", None)
+
+
+def run_config(tmp_path, student_output="logits", selector=0):
+    return {"seed": 0, "output_dir": str(tmp_path / "runs"),
+            "data": {"dataset": "fashion_mnist", "train_per_class": 2, "test_limit": 20, "batch_size": 10},
+            "student": {"name": "dict_net", "output": student_output},
+            "teacher": {"name": "dict_net", "kwargs": {"width": 8}, "output": "logits"},
+            "distill": {"logit_losses": [{"name": "kd"}],
+                        "pathways": [{"teacher": "stage", "student": "stage", "selector": selector,
+                                      "transform": "conv1x1", "distance": "mse", "name": "map"}]},
+            "train": {"epochs": 1, "progress": False}}
+
+
+def test_a_run_of_dict_output_models_trains_on_the_selected_logits_and_feature(tmp_path, dict_net):
+    path = tmp_path / "dict.yaml"
+    path.write_text(yaml.safe_dump(run_config(tmp_path)))
+    assert main(["run", str(path)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["epoch"] == 1 and row["train_kd"] > 0 and row["train_map"] > 0
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["distill"]["pathways"][0]["selector"] == 0
+
+
+def test_the_config_selectors_pick_what_an_independent_forward_gives(tmp_path, dict_net):
+    distiller = prepare(from_dict(RunConfig, run_config(tmp_path)), None).distiller
+    student, teacher = distiller.student, distiller.teacher
+    x, y = torch.randn(4, 1, 28, 28), torch.arange(4)
+    out = distiller(x, y)
+    with torch.no_grad():
+        s_logits, t_logits = student(x)["logits"], teacher(x)["logits"]
+        s_map, t_map = student.stage(x)[0], teacher.stage(x)[0]
+        expected_map = F.mse_loss(*distiller.pathways[0].transform(s_map, t_map))
+    torch.testing.assert_close(out["kd"], kd(s_logits, t_logits, y, tau=4.0))
+    torch.testing.assert_close(out["map"], expected_map)
+    torch.testing.assert_close(out["task"], F.cross_entropy(s_logits, y))
+
+
+def test_a_wrong_output_key_is_one_line_exit_2_naming_the_outputs_keys(tmp_path, dict_net, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(run_config(tmp_path, student_output="logit")))
+    assert main(["run", str(path)]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith("kdtune run: error: student DictNet: key 'logit' not in")
+    assert "dict{'pooled': Tensor(2, 8), 'logits': Tensor(2, 10)}" in line and "Did you mean: logits" in line
+    assert line.endswith("(in the run config: student.output)")
+
+
+def test_a_wrong_pathway_index_names_the_modules_output_and_the_config_key(tmp_path, dict_net):
+    with pytest.raises(ValueError, match=r"student DictNet, module 'stage': selector index 2 out of range for "
+                                         r"output of 'stage' .*tuple\[Tensor\(2, 8, 14, 14\), Tensor\(2, 8\)\].*"
+                                         r"\(in the run config: distill.pathways.<i>.selector"):
+        prepare(from_dict(RunConfig, run_config(tmp_path, selector=2)), None)
+
+
+def test_self_distillation_refuses_an_output_selector(dict_net):
+    cfg = from_dict(RunConfig, {"data": {"train_per_class": 2, "test_limit": 20},
+                                "student": {"name": "dict_net", "output": "logits"}, "selfdistill": {"method": "dsn"}})
+    with pytest.raises(ConfigError, match=r"student.output \('logits'\) is not supported"):
+        prepare(cfg, None)
