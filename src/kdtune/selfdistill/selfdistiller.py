@@ -287,9 +287,9 @@ class SelfDistiller(nn.Module):
                       lr: float) -> tuple[Tensor, list[Tensor]]:
         """∇θ_g L_val(θ_s⁺(θ_g)) by a functional one-step look-ahead (eq. 7–8; Alg. 1, lines 12–17).
 
-        ``θ_s⁺ = θ_s − ζ ∇θ_s L_S(x_train, y_train; θ_s, T(θ_g))`` (eq. 7) is computed with the graph
-        kept (``create_graph``), then L_val on the validation batch and its gradient in θ_g (eq. 8),
-        which flows through the second-order term ``−ζ ∂²L_S / ∂θ_g ∂θ_s``. L_val is "the standard
+        ``θ_s⁺ = θ_s − ζ ∇θ_s L_S(x_train, y_train; θ_s, T(θ_g))`` (eq. 7), then L_val on the
+        validation batch and its gradient in θ_g (eq. 8), which flows through the second-order term
+        ``−ζ ∂²L_S / ∂θ_g ∂θ_s``. L_val is "the standard
         cross entropy" (eq. 6) of the model's outputs, read two ways (``meta_objective``):
 
         - ``exits`` (default): θ_s is the model *and its exits* (every output of eq. 3), and
@@ -300,6 +300,13 @@ class SelfDistiller(nn.Module):
         issue 13) the generator learned targets that agree with y on 2 % of images (below chance) and
         exit 1 ended 16 points below DSN's, while the final output gained; ``exits`` keeps the paper's
         point that the soft targets "facilitate the self-boosting" of the intermediate outputs.
+
+        The second-order term is computed without differentiating through the backward pass (whose
+        BatchNorm double backward made the meta step ~9 plain steps): with v = ∇θ⁺ L_val, eq. 8 is
+        ``−ζ ∇θ_g ⟨∇θ_s L_S, v⟩``, and θ_g enters L_S only through the soft targets T_k of the exit
+        logits S_k (the generator reads detached features), so
+        ``⟨∇θ_s L_S, v⟩ = Σ_k ⟨∂L_S/∂S_k, J_k v⟩`` + terms free of θ_g, with J_k v the change of S_k
+        along v — one forward-mode pass (``torch.func.jvp``). The same gradient, up to float rounding.
 
         The look-ahead runs on stand-ins (``torch.func.functional_call``): parameter leaves that
         share the real values, and *copies* of every BatchNorm buffer, so the real model's
@@ -321,22 +328,47 @@ class SelfDistiller(nn.Module):
         theta = {prefix + n: p.detach().requires_grad_(True) for n, p in stepped.named_parameters()
                  if p.requires_grad and not n.startswith("generator.")}
         buffers = {n: b.clone() for n, b in self.named_buffers()}  # running stats move on copies
-        out = functional_call(self, {**theta, **buffers}, (x_train, y_train), {"generator_grad": True})
-        grads = torch.autograd.grad(out["loss"], list(theta.values()), create_graph=True, allow_unused=True)
-        theta_plus = {n: t if g is None else t - lr * g  # eq. 7
+        out = functional_call(self, {**theta, **buffers}, (x_train, y_train))
+        features = [f.detach() for f in self.features()]  # F_k at θ_s: what the generator reads
+        grads = torch.autograd.grad(out["loss"], list(theta.values()), allow_unused=True)
+        theta_plus = {n: (t if g is None else t - lr * g).detach().requires_grad_(True)  # eq. 7
                       for (n, t), g in zip(theta.items(), grads, strict=True)}
-        fresh = {n: b.clone() for n, b in self.named_buffers()}
-        if self.meta_objective == "final":
-            student_plus = {n.removeprefix(prefix): t for n, t in theta_plus.items()}
-            student_buffers = {n.removeprefix(prefix): b for n, b in fresh.items() if n.startswith(prefix)}
-            val_loss = F.cross_entropy(functional_call(self.student, {**student_plus, **student_buffers}, (x_val,)),
-                                       y_val)  # L_val = CE(y, S_K⁺)
-        else:
-            val = functional_call(self, {**theta_plus, **fresh}, (x_val, y_val))
-            val_loss = val["task"] + sum(val[f"exit{k}_ce"] for k in range(1, len(self.exits) + 1))
-        meta_grads = torch.autograd.grad(val_loss, list(self.generator.parameters()))  # eq. 8
+        exits = self.meta_objective == "exits"
+        final, exit_logits = self._look_ahead_outputs(theta_plus, x_val, exits)  # S_K⁺, S_k⁺ on x_val
+        val_loss = F.cross_entropy(final, y_val)  # L_val: CE(y, S_K⁺) (+ Σ_k CE(y, S_k⁺) for `exits`)
+        for s_k in exit_logits:
+            val_loss = val_loss + F.cross_entropy(s_k, y_val)
+        v = torch.autograd.grad(val_loss, list(theta_plus.values()), allow_unused=True)
+        direction = {n: torch.zeros_like(t) if vi is None else vi for (n, t), vi in zip(theta.items(), v, strict=True)}
+        logits, change = torch.func.jvp(lambda th: tuple(self._look_ahead_outputs(th, x_train)[1]),
+                                        ({n: t.detach() for n, t in theta.items()},), (direction,))  # S_k, J_k v
+        self._capture.clear()  # the look-ahead's features belong to the jvp
+        fused = functional_call(self.generator, {n: b.clone() for n, b in self.generator.named_buffers()},
+                                (features,))
+        targets = [self._constant_head(head, f) for head, f in zip(self.exits, fused, strict=True)]  # t_k(θ_g)
+        exit_logits = [s.detach().requires_grad_(True) for s in logits]
+        soft = sum((1.0 - self.alpha) * kd(s, t, tau=self.tau)  # the terms of eq. 4 that depend on θ_g
+                   for s, t in zip(exit_logits, targets, strict=True))
+        slopes = torch.autograd.grad(soft, exit_logits, create_graph=True)  # ∂L_S/∂S_k, functions of θ_g
+        inner = sum((slope * c).sum() for slope, c in zip(slopes, change, strict=True))  # ⟨∇θ_s L_S, v⟩
+        meta_grads = torch.autograd.grad(-lr * inner, list(self.generator.parameters()))  # eq. 8
         self._eval_cache = None
         return val_loss.detach(), list(meta_grads)
+
+    def _look_ahead_outputs(self, theta: dict[str, Tensor], x: Tensor,
+                            exits: bool = True) -> tuple[Tensor, list[Tensor]]:
+        """S_K and (with ``exits``) S_1..S_{K-1} on x, for the look-ahead's parameters θ by name (``student.*``,
+        and ``exits.*`` when they are stepped; otherwise the exits' own, constant), BatchNorm buffers copied."""
+        student = {n.removeprefix("student."): t for n, t in theta.items() if n.startswith("student.")}
+        final = functional_call(self.student, {**student, **{n: b.clone() for n, b in self.student.named_buffers()}},
+                                (x,))
+        out = []
+        for k, (head, f) in enumerate(zip(self.exits, self.features(), strict=False) if exits else ()):
+            own = {n.removeprefix(f"exits.{k}."): t for n, t in theta.items() if n.startswith(f"exits.{k}.")}
+            state = {**{n: p.detach() for n, p in head.named_parameters()}, **own,
+                     **{n: b.clone() for n, b in head.named_buffers()}}
+            out.append(functional_call(head, state, (f,)))
+        return final, out
 
     def meta_step(self, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, lr: float,
                   generator_lr_factor: float = 1.0) -> float:
