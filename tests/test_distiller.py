@@ -114,6 +114,30 @@ def test_given_teacher_output_is_reused():
     assert calls == [] and torch.equal(out["teacher_logits"], t_out.logits)
 
 
+def test_reused_forward_is_reweighted_not_rerun_and_refuses_another_precision():
+    """reuse_forward: the next forward on that very batch runs neither model, takes the terms as they
+    are and applies the weighting as it is now; another batch runs normally; a forward under another
+    autocast context than the reused one is refused."""
+    d = make(pathways=[Pathway("blocks.1", "blocks.1", method="fitnets")], fast_teacher=False)  # hooks see it
+    x, y = batch()
+    first = d(x, y)
+    calls = []
+    d.student.register_forward_hook(lambda *a: calls.append("student"))
+    d.teacher.register_forward_hook(lambda *a: calls.append("teacher"))
+    d.weighting.base_weights["kd"] = 3.0  # the weighting changes between the two forwards
+    d.reuse_forward(x, first)
+    again = d(x, y)
+    assert calls == []
+    assert again["kd"] is first["kd"] and again["w/kd"].item() == pytest.approx(3.0)
+    torch.testing.assert_close(again["loss"], first["loss"] + 2.0 * first["kd"] * d.weighting.scales["kd"])
+    d.reuse_forward(x, first)
+    d(batch()[0].clone(), y)  # another tensor: computed, and the pending output is dropped
+    assert calls == ["teacher", "student"]
+    d.reuse_forward(x, first)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast"):
+        d(x, y)
+
+
 def test_zoo_models_distil_across_architectures():
     torch.manual_seed(0)
     d = Distiller(create_model("resnet8", 1), create_model("wrn_16_2", 1),
