@@ -20,6 +20,7 @@ from kdtune.checkpoint import load_checkpoint
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, train_val_split
 from kdtune.distiller import Distiller
+from kdtune.losses import LOSSES
 from kdtune.search.distpro import (
     DistProCallback,
     DistProSearch,
@@ -135,6 +136,62 @@ def test_virtual_step_equals_real_optimiser_step(kind):
     opt.step()
     for n in g:
         assert torch.allclose(theta1[n], params[n].detach(), atol=1e-6, rtol=1e-5), n
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_pathway_step_equals_a_plain_per_pathway_computation(fused):
+    """The fast step (fast teacher, HCL of the pooled difference, 1x1 adapters at the teacher's size,
+    optionally fused input convs) gives the loss and gradients of the straightforward computation: the
+    teacher's own hooked forward, conv -> BN -> resize for every 1x1 adapter, and ReviewKD's HCL loop
+    pooling both maps, pathway by pathway (12x12 and 6x6 maps: nested pools and the pooling matrix)."""
+    from kdtune.transforms import Conv1x1Adapter, resize_spatial
+
+    shape = (1, 12, 12)
+    kwargs = {"conv3x3": {"pool_first": True}, "distpro": {"pool_first": True}}
+    models = []
+    for _ in range(2):  # two identical distillers: each step moves its own BatchNorm statistics
+        torch.manual_seed(0)
+        teacher, student = TinyNet(width=6), TinyNet(width=4)
+        pathways, _ = search_space(teacher, student, shape, "all", ("conv1x1", "conv3x3", "distpro"),
+                                   transform_kwargs=kwargs)
+        d = Distiller(student, teacher, pathways, ["kd"], weighting="distpro",
+                      weighting_kwargs={"learned": [p.name for p in pathways]}, input_shape=shape).double()
+        d.weighting.alpha_tilde.copy_(torch.linspace(0.5, 1.5, len(pathways), dtype=torch.float64))
+        d.fuse_input_convs = fused
+        models.append(d.train())
+    fast, ref = models
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, *shape, generator=g, dtype=torch.float64), torch.arange(6) % 10
+    loss = fast(x, y)["loss"]
+
+    def hcl_by_definition(s, t):
+        pool, total, weight = F.adaptive_avg_pool2d, 1.0, 1.0
+        out = F.mse_loss(s, t)
+        for level in (4, 2, 1):
+            if level < min(s.shape[-2:]):
+                weight /= 2
+                out, total = out + weight * F.mse_loss(pool(s, level), pool(t, level)), total + weight
+        return out / total
+
+    t_logits, t_feats = ref._teacher_runner.reference(x)
+    logits = ref.student(x)
+    terms = {"kd": LOSSES.get("kd").fn(logits, t_logits, y, **ref.logit_losses[0].kwargs)}
+    for p, s_path, t_path in zip(ref.pathways, ref._student_paths, ref._teacher_paths, strict=True):
+        s, t, tf = ref._student_capture[s_path], t_feats[t_path], p.transform
+        aligned = (resize_spatial(tf.bn(tf.conv(s)), t.shape[-2:]) if isinstance(tf, Conv1x1Adapter)
+                   else tf(s, t)[0])
+        terms[p.name] = hcl_by_definition(aligned, t)
+    distill, _ = ref.weighting(terms, 0)
+    expected = F.cross_entropy(logits, y) + distill
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    params, params_ref = list(fast.parameters()), list(ref.parameters())
+    for (name, _), a, b in zip(fast.named_parameters(), torch.autograd.grad(loss, params, allow_unused=True),
+                               torch.autograd.grad(expected, params_ref, allow_unused=True), strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11, msg=name)
+    for (name, a), b in zip(fast.named_buffers(), ref.buffers(), strict=True):  # BN running statistics
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_alpha_gradient_from_the_weighted_terms_equals_it_through_the_whole_loss():
