@@ -286,8 +286,9 @@ class DistProSearch:
 
     Args:
         distiller: student + teacher + the search-space pathways, weighting ``distpro``.
-        hypergradient: ``finite_difference`` (eq. 5; 1 teacher forward, 4 student forwards and
-            2 backwards per step besides the real step) or ``exact`` (double backward; the
+        hypergradient: ``finite_difference`` (eq. 5; 1 teacher forward, 4 student forwards — the
+            θ± ones without a graph, the one at θ shared with the real step under ``share_forward`` —
+            and 2 backwards per step besides the real step) or ``exact`` (double backward; the
             ground truth the finite difference is tested against).
         radius: r of ε = r / ‖∇θ' L_val‖ (0.01 in the paper, after DARTS).
     """
