@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from dataclasses import dataclass
 
 import pytest
@@ -337,6 +339,11 @@ def test_capture_under_distributed_data_parallel(tmp_path) -> None:
             torch.testing.assert_close(cap["3"], model[3](h))
             out.sum().backward()
             assert no_hooks_left(model)
+        # Free the DDP reducer (it holds the process group) while the group is alive: a reducer
+        # released after destroy_process_group, at the test's return, hung in gloo's destructor
+        # (thread join) under pytest-xdist.
+        del ddp, out
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
