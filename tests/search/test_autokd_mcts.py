@@ -17,6 +17,8 @@ import pytest
 from optuna.trial import TrialState
 
 from kdtune.search.mcts import (
+    DEPTH_ATTR,
+    LEAF_ATTR,
     MCTSSampler,
     NodeStats,
     backpropagate,
@@ -75,6 +77,20 @@ def test_backpropagation_stops_at_the_expanded_node():
     # Expansion picks an untried child of the root until all three are tried, then UCB descends.
     leaf, depth = propose(stats, [3, 3, 3], 1.0, random.Random(0))
     assert depth == 1 and leaf[0] != 1
+
+
+def test_a_running_trial_counts_as_a_virtual_loss_only_once_its_leaf_and_depth_are_stored():
+    """Another worker writes a RUNNING trial's depth, then its leaf (two storage writes): a reader between
+    them must skip it, not fail (KeyError 'mcts:depth' in a two-worker run)."""
+    done = optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.25,
+                                     system_attrs={LEAF_ATTR: [0, 0, 0], DEPTH_ATTR: 1})
+    running = optuna.trial.create_trial(state=TrialState.RUNNING, system_attrs={LEAF_ATTR: [1, 0, 0],
+                                                                                DEPTH_ATTR: 1})
+    half_written = optuna.trial.create_trial(state=TrialState.RUNNING, system_attrs={LEAF_ATTR: [2, 0, 0]})
+    stats = tree_statistics([done, running, half_written], LEVELS)
+    assert stats[()].visits == 2  # the finished trial and the fully stored running one
+    assert stats[(1,)].visits == 1 and stats[(1,)].reward == 0.25  # virtual loss = the worst reward seen
+    assert (2,) not in stats
 
 
 def run_sampler(seed, n, names=None):

@@ -126,7 +126,7 @@ def tree_statistics(trials: Sequence[FrozenTrial], levels: Sequence[Level],
     if virtual_loss and complete:
         worst = min(float(t.value) for t in complete)
         for t in trials:
-            if t.state == TrialState.RUNNING and LEAF_ATTR in t.system_attrs:
+            if t.state == TrialState.RUNNING and LEAF_ATTR in t.system_attrs and DEPTH_ATTR in t.system_attrs:
                 backpropagate(stats, tuple(t.system_attrs[LEAF_ATTR]), int(t.system_attrs[DEPTH_ATTR]), worst)
     return stats
 
@@ -174,8 +174,10 @@ class MCTSSampler(optuna.samplers.BaseSampler):
         stats = tree_statistics([t for t in trials if t.number != trial.number], self.levels)
         rng = random.Random(self.seed * 1_000_003 + trial.number)
         leaf, depth = propose(stats, [len(level.choices) for level in self.levels], self.exploration, rng)
-        study._storage.set_trial_system_attr(trial._trial_id, LEAF_ATTR, list(leaf))
+        # Depth first: another worker reads a RUNNING trial only once its leaf is there (two separate
+        # writes; the other order let a reader see a leaf without its depth: KeyError 'mcts:depth').
         study._storage.set_trial_system_attr(trial._trial_id, DEPTH_ATTR, depth)
+        study._storage.set_trial_system_attr(trial._trial_id, LEAF_ATTR, list(leaf))
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
                            param_distribution: BaseDistribution) -> Any:
