@@ -19,10 +19,11 @@ zero::
 so at the start T_k = exit_head_k(F_k), the exit's own prediction, and the meta-gradient learns
 what the top-down path should change. With eq. 5 as written (``residual=False``) F̂_k starts as a
 random projection, and T_k are random labels that the exits are distilled towards from the first
-step: measured on FMNIST-2k-x (benchmarks/RESULTS.md, issue 13) the labels agreed with y on 10-20 %
-of images with max-probability ~0.28, and MD's exits fell 4-5 points below DSN's. The skip is the
-zero-initialised residual of Goyal et al. 2017 / ReZero; it changes where the generator starts,
-not what it can express. The paper discusses supervising F_k with F̂_k
+step (measured on FMNIST-2k-x: labels agreeing with y on 10-20 % of images). The skip alone does
+not keep the targets sound — with the paper's Adam rate 0.1 the generator left it within one meta
+epoch; together with Adam 0.001 and the every-output meta objective it does on FMNIST-5k
+(benchmarks/RESULTS.md, `auto5k` notes). It is the zero-initialised residual of Goyal et al. 2017 /
+ReZero: it changes where the generator starts, not what it can express. The paper discusses supervising F_k with F̂_k
 by an L2 distance (and rejects it), so F̂_k has F_k's shape: the lateral 1x1 convolution maps
 C_k to C_{k+1} channels, so that it can be added to the up-sampled F̂_{k+1}, and the 3x3
 convolution maps C_{k+1} back to C_k, so that F̂_k can go through exit k's own head: §3.3 reads

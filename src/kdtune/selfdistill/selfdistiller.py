@@ -201,7 +201,7 @@ class SelfDistiller(nn.Module):
         """``head(x)`` with detached copies of its parameters and buffers: no gradient reaches the head's
         parameters and its BatchNorm running statistics stay as they are (a gradient still flows to x)."""
         state = {n: p.detach() for n, p in head.named_parameters()}
-        state.update({n: b.clone() for n, b in head.named_buffers()})
+        state.update(_buffer_copies(head))
         return functional_call(head, state, (x,))
 
     def forward(self, x: Tensor, y: Tensor, step: int = 0, generator_grad: bool = False) -> dict[str, Tensor]:
@@ -289,8 +289,8 @@ class SelfDistiller(nn.Module):
 
         ``θ_s⁺ = θ_s − ζ ∇θ_s L_S(x_train, y_train; θ_s, T(θ_g))`` (eq. 7), then L_val on the
         validation batch and its gradient in θ_g (eq. 8), which flows through the second-order term
-        ``−ζ ∂²L_S / ∂θ_g ∂θ_s``. L_val is "the standard
-        cross entropy" (eq. 6) of the model's outputs, read two ways (``meta_objective``):
+        ``−ζ ∂²L_S / ∂θ_g ∂θ_s``. L_val is "the standard cross entropy" (eq. 6) of the model's outputs,
+        read two ways (``meta_objective``):
 
         - ``exits`` (default): θ_s is the model *and its exits* (every output of eq. 3), and
           L_val = CE(y, S_K⁺) + Σ_k CE(y, S_k⁺), the hard-label loss of every output after the step;
@@ -298,7 +298,7 @@ class SelfDistiller(nn.Module):
 
         With ``final`` nothing asks T_k to help exit k: measured on FMNIST-5k (benchmarks/RESULTS.md,
         issue 13) the generator learned targets that agree with y on 2 % of images (below chance) and
-        exit 1 ended 16 points below DSN's, while the final output gained; ``exits`` keeps the paper's
+        exit 1 ended 13 points below DSN's, while the final output gained; ``exits`` keeps the paper's
         point that the soft targets "facilitate the self-boosting" of the intermediate outputs.
 
         The second-order term is computed without differentiating through the backward pass (whose
@@ -327,7 +327,7 @@ class SelfDistiller(nn.Module):
         prefix = "student." if self.meta_objective == "final" else ""
         theta = {prefix + n: p.detach().requires_grad_(True) for n, p in stepped.named_parameters()
                  if p.requires_grad and not n.startswith("generator.")}
-        buffers = {n: b.clone() for n, b in self.named_buffers()}  # running stats move on copies
+        buffers = _buffer_copies(self)  # running stats move on copies
         out = functional_call(self, {**theta, **buffers}, (x_train, y_train))
         features = [f.detach() for f in self.features()]  # F_k at θ_s: what the generator reads
         grads = torch.autograd.grad(out["loss"], list(theta.values()), allow_unused=True)
@@ -343,8 +343,7 @@ class SelfDistiller(nn.Module):
         logits, change = torch.func.jvp(lambda th: tuple(self._look_ahead_outputs(th, x_train)[1]),
                                         ({n: t.detach() for n, t in theta.items()},), (direction,))  # S_k, J_k v
         self._capture.clear()  # the look-ahead's features belong to the jvp
-        fused = functional_call(self.generator, {n: b.clone() for n, b in self.generator.named_buffers()},
-                                (features,))
+        fused = self.generator(features)  # convolutions only: no buffers to protect
         targets = [self._constant_head(head, f) for head, f in zip(self.exits, fused, strict=True)]  # t_k(θ_g)
         exit_logits = [s.detach().requires_grad_(True) for s in logits]
         soft = sum((1.0 - self.alpha) * kd(s, t, tau=self.tau)  # the terms of eq. 4 that depend on θ_g
@@ -360,13 +359,12 @@ class SelfDistiller(nn.Module):
         """S_K and (with ``exits``) S_1..S_{K-1} on x, for the look-ahead's parameters θ by name (``student.*``,
         and ``exits.*`` when they are stepped; otherwise the exits' own, constant), BatchNorm buffers copied."""
         student = {n.removeprefix("student."): t for n, t in theta.items() if n.startswith("student.")}
-        final = functional_call(self.student, {**student, **{n: b.clone() for n, b in self.student.named_buffers()}},
-                                (x,))
+        final = functional_call(self.student, {**student, **_buffer_copies(self.student)}, (x,))
         out = []
         for k, (head, f) in enumerate(zip(self.exits, self.features(), strict=False) if exits else ()):
             own = {n.removeprefix(f"exits.{k}."): t for n, t in theta.items() if n.startswith(f"exits.{k}.")}
             state = {**{n: p.detach() for n, p in head.named_parameters()}, **own,
-                     **{n: b.clone() for n, b in head.named_buffers()}}
+                     **_buffer_copies(head)}
             out.append(functional_call(head, state, (f,)))
         return final, out
 
@@ -406,3 +404,7 @@ class SelfDistiller(nn.Module):
     def extra_repr(self) -> str:
         return f"method={self.method!r}, stages={self.stages}, alpha={self.alpha}, tau={self.tau}"
 
+
+def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
+    """Copies of ``module``'s buffers by name: a functional call on them leaves its running statistics alone."""
+    return {n: b.clone() for n, b in module.named_buffers()}
