@@ -72,6 +72,8 @@ MD_AS_WRITTEN = ["selfdistill.generator_residual=false", "selfdistill.generator_
                  "selfdistill.meta_objective=final"]
 #: The override that turns calibrated weights on (kdtune.calibration: every term's gradient = ratio x the task's).
 CALIBRATED = "distill.calibrate.ratio=1"
+#: The two forms of the soft-target path of the adaptive configs (its first logit loss): tau^2 CE or tau^2 KL.
+KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
 #: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
 CATALOGUE_FEATURE_METHODS = ["fitnets", "at", "sp", "rkd", "pkt", "nst", "cc", "cwd", "reviewkd"]
 
@@ -107,6 +109,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         # 16 of the config's 40 proxy trials: a trial costs ~4 min here (>= 150 steps of MobileNetV2), 40 ~2.6 h.
         ("Auto-KD: MCTS search, 16 trials (KD incumbent) -> final", "configs/fmnist2k/autokd_search.yaml",
          [f"autokd.export={AUTOKD_SPEC_2K}", "autokd.trials=16"]),
+        # Adaptive Distillation's two forms of the ST path (same gradient, different learned weight: eq. 6's
+        # v -> 1/f sees the teacher's entropy in the CE form) and MGDA with calibrated start weights.
+        ("adaptive (AT x3 + ST), CE form", "configs/fmnist2k/adaptive.yaml", [KD_CE]),
+        ("adaptive (AT x3 + ST), KL form", "configs/fmnist2k/adaptive.yaml", [KD_KL]),
+        ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("DistPro search (searching student, 80 % of the data)", "configs/fmnist2k/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS_2K}", POOL_FIRST]),
         ("DistPro process (retrain)", "configs/fmnist2k/distpro_retrain.yaml",
@@ -129,7 +136,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("student alone", "@core/student alone", []),
         ("KD", "@core/KD", []),
         ("KD, calibrated", "configs/fmnist/kd.yaml", [CALIBRATED]),
-        ("adaptive (AT x3 + ST, CE form)", "configs/fmnist/adaptive.yaml", []),
+        ("adaptive (AT x3 + ST, CE form)", "configs/fmnist/adaptive.yaml", [KD_CE]),
+        ("adaptive (AT x3 + ST, KL form)", "configs/fmnist/adaptive.yaml", [KD_KL]),
         ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),
