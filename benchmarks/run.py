@@ -73,6 +73,8 @@ MD_AS_WRITTEN = ["selfdistill.generator_residual=false", "selfdistill.generator_
 #: The override that turns calibrated weights on (kdtune.calibration: every term's gradient = ratio x the task's).
 CALIBRATED = "distill.calibrate.ratio=1"
 #: The two forms of the soft-target path of the adaptive configs (its first logit loss): tau^2 CE or tau^2 KL.
+#: Plain KD (tau 4, catalogue weight 1) as a fixed term beside a weighting that learns the other terms' weights.
+KD_FIXED = "distill.logit_losses=[{name: kd, kwargs: {tau: 4}}]"
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
 #: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
 CATALOGUE_FEATURE_METHODS = ["fitnets", "at", "sp", "rkd", "pkt", "nst", "cc", "cwd", "reviewkd"]
@@ -179,6 +181,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("pathways, final alpha_T", "configs/fmnist/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_FIXED}", "baseline=final"]),
         ("DistPro process", "configs/fmnist/distpro_retrain.yaml", [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process"]),
+        # The process over the feature pathways on top of plain KD (tau 4, weight 1) on the logits, as ReviewKD + KD.
+        ("DistPro process + KD", "configs/fmnist/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process", KD_FIXED]),
     ]),
     # Table 1 at shorter schedules: a 30-epoch 27-pathway retrain took up to 1.6 core-hours on the
     # 2026-12-01 machine (the `distpro` table about 10), so these are the tables that were run.
