@@ -88,7 +88,8 @@ def kd(s_logits: Tensor, t_logits: Tensor, targets: Tensor | None = None, tau: f
     ``form="ce"`` gives ``tau^2 * CE(p^t, p^s) = -tau^2 / N sum_n sum_k p^t_nk log p^s_nk``, the
     soft-target path of Adaptive Distillation (App. A.1, eq. 6): KL plus ``tau^2`` times the
     teacher's entropy H(p^t). Same gradient in the student logits, but a larger value, which
-    matters wherever the weight depends on the loss value (eq. 6's learned weight tends to 1/loss).
+    matters wherever the weight depends on the loss value: eq. 6's learned weight tends to 1/loss,
+    and with the entropy in the loss it switches KD off (:mod:`kdtune.weighting.uncertainty`).
 
     Shapes: (N, K), (N, K) -> 0-dim. ``targets`` is unused (uniform signature).
     """

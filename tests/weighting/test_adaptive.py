@@ -117,3 +117,29 @@ def test_absent_terms_and_bad_arguments():
         build_weighting("adaptive", TERMS, {}, alpha=-1)
     with pytest.raises(TypeError, match="adaptive"):
         build_weighting("adaptive", TERMS, {}, alhpa=1)
+
+
+def test_ce_form_of_st_shrinks_its_learned_weight_by_the_teacher_entropy():
+    # eq. 6 settles at v = 1/f, so the constant tau^2 H(q_T) of App. A.1's CE form lowers v_kd from
+    # 1/KL to 1/(KL + tau^2 H): why the shipped adaptive configs give ST in the KL form.
+    from kdtune.losses import kd
+    torch.manual_seed(0)
+    t, s = torch.randn(16, 10), torch.randn(16, 10)
+    tau = 4.0
+    p_t = torch.softmax(t / tau, dim=1)
+    entropy = float(-(p_t * p_t.log()).sum(1).mean()) * tau**2
+    settled = {}
+    for form in ("kl", "ce"):
+        w = AdaptiveWeighting(["kd", "at:l1->l1"], {})
+        opt = torch.optim.SGD(w.parameters(), lr=0.1, momentum=0.9)
+        f = {"kd": kd(s, t, tau=tau, form=form), "at:l1->l1": torch.tensor(0.01)}
+        for _ in range(800):
+            total, used = w(f)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+        settled[form] = used["kd"]
+    kl = float(kd(s, t, tau=tau))
+    assert settled["kl"] == pytest.approx(1 / kl, rel=1e-2)
+    assert settled["ce"] == pytest.approx(1 / (kl + entropy), rel=1e-2)
+    assert settled["kl"] / settled["ce"] > 10  # the entropy dominates f: KD all but switched off
