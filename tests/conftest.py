@@ -7,7 +7,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from helpers import DictNet, TinyNet
 from kdtune.data import ImageDataset, balanced_subset, from_arrays, load_fashion_mnist
+from kdtune.models import MODELS, register_model
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +36,14 @@ def fmnist_small() -> tuple[ImageDataset, ImageDataset]:
     train = balanced_subset(load_fashion_mnist("train"), 20, seed=0)
     test = load_fashion_mnist("test")
     return train, test.subset(torch.arange(500))
+
+
+@pytest.fixture
+def dict_net() -> Iterator[None]:
+    """Registers ``dict_net`` (:class:`helpers.DictNet`, a dict output) and its tensor-output twin
+    ``tiny_net`` (:class:`helpers.TinyNet`) as a user's models, for a test's run configs."""
+    register_model("dict_net")(DictNet)
+    register_model("tiny_net")(TinyNet)
+    yield
+    MODELS._items.pop("dict_net", None)
+    MODELS._items.pop("tiny_net", None)

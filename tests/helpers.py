@@ -25,6 +25,36 @@ class TinyNet(nn.Module):
         return self.head(self.blocks(x).mean((2, 3)))
 
 
+
+class PairStage(nn.Module):
+    """A block returning (feature map (N, C, H, W), pooled (N, C)), as transformer blocks return tuples."""
+
+    def __init__(self, blocks: nn.Module) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.blocks(x)
+        return h, h.mean((2, 3))
+
+
+class DictNet(nn.Module):
+    """A user's model returning ``{"pooled": (N, C), "logits": (N, K)}``; its ``stage`` returns a tuple.
+
+    Its ``net`` is a :class:`TinyNet` and it has no other parameter: built from the same seed,
+    ``DictNet(width=w).net`` and ``TinyNet(w)`` are the same model, one with a dict output.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 4) -> None:
+        super().__init__()
+        self.net = TinyNet(width, in_channels, num_classes)
+        self.stage = PairStage(self.net.blocks)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, pooled = self.stage(x)
+        return {"pooled": pooled, "logits": self.net.head(pooled)}
+
+
 def tiny_autokd(name: str, epochs: int = 1, data: dict[str, Any] | None = None, **autokd: Any) -> dict[str, Any]:
     """A seconds-long Auto-KD search config on 100 real Fashion-MNIST images (50/50 train/val split).
 

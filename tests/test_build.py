@@ -1,6 +1,6 @@
 """kdtune.build from a run config: models whose outputs are dicts and tuples, read through
 ``teacher.output`` / ``student.output`` and ``distill.pathways[i].selector`` (real Fashion-MNIST,
-a few images, 1 epoch)."""
+a few images, 1 epoch). ``dict_net`` is :class:`helpers.DictNet`, registered by the conftest fixture."""
 
 import json
 
@@ -8,46 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import nn
 
-from helpers import TinyNet
 from kdtune.cli import main
 from kdtune.config import ConfigError, RunConfig, from_dict
 from kdtune.losses import kd
-from kdtune.models import MODELS, register_model
 from kdtune.recipe import prepare
-
-
-class PairStage(nn.Module):
-    """A block returning (feature map (N, C, H, W), pooled (N, C)), as transformer blocks return tuples."""
-
-    def __init__(self, blocks: nn.Module) -> None:
-        super().__init__()
-        self.blocks = blocks
-
-    def forward(self, x):
-        h = self.blocks(x)
-        return h, h.mean((2, 3))
-
-
-class DictNet(nn.Module):
-    """A user's model returning ``{"pooled": (N, C), "logits": (N, K)}``; its ``stage`` returns a tuple."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 4) -> None:
-        super().__init__()
-        self.net = TinyNet(width, in_channels, num_classes)
-        self.stage = PairStage(self.net.blocks)
-
-    def forward(self, x):
-        _, pooled = self.stage(x)
-        return {"pooled": pooled, "logits": self.net.head(pooled)}
-
-
-@pytest.fixture
-def dict_net():
-    register_model("dict_net")(DictNet)
-    yield
-    MODELS._items.pop("dict_net", None)
 
 
 def run_config(tmp_path, student_output="logits", selector=0):

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TinyNet
+from helpers import TinyNet, kdtune_run
 from kdtune.checkpoint import load_checkpoint
 from kdtune.config import TrainConfig
 from kdtune.data import BatchLoader, train_val_split
@@ -570,3 +570,21 @@ def test_configs_logit_pathway_search_and_kd_baseline(tiny_data):
     d, callbacks = from_config(kd_cfg, splits, SHAPE)
     assert callbacks == [] and len(d.pathways) == 0 and [ll.name for ll in d.logit_losses] == ["kd"]
     assert d.logit_losses[0].kwargs["tau"] == 4.0 and type(d.weighting).__name__ == "FixedWeighting"
+
+
+def test_search_of_dict_output_models_trains_with_finite_terms(tmp_path, dict_net):
+    """A DistPro search (1 epoch, real images) whose student and teacher return dicts: L_val and the
+    logit pathway read the logits through ``student.output`` / ``teacher.output``."""
+    root = write_tiny_fashion_mnist(tmp_path / "fmnist")
+    cfg = {**SEARCH_CONFIG, "data": {**SEARCH_CONFIG["data"], "root": str(root)},
+           "student": {"name": "dict_net", "output": "logits"},
+           "teacher": {"name": "dict_net", "kwargs": {"width": 8}, "output": "logits"},
+           "distpro": {**SEARCH_CONFIG["distpro"], "logit_pathway": True},
+           "train": {**SEARCH_CONFIG["train"], "epochs": 1}}
+    run_dir = kdtune_run(cfg, tmp_path / "runs")
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    proc = Process.load(run_dir / "process.json")
+    assert proc.names[-1] == "kd" and len(proc.names) >= 3 and proc.steps == list(range(5))
+    terms = [row[f"train_{name}"] for name in ("loss", "task", *proc.names)]
+    assert all(math.isfinite(v) and v > 0 for v in terms), row
+    assert torch.isfinite(proc.alpha_tilde).all() and not torch.equal(proc.alpha_tilde[-1], proc.alpha_tilde[0])

@@ -89,9 +89,9 @@ def build_ensemble(mc: ModelConfig, in_channels: int, num_classes: int) -> Teach
     members: Any = mc.kwargs.get("members")
     if not isinstance(members, Mapping) or set(mc.kwargs) != {"members"}:
         raise ValueError(f"model {ENSEMBLE!r} takes kwargs {{members: {{name: model config}}}}, got {mc.kwargs}")
-    return TeacherEnsemble({name: build_model(from_dict(ModelConfig, cfg, f"teacher.kwargs.members.{name}"),
-                                              in_channels, num_classes)
-                            for name, cfg in members.items()})
+    configs = {name: from_dict(ModelConfig, cfg, f"teacher.kwargs.members.{name}") for name, cfg in members.items()}
+    return TeacherEnsemble({name: build_model(mc, in_channels, num_classes) for name, mc in configs.items()},
+                           {name: mc.output for name, mc in configs.items()})
 
 
 def build_pathways(configs: Sequence[PathwayConfig]) -> list[Pathway]:

@@ -77,6 +77,35 @@ class OutputError(ValueError):
     model cannot take the data's input. The message names the model, the output and the fix."""
 
 
+def pick_logits(output: Any, selector: Selector, model: str, setting: str) -> Tensor:
+    """The logits in a model's ``output``, picked by its output selector: the one helper of the
+    Distiller and of every method that runs a model itself (Auto-KD's probes, a teacher ensemble).
+
+    Args:
+        output: what the model's forward returned.
+        selector: where the logits are (:func:`~kdtune.capture.select_output`); None: ``output`` is them.
+        model: names the model in an error, e.g. ``"student MyNet"``.
+        setting: what sets ``selector``, ``{}`` standing for its value: ``"Distiller(..., student_output={})"``,
+            ``"student.output={}"``.
+
+    Raises:
+        OutputError: one line naming the model, the output's structure (a dict's keys) and ``setting``.
+    """
+    if selector is None and isinstance(output, Tensor):
+        return output  # the usual case, kept free of any checking cost
+    if selector is None:
+        keys = list(output) if isinstance(output, Mapping) else None
+        example = repr(keys[0]) if keys else "0"
+        raise OutputError(f"{model} returns {describe_output(output)}, not a logits tensor; say where the logits "
+                          f"are: {setting.format(example)} (a key or an index)")
+    try:
+        return _pick(output, selector)
+    except (TypeError, IndexError, KeyError) as err:
+        msg = err.args[0] if err.args else str(err)
+        raise OutputError(f"{model}: {msg.rstrip('.')}. Fix: {setting.format('<key or index of the logits>')}") \
+            from None
+
+
 def _feature_name(path: str, selector: Selector) -> str:
     """The capture name of a module's (selected) output: two pathways may read one module's
     output through different selectors."""
@@ -262,19 +291,7 @@ class Distiller(nn.Module):
         if selector is None and isinstance(output, Tensor):
             return output  # the usual case, kept free of any checking cost
         model = self.student if role == "student" else self.teacher
-        where = f"{role} {type(model).__name__}"
-        if selector is None:
-            keys = list(output) if isinstance(output, Mapping) else None
-            example = repr(keys[0]) if keys else "0"
-            raise OutputError(f"{where} returns {describe_output(output)}, not a logits tensor; say where the logits "
-                              f"are: Distiller(..., {role}_output={example}) (a key or an index)")
-        try:
-            return _pick(output, selector)
-        except (TypeError, IndexError, KeyError) as err:
-            msg = err.args[0] if err.args else str(err)
-            raise OutputError(f"{where}: {msg.rstrip('.')}. Fix: Distiller(..., {role}_output=<key or index of the "
-                              f"logits>)") \
-                from None
+        return pick_logits(output, selector, f"{role} {type(model).__name__}", f"Distiller(..., {role}_output={{}})")
 
     def student_logits(self, x: Tensor) -> Tensor:
         """Student logits (N, K) for a batch."""

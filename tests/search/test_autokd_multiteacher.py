@@ -1,5 +1,6 @@
 """Auto-KD with several teachers (eq. 5-6): per-teacher train-free weights against a hand computation,
-the teacher ensemble, the run config, and a tiny 2-teacher search + final run (untrained resnet8s)."""
+the teacher ensemble, the run config, and a tiny 2-teacher search + final run (untrained resnet8s);
+the same for models whose forward returns a dict (``student.output`` / ``teacher.output``)."""
 
 import copy
 import json
@@ -8,9 +9,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from helpers import kdtune_run, tiny_autokd
 from kdtune.capture import get_module
+from kdtune.cli import main
 from kdtune.config import ModelConfig, RunConfig, from_dict, load_config
 from kdtune.data import BatchLoader
 from kdtune.losses import kd
@@ -129,3 +132,67 @@ def test_kdtune_run_two_teacher_search_then_final_run_trains(tmp_path):
     assert math.isfinite(summary["test_acc"])
     final = load_config(run_dir / "best_config.yaml")
     assert final.teacher.name == "teacher_ensemble" and set(final.teacher.kwargs["members"]) == {"resnet8", "resnet14"}
+
+
+# --------------------------------------------------------------------------- models with a dict output
+
+
+def own_models(tmp_path, model="dict_net", output="logits", teachers=2, teacher_output=None, **autokd):
+    """TINY on the user's models: a TinyNet student (width 4) and teachers of widths 8 (and 6), all
+    ``dict_net`` (a dict output, read through ``output``) or ``tiny_net`` (their tensor twins)."""
+    out = None if model == "tiny_net" else output
+    t_out = out if teacher_output is None else teacher_output
+    extra = [{"name": model, "kwargs": {"width": 6}, "output": t_out}][:teachers - 1]
+    return tiny_autokd("own", data={"batch_size": 16}, trials=1, final=True, layer_weights="train_free",
+                       teacher_layers=["stage:0", "stage:-1"], student_layers=["stage:0", "stage:-1"],
+                       teachers=extra, **autokd) | {
+        "output_dir": str(tmp_path / "runs"), "student": {"name": model, "output": out},
+        "teacher": {"name": model, "kwargs": {"width": 8}, "output": out},
+        "train": {"epochs": 1, "progress": False, "optimizer": {"lr": 0.01}}}
+
+
+def test_dict_output_models_give_the_train_free_weights_and_terms_of_their_tensor_twins(tmp_path, dict_net):
+    """mu (eq. 6) of dict-output models equals that of the same models returning their logits; the
+    per-teacher logit terms and the ensemble read each member's logits through its ``output``."""
+    cfg, twin = (from_dict(RunConfig, own_models(tmp_path, model)) for model in ("dict_net", "tiny_net"))
+    plan, twin_plan = make_plan(cfg), make_plan(twin)
+    assert plan.mu == pytest.approx(twin_plan.mu, rel=1e-6) and len(set(round(m, 6) for m in plan.mu)) == 4
+    assert (plan.student_logits, twin_plan.student_logits) == ("net.head", "head")
+    assert plan.members == ["dict_net", "dict_net_2"] and plan.member_outputs == ["logits", "logits"]
+    out = spec_config(cfg, DistillerSpec(logit_weight=0.5, temperature=2.0), plan)
+    assert [p.teacher_selector for p in out.distill.pathways[4:]] == ["logits", "logits"]
+    d = build_distiller(out, 1, 10, (1, 28, 28))
+    x, y = next(iter(BatchLoader(load_splits(cfg).train, 8, shuffle=True, seed=0)))
+    res = d(x, y)
+    with torch.no_grad():
+        members = [getattr(d.teacher, name)(x)["logits"] for name in plan.members]
+        torch.testing.assert_close(d.teacher(x), (members[0] + members[1]) / 2)
+        for name, t_logits in zip(plan.members, members, strict=True):
+            torch.testing.assert_close(res[f"autokd:{name}:logits"], kd(res["logits"], t_logits, tau=2.0))
+
+
+@pytest.mark.parametrize("teachers", [1, 2])
+def test_kdtune_run_search_then_final_run_of_dict_output_models(tmp_path, dict_net, teachers):
+    """One teacher or two: the search's rewards read the logits through ``output``, and the final
+    run (a plain config: ``student.output``, an ensemble of dict-output members) trains."""
+    run_dir = kdtune_run(own_models(tmp_path, teachers=teachers), tmp_path / "runs")
+    info = json.loads((run_dir / "autokd.json").read_text())
+    assert info["complete_trials"] == 1 and len(info["mu"]) == 2 * teachers
+    for t in info["trials"]:  # scored on the selected logits
+        metrics = json.loads((tmp_path / t["run_dir"] / "summary.json").read_text())["reward_metrics"]
+        assert math.isfinite(t["reward"]) and all(math.isfinite(metrics[k]) for k in ("ce", "acc", "cka", "l1"))
+    assert math.isfinite(json.loads((run_dir / "summary.json").read_text())["test_acc"])
+
+
+@pytest.mark.parametrize("wrong", ["student", "autokd.teachers.0"])
+def test_a_wrong_output_key_is_one_line_naming_the_outputs_keys_and_the_config_key(tmp_path, dict_net, capsys,
+                                                                                    wrong):
+    data = own_models(tmp_path, **({"output": "logit", "teacher_output": "logits"} if wrong == "student"
+                                   else {"teacher_output": "logit"}))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path)]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line.startswith(f"kdtune run: error: {wrong} DictNet: key 'logit' not in module output dict{{'pooled': ")
+    assert "'logits': Tensor(" in line and "Did you mean: logits" in line
+    assert line.endswith(f"Fix: {wrong}.output=<key or index of the logits>")

@@ -45,10 +45,11 @@ from torch import Tensor, nn
 
 from kdtune import jsonutil
 from kdtune.build import build_distiller, build_model, calibrate_run, load_splits, seed_everything
-from kdtune.capture import FeatureCapture, find_stage_outputs
+from kdtune.capture import FeatureCapture, Selector, find_stage_outputs
 from kdtune.config import ModelConfig, RunConfig
 from kdtune.data import BatchLoader, DatasetLoader, dataset_augment, make_loader
 from kdtune.distances import cka
+from kdtune.distiller import pick_logits
 from kdtune.pathways import resolve_stage
 from kdtune.search.incumbents import (
     INCUMBENT_ATTR,
@@ -128,12 +129,14 @@ REWARD_FLOOR = -5.0
 @torch.no_grad()
 def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader | DatasetLoader,
                    student_layers: Sequence[str], teacher_layers: Sequence[str],
-                   max_cka_samples: int = 1000) -> dict[str, float]:
+                   max_cka_samples: int = 1000, student_output: Selector = None,
+                   teacher_output: Selector = None) -> dict[str, float]:
     """Validation metrics a reward is made of.
 
     Returns ``ce`` (mean CE), ``acc``, ``cka`` (linear CKA of the raw features, mean over the layer
     pairs, on the first ``max_cka_samples`` samples), ``l1`` (``mean_n ||softmax(p_S) - softmax(p_T)||_1``,
-    Table 9's L1 to the teacher; the paper does not say on what, we use the outputs).
+    Table 9's L1 to the teacher; the paper does not say on what, we use the outputs). The logits
+    are read through ``student_output`` / ``teacher_output`` (the configs' ``output``).
     """
     device = next(student.parameters()).device  # the loader yields CPU batches; the models may be on a GPU
     x0 = next(iter(loader))[0].to(device)
@@ -148,7 +151,8 @@ def reward_metrics(student: nn.Module, teacher: nn.Module, loader: BatchLoader |
             FeatureCapture(teacher, list(dict.fromkeys(t_paths)), detach=True) as t_cap:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            ps, pt = student(x), teacher(x)
+            ps = pick_logits(student(x), student_output, f"student {type(student).__name__}", "student.output={}")
+            pt = pick_logits(teacher(x), teacher_output, f"teacher {type(teacher).__name__}", "teacher.output={}")
             ce_sum += float(F.cross_entropy(ps, y, reduction="sum"))
             correct += int((ps.argmax(1) == y).sum())
             l1_sum += float((ps.softmax(1) - pt.softmax(1)).abs().sum())
@@ -202,6 +206,7 @@ class DistillPlan:
         mu: one factor per pair (eq. 6), or None (``layer_weights: equal``).
         members: member names, one per teacher; empty with one teacher (no ensemble).
         member_of: index into ``members`` of each pair's teacher.
+        member_outputs: where each teacher's logits are in its output (its config's ``output``).
         student_logits: the student's logit module (several teachers: per-teacher logit terms).
     """
 
@@ -210,6 +215,7 @@ class DistillPlan:
     mu: list[float] | None
     members: list[str] = field(default_factory=list)
     member_of: list[int] = field(default_factory=list)
+    member_outputs: list[int | str | None] = field(default_factory=list)
     student_logits: str | None = None
 
     def member_mu(self) -> list[float]:
@@ -235,7 +241,8 @@ def make_plan(cfg: RunConfig) -> DistillPlan:
 
     mu is computed from the seeded initial student and each teacher on the first training batch.
     With one teacher the layer paths stay as written (``stage:<i>`` resolved by the distiller); with
-    several, each teacher's ``stage:<i>`` is resolved in that teacher.
+    several, each teacher's ``stage:<i>`` is resolved in that teacher, and every model's logits are
+    found through its ``output`` (a wrong one fails here, in one line naming its config key).
     """
     ak = _autokd(cfg)
     teachers = _teachers(cfg)
@@ -245,9 +252,12 @@ def make_plan(cfg: RunConfig) -> DistillPlan:
     student, models, x = _probe_models(cfg, teachers)
     names = member_names(teachers)
     plan = DistillPlan([], [], [] if ak.layer_weights == "train_free" else None, names,
-                       student_logits=logits_module(student, x))
+                       member_outputs=[mc.output for mc in teachers],
+                       student_logits=logits_module(student, x, cfg.student.output, "student"))
     s_paths = _resolve(student, x, ak.student_layers, "student")
-    for j, (name, teacher) in enumerate(zip(names, models, strict=True)):
+    keys = ["teacher", *(f"autokd.teachers.{i}" for i in range(len(teachers) - 1))]
+    for j, (name, mc, key, teacher) in enumerate(zip(names, teachers, keys, models, strict=True)):
+        _check_logits(teacher, x, mc.output, key)
         t_paths = _resolve(teacher, x, ak.teacher_layers, f"teacher {name}")
         plan.teacher_layers += [f"{name}.{p}" for p in t_paths]
         plan.student_layers += s_paths
@@ -274,12 +284,24 @@ def spec_config(cfg: RunConfig, spec: DistillerSpec | None = None, plan: Distill
     plan = make_plan(cfg) if plan is None else plan
     if plan.members:
         out = spec.apply(copy.deepcopy(cfg), plan.teacher_layers, plan.student_layers, plan.mu,
-                         list(zip(plan.members, plan.member_mu(), strict=True)), plan.student_logits)
+                         list(zip(plan.members, plan.member_mu(), plan.member_outputs, strict=True)),
+                         plan.student_logits)
         out.teacher = ensemble_config(teachers)
     else:
         out = spec.apply(copy.deepcopy(cfg), plan.teacher_layers, plan.student_layers, plan.mu)
     out.autokd = None
     return out
+
+
+@torch.no_grad()
+def _check_logits(model: nn.Module, x: Tensor, output: Selector, key: str) -> None:
+    """Run ``model`` on ``x`` in eval mode; its logits must be where ``output`` (config ``<key>.output``) says."""
+    was = model.training
+    model.eval()
+    try:
+        pick_logits(model(x), output, f"{key} {type(model).__name__}", f"{key}.output={{}}")
+    finally:
+        model.train(was)
 
 
 def _probe_models(cfg: RunConfig, teachers: Sequence[ModelConfig]) -> tuple[nn.Module, list[nn.Module], Tensor]:
@@ -385,8 +407,9 @@ class TrialContext:
         summary = trainer.fit()
         d = trainer.distiller
         assert d.teacher is not None
-        summary["reward_metrics"] = reward_metrics(d.student, d.teacher, self.val_loader(), self.plan.student_layers,
-                                                   self.plan.teacher_layers)
+        summary["reward_metrics"] = reward_metrics(
+            d.student, d.teacher, self.val_loader(), self.plan.student_layers, self.plan.teacher_layers,
+            student_output=d.output_selectors["student"], teacher_output=d.output_selectors["teacher"])
         summary["reward"] = reward_from(summary["reward_metrics"], ak.reward)
         summary["eval_split"] = "val"
         if summary_path is not None:

@@ -17,6 +17,11 @@ A config names the ensemble as a model, ``ModelConfig(name="teacher_ensemble", k
 member (the module itself is :class:`kdtune.ensemble.TeacherEnsemble`), so a saved ``config.yaml``
 trains and resumes like any run.
 
+A teacher or student whose forward returns a tuple / list / dict is read through its config's
+``output`` (as in a plain run): the ensemble averages the selected logits, a per-teacher logit
+pathway reads ``<member_j>`` through it (``teacher_selector``), and the student's side is the
+submodule that outputs the selected logits (``net.head`` of a ``{"logits": self.net.head(h)}``).
+
 Limitation: the ensemble's own output (what the trainer's teacher-agreement metrics and a plain
 ``logit_losses`` entry see) is the mean of the members' logits; per-teacher logit terms must be
 pathways, because a logit loss only receives that one output.
@@ -30,7 +35,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdtune.capture import Selector
 from kdtune.config import ModelConfig, to_dict
+from kdtune.distiller import pick_logits
 from kdtune.ensemble import ENSEMBLE, TeacherEnsemble
 
 __all__ = ["ENSEMBLE", "TeacherEnsemble", "ensemble_config", "logits_module", "member_names"]
@@ -55,14 +62,18 @@ def ensemble_config(teachers: Sequence[ModelConfig]) -> ModelConfig:
 
 
 @torch.no_grad()
-def logits_module(model: nn.Module, x: Tensor) -> str:
-    """Path of the submodule whose output *is* the model's output (the logits), e.g. ``fc``.
+def logits_module(model: nn.Module, x: Tensor, output: Selector = None, role: str = "student") -> str:
+    """Path of the submodule whose output *is* the model's logits, e.g. ``fc``.
 
     Args:
         model: a classifier; it is run once on ``x`` in eval mode (then its mode is restored).
         x: an input batch (N, C, H, W).
+        output: where the logits are in the model's output (its config's ``output``); None: the
+            output is the logits.
+        role: the model's config key (``student``), named in an error.
 
     Raises:
+        OutputError: ``output`` does not find the logits (one line naming the output's keys).
         ValueError: the logits are not the output of a submodule (e.g. reshaped after it).
     """
     outputs: dict[str, Any] = {}
@@ -71,13 +82,14 @@ def logits_module(model: nn.Module, x: Tensor) -> str:
     was = model.training
     model.eval()
     try:
-        logits = model(x)
+        out = model(x)
     finally:
         model.train(was)
         for h in hooks:
             h.remove()
-    for name, out in outputs.items():
-        if out is logits:
+    logits = pick_logits(out, output, f"{role} {type(model).__name__}", f"{role}.output={{}}")
+    for name, value in outputs.items():
+        if value is logits:
             return name
     raise ValueError(f"{type(model).__name__}'s logits are not the output of one of its submodules; "
                      f"per-teacher logit distillation needs one (e.g. return self.fc(x))")

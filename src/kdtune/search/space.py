@@ -287,25 +287,30 @@ class DistillerSpec:
         fraction = self.warmup_fraction if self.weight_schedule == "warmup" else self.stop_fraction
         return WeightingConfig("schedule", {"schedule": self.weight_schedule, "fraction": fraction})
 
-    def logit_pathways(self, teachers: Sequence[tuple[str, float]], student_logits: str) -> list[PathwayConfig]:
+    def logit_pathways(self, teachers: Sequence[tuple[str, float, int | str | None]],
+                       student_logits: str) -> list[PathwayConfig]:
         """Per-teacher logit terms ``W_p * mu_j * D_p(p_S / tau, p_Tj / tau)`` (eq. 1 summed over teachers, eq. 5).
 
         For a :class:`~kdtune.search.multiteacher.TeacherEnsemble`: teacher j's logits are the output
-        of its member module, so each term is a pathway from the student's classifier module.
+        of its member module (read through its output selector), so each term is a pathway from the
+        student's classifier module.
 
         Args:
-            teachers: (member name, mu_j) per teacher.
+            teachers: (member name, mu_j, where its logits are in its output: its config's ``output``)
+                per teacher.
             student_logits: module path of the student whose output is its logits (e.g. ``fc``).
         """
         if self.logit_distance is None:
             return []
         return [PathwayConfig(teacher=name, student=student_logits, transform="identity",
                               distance=LOGIT_DISTANCES[self.logit_distance], weight=self.logit_weight * float(m),
-                              name=f"autokd:{name}:logits", distance_kwargs=self.logit_kwargs())
-                for name, m in teachers]
+                              name=f"autokd:{name}:logits", distance_kwargs=self.logit_kwargs(),
+                              teacher_selector=output)
+                for name, m, output in teachers]
 
     def apply(self, cfg: RunConfig, teacher_layers: Sequence[str], student_layers: Sequence[str],
-              mu: Sequence[float] | None = None, logit_teachers: Sequence[tuple[str, float]] | None = None,
+              mu: Sequence[float] | None = None,
+              logit_teachers: Sequence[tuple[str, float, int | str | None]] | None = None,
               student_logits: str | None = None) -> RunConfig:
         """A copy of ``cfg`` whose distillation is this spec: ``L = CE + L_Auto-KD`` (eq. 4).
 
