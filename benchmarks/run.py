@@ -122,6 +122,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("adaptive (AT x3 + ST), CE form", "configs/fmnist2k/adaptive.yaml", [KD_CE]),
         ("adaptive (AT x3 + ST), KL form", "configs/fmnist2k/adaptive.yaml", [KD_KL]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
+        # The same two paths at their catalogue weights (AT 1000, KD 1): what the paths give without learned weights.
+        ("fixed (AT x3 + ST), catalogue weights", "configs/fmnist2k/adaptive.yaml", ["weighting=fixed"]),
         ("DistPro search (searching student, 80 % of the data)", "configs/fmnist2k/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS_2K}", POOL_FIRST]),
         ("DistPro process (retrain)", "configs/fmnist2k/distpro_retrain.yaml",
