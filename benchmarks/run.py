@@ -75,6 +75,8 @@ CALIBRATED = "distill.calibrate.ratio=1"
 #: The two forms of the soft-target path of the adaptive configs (its first logit loss): tau^2 CE or tau^2 KL.
 #: Plain KD (tau 4, catalogue weight 1) as a fixed term beside a weighting that learns the other terms' weights.
 KD_FIXED = "distill.logit_losses=[{name: kd, kwargs: {tau: 4}}]"
+#: Adaptive Distillation's z trained at the student's learning rate (its own rate, 0.1, is the default).
+Z_STUDENT_LR = "distill.weighting.kwargs.lr=null"
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
 #: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
 CATALOGUE_FEATURE_METHODS = ["fitnets", "at", "sp", "rkd", "pkt", "nst", "cc", "cwd", "reviewkd"]
@@ -119,8 +121,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("Auto-KD: the searched spec -> final", "configs/fmnist2k/autokd_final.yaml", [f"spec={AUTOKD_SPEC_2K}"]),
         # Adaptive Distillation's two forms of the ST path (same gradient, different learned weight: eq. 6's
         # v -> 1/f sees the teacher's entropy in the CE form) and MGDA with calibrated start weights.
-        ("adaptive (AT x3 + ST), CE form", "configs/fmnist2k/adaptive.yaml", [KD_CE]),
-        ("adaptive (AT x3 + ST), KL form", "configs/fmnist2k/adaptive.yaml", [KD_KL]),
+        ("adaptive (AT x3 + ST), CE form", "configs/fmnist2k/adaptive.yaml", [KD_CE, Z_STUDENT_LR]),
+        ("adaptive (AT x3 + ST), KL form, z at the student's lr", "configs/fmnist2k/adaptive.yaml",
+         [KD_KL, Z_STUDENT_LR]),
+        # Today's default: ST in the KL form, z at the paper's rate 0.1 (the student's is 0.01 here).
+        ("adaptive (AT x3 + ST), KL form, z at lr 0.1 (default)", "configs/fmnist2k/adaptive.yaml", [KD_KL]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         # The same two paths at their catalogue weights (AT 1000, KD 1): what the paths give without learned weights.
         ("fixed (AT x3 + ST), catalogue weights", "configs/fmnist2k/adaptive.yaml", ["weighting=fixed"]),
@@ -146,8 +151,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("student alone", "@core/student alone", []),
         ("KD", "@core/KD", []),
         ("KD, calibrated", "configs/fmnist/kd.yaml", [CALIBRATED]),
-        ("adaptive (AT x3 + ST, CE form)", "configs/fmnist/adaptive.yaml", [KD_CE]),
-        ("adaptive (AT x3 + ST, KL form)", "configs/fmnist/adaptive.yaml", [KD_KL]),
+        ("adaptive (AT x3 + ST, CE form)", "configs/fmnist/adaptive.yaml", [KD_CE, Z_STUDENT_LR]),
+        # z at the student's rate, as before the weighting's own rate (0.1 = this protocol's lr: the same up to z's decay).
+        ("adaptive (AT x3 + ST, KL form)", "configs/fmnist/adaptive.yaml", [KD_KL, Z_STUDENT_LR]),
+        ("adaptive (AT x3 + ST, KL form, z at lr 0.1: default)", "configs/fmnist/adaptive.yaml", [KD_KL]),
         ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),

@@ -86,7 +86,26 @@ class Callback:
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None: ...
 
 
-def build_optimizer(params: Sequence[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def parameter_groups(module: nn.Module, params: Sequence[nn.Parameter]) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: ``params`` in one group with the run's settings, except those a
+    submodule of ``module`` gives settings of its own through ``optimizer_groups()`` (a list of
+    ``{"params": [...], "lr": ..., ...}``; e.g. Adaptive Distillation's z at the paper's rate).
+
+    The run's group comes first, so ``param_groups[0]`` is always the student's (its lr is what is logged).
+    """
+    wanted = {id(p) for p in params}
+    own: list[dict[str, Any]] = []
+    for sub in module.modules():
+        declare = getattr(sub, "optimizer_groups", None)
+        if callable(declare):
+            own += [{**g, "params": [p for p in g["params"] if id(p) in wanted]} for g in declare()]
+    own = [g for g in own if g["params"]]
+    taken = {id(p) for g in own for p in g["params"]}
+    return [{"params": [p for p in params if id(p) not in taken]}, *own]
+
+
+def build_optimizer(params: Sequence[nn.Parameter] | Sequence[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW with the run's settings over ``params`` (parameters, or groups with settings of their own)."""
     o = cfg.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
@@ -224,7 +243,7 @@ class Trainer:
         # trainable_parameters() (MetaDistiller's label generator has its own Adam on a meta-gradient).
         select = getattr(distiller, "trainable_parameters", None)
         params = list(select()) if select is not None else [p for p in distiller.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, self.cfg)
+        self.optimizer = build_optimizer(parameter_groups(distiller, params), self.cfg)
         steps = len(self.train_loader)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, steps, self.cfg))
         # A weighting that follows the step (DistPro's replayed process, Auto-KD's warm-up / early stop)

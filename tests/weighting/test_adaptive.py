@@ -143,3 +143,37 @@ def test_ce_form_of_st_shrinks_its_learned_weight_by_the_teacher_entropy():
     assert settled["kl"] == pytest.approx(1 / kl, rel=1e-2)
     assert settled["ce"] == pytest.approx(1 / (kl + entropy), rel=1e-2)
     assert settled["kl"] / settled["ce"] > 10  # the entropy dominates f: KD all but switched off
+
+
+@pytest.mark.parametrize("lr", [0.1, None])
+def test_z_has_its_own_rate_in_the_main_optimiser_and_follows_the_schedule(tmp_path, tiny_data, lr):
+    # z learns at the paper's rate 0.1 (no weight decay) whatever the student's rate; lr=None: the student's.
+    from kdtune.config import OptimizerConfig, TrainConfig
+    from kdtune.data import BatchLoader
+    from kdtune.trainer import Trainer
+    torch.manual_seed(0)
+    distiller = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
+                          logit_losses=["kd"], weighting="adaptive", weighting_kwargs={"lr": lr},
+                          input_shape=(1, 8, 8))
+    cfg = TrainConfig(epochs=2, progress=False, channels_last=False, log_every=1,
+                      optimizer=OptimizerConfig(lr=0.01, weight_decay=5e-4))
+    trainer = Trainer(distiller, BatchLoader(tiny_data, 10), None, cfg, run_dir=tmp_path)
+    groups = trainer.optimizer.param_groups
+    z = distiller.weighting.z
+    in_group = [any(p is z for p in g["params"]) for g in groups]
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == len([p for p in distiller.parameters() if p.requires_grad])  # every parameter, once
+    if lr is None:
+        assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(0.01)
+        return
+    assert in_group == [False, True] and groups[0]["lr"] == pytest.approx(0.01)
+    assert groups[1]["lr"] == pytest.approx(0.1) and groups[1]["weight_decay"] == 0.0
+    trainer.fit()
+    # cosine to zero over the run: both groups decayed by the same factor
+    assert groups[1]["lr"] / 0.1 == pytest.approx(groups[0]["lr"] / 0.01)
+    assert groups[1]["lr"] < 0.1
+
+
+def test_z_lr_must_be_positive():
+    with pytest.raises(ValueError, match="lr"):
+        AdaptiveWeighting(["kd"], {}, lr=0.0)
