@@ -152,7 +152,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("KD", "@core/KD", []),
         ("KD, calibrated", "configs/fmnist/kd.yaml", [CALIBRATED]),
         ("adaptive (AT x3 + ST, CE form)", "configs/fmnist/adaptive.yaml", [KD_CE, Z_STUDENT_LR]),
-        # z at the student's rate, as before the weighting's own rate (0.1 = this protocol's lr: the same up to z's decay).
+        # z at the student's rate, as before z had its own (0.1 = this protocol's lr: the same up to z's weight decay).
         ("adaptive (AT x3 + ST, KL form)", "configs/fmnist/adaptive.yaml", [KD_KL, Z_STUDENT_LR]),
         ("adaptive (AT x3 + ST, KL form, z at lr 0.1: default)", "configs/fmnist/adaptive.yaml", [KD_KL]),
         ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
@@ -192,7 +192,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"process={DISTPRO_PROCESS_FIXED}", "baseline=equal"]),
         ("pathways, final alpha_T", "configs/fmnist/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_FIXED}", "baseline=final"]),
-        ("DistPro process", "configs/fmnist/distpro_retrain.yaml", [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process"]),
+        ("DistPro process", "configs/fmnist/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process"]),
         # The process over the feature pathways on top of plain KD (tau 4, weight 1) on the logits, as ReviewKD + KD.
         ("DistPro process + KD", "configs/fmnist/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process", KD_FIXED]),

@@ -104,7 +104,8 @@ def parameter_groups(module: nn.Module, params: Sequence[nn.Parameter]) -> list[
     return [{"params": [p for p in params if id(p) not in taken]}, *own]
 
 
-def build_optimizer(params: Sequence[nn.Parameter] | Sequence[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Sequence[nn.Parameter] | Sequence[dict[str, Any]],
+                    cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD or AdamW with the run's settings over ``params`` (parameters, or groups with settings of their own)."""
     o = cfg.optimizer
     if o.name == "sgd":
