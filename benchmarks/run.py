@@ -111,9 +111,6 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
     "fmnist2k_auto": ("FMNIST-2k-x, WRN-40-2 -> MobileNetV2 (x0.5), 2,000 images, 15 epochs, lr 0.01: automated rows", [
         ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
         ("MD (no teacher), residual generator (default)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
-        # 15 epochs leave MD 3 meta epochs (M = 5; the paper's CIFAR schedule has 40): is the generator short of steps?
-        ("MD (no teacher), a meta epoch every epoch (M = 1)", "configs/fmnist2k/selfdistill.yaml",
-         ["method=md", "selfdistill.meta_every=1"]),
         # 16 of the config's 40 proxy trials: a trial costs ~4 min here (>= 150 steps of MobileNetV2), 40 ~2.6 h.
         ("Auto-KD: MCTS search, 16 trials (KD incumbent) -> final", "configs/fmnist2k/autokd_search.yaml",
          [f"autokd.export={AUTOKD_SPEC_2K}", "autokd.trials=16"]),
