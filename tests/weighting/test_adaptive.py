@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from helpers import TinyNet
+from kdtune.config import OptimizerConfig, TrainConfig
+from kdtune.data import BatchLoader
 from kdtune.distiller import Distiller
+from kdtune.losses import kd
 from kdtune.pathways import Pathway
+from kdtune.trainer import Callback, Trainer
 from kdtune.weighting import AdaptiveWeighting, build_weighting
 from kdtune.weighting.paths import group_terms
 
@@ -122,7 +126,6 @@ def test_absent_terms_and_bad_arguments():
 def test_ce_form_of_st_shrinks_its_learned_weight_by_the_teacher_entropy():
     # eq. 6 settles at v = 1/f, so the constant tau^2 H(q_T) of App. A.1's CE form lowers v_kd from
     # 1/KL to 1/(KL + tau^2 H): why the shipped adaptive configs give ST in the KL form.
-    from kdtune.losses import kd
     torch.manual_seed(0)
     t, s = torch.randn(16, 10), torch.randn(16, 10)
     tau = 4.0
@@ -148,9 +151,6 @@ def test_ce_form_of_st_shrinks_its_learned_weight_by_the_teacher_entropy():
 @pytest.mark.parametrize("lr", [0.1, None])
 def test_z_has_its_own_rate_in_the_main_optimiser_and_follows_the_schedule(tmp_path, tiny_data, lr):
     # z learns at the paper's rate 0.1 (no weight decay) whatever the student's rate; lr=None: the student's.
-    from kdtune.config import OptimizerConfig, TrainConfig
-    from kdtune.data import BatchLoader
-    from kdtune.trainer import Trainer
     torch.manual_seed(0)
     distiller = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
                           logit_losses=["kd"], weighting="adaptive", weighting_kwargs={"lr": lr},
@@ -177,3 +177,32 @@ def test_z_has_its_own_rate_in_the_main_optimiser_and_follows_the_schedule(tmp_p
 def test_z_lr_must_be_positive():
     with pytest.raises(ValueError, match="lr"):
         AdaptiveWeighting(["kd"], {}, lr=0.0)
+
+
+def test_a_resumed_adaptive_run_continues_exactly_with_zs_own_group(tmp_path, tiny_data):
+
+
+    class Interrupt(Callback):  # stops the run at the start of its second epoch, after the first checkpoint
+        def on_epoch_start(self, trainer, epoch):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    def trainer(run_dir, callbacks=()):
+        torch.manual_seed(0)
+        d = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
+                      logit_losses=["kd"], weighting="adaptive", input_shape=(1, 8, 8))
+        c = TrainConfig(epochs=2, progress=False, channels_last=False, log_every=1,
+                        optimizer=OptimizerConfig(lr=0.01))
+        return Trainer(d, BatchLoader(tiny_data, 10), None, c, run_dir=run_dir, callbacks=list(callbacks))
+
+    straight = trainer(tmp_path / "a")
+    straight.fit()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "b", [Interrupt()]).fit()
+    resumed = trainer(tmp_path / "b")
+    resumed.load_checkpoint()
+    resumed.fit()
+    assert torch.equal(resumed.distiller.weighting.z, straight.distiller.weighting.z)
+    assert resumed.optimizer.param_groups[1]["lr"] == pytest.approx(straight.optimizer.param_groups[1]["lr"])
+    for p, q in zip(resumed.distiller.student.parameters(), straight.distiller.student.parameters(), strict=True):
+        assert torch.equal(p, q)
