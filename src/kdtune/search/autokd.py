@@ -215,7 +215,7 @@ class DistillPlan:
     mu: list[float] | None
     members: list[str] = field(default_factory=list)
     member_of: list[int] = field(default_factory=list)
-    member_outputs: list[int | str | None] = field(default_factory=list)
+    member_outputs: list[Selector] = field(default_factory=list)
     student_logits: str | None = None
 
     def member_mu(self) -> list[float]:

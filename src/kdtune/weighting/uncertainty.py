@@ -44,8 +44,8 @@ class AdaptiveWeighting(PathWeighting):
             0.1 for every classification set-up); None: the student's rate. Why not the student's:
             how fast z reaches eq. 6's stationary point should not depend on the rate a student
             needs. Measured (FMNIST-2k-x, student lr 0.01, 240 steps): with z at the student's rate,
-            v·f stayed at 0.01–0.4 for AT and 0.3–0.65 for KD over the first quarter of the run
-            (stationary point: 1); at 0.1 on FMNIST-5k it is ~1 from step 20.
+            AT's v·f stayed at 0.01–0.46 over the first quarter of the run (stationary point: 1); at
+            0.1 it is 0.87–1.16 from step 30 there, and 0.73–1.74 from step 20 on FMNIST-5k.
 
     Attributes:
         z: (P,) proxy parameters, one per path in ``path_names`` order, initialised to 0 (v = 1,
