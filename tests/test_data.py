@@ -14,15 +14,18 @@ import torch
 from kdtune.data import (
     Augment,
     BatchLoader,
+    DatasetLoader,
     DatasetNotFoundError,
     ImageDataset,
     balanced_subset,
+    drops_tail,
     from_arrays,
     load_cifar10,
     load_cifar100,
     load_dataset,
     load_fashion_mnist,
     load_mnist,
+    make_loader,
     read_idx,
     train_val_split,
 )
@@ -404,6 +407,30 @@ def test_drop_last_and_len() -> None:
     assert len(too_big) == 0 == len(batches(too_big))
     with pytest.raises(ValueError, match="batch_size"):
         BatchLoader(ds, batch_size=0)
+
+
+def test_auto_drop_last_drops_only_a_tail_under_half_a_batch() -> None:
+    # 10 samples: batch 4 leaves a tail of 2 (= half: kept), batch 3 a tail of 1 (< 1.5: dropped).
+    ds = loader_dataset(n=10)
+    assert [len(y) for _, y in BatchLoader(ds, batch_size=4, drop_last=None)] == [4, 4, 2]
+    assert [len(y) for _, y in BatchLoader(ds, batch_size=3, drop_last=None)] == [3, 3, 3]
+    assert [len(y) for _, y in BatchLoader(ds, batch_size=16, drop_last=None)] == [10]  # the only batch stays
+    assert len(BatchLoader(ds, batch_size=3, drop_last=None)) == 3
+    assert [drops_tail(n, 128, None) for n in (5000, 2000, 100, 256)] == [True, False, False, False]
+    assert drops_tail(2000, 128, True) and not drops_tail(5000, 128, False)
+    # The DataLoader path decides on each rank's shard: 10 samples over 2 ranks = 5 each, batch 4 -> tail 1.
+    workers = DatasetLoader(torch.utils.data.TensorDataset(torch.zeros(10, 1), torch.arange(10)), 4,
+                            drop_last=None)
+    assert not workers.drop_last and len(workers) == 3
+    workers.shard(0, 2)
+    assert workers.drop_last and len(workers) == 1 == len(list(workers))
+
+
+def test_make_loader_auto_drop_is_for_training_only() -> None:
+    ds = loader_dataset(n=10)
+    assert [len(y) for _, y in make_loader(ds, 3, shuffle=True)] == [3, 3, 3]
+    assert [len(y) for _, y in make_loader(ds, 3, shuffle=False)] == [3, 3, 3, 1]  # evaluation sees every image
+    assert [len(y) for _, y in make_loader(ds, 3, shuffle=True, drop_last=False)] == [3, 3, 3, 1]
 
 
 def expected_augmented_batches(ds: ImageDataset, batch_size: int, seed: int, epoch: int, pad: int,

@@ -152,7 +152,7 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, build: DistillerBuilder =
     callbacks = (*callbacks, *method_callbacks)
     d = cfg.data
     train_loader = make_loader(splits.train, d.batch_size, shuffle=True, seed=cfg.seed, workers=d.workers,
-                               augment=dataset_augment(d.dataset, d.crop_padding, d.flip))
+                               drop_last=d.drop_last, augment=dataset_augment(d.dataset, d.crop_padding, d.flip))
     if eval_split == "val" and splits.val is None:
         raise ValueError("eval_split='val' needs a validation split: set data.val_fraction > 0 (e.g. 0.2)")
     test_loader = make_loader(splits.val if eval_split == "val" else splits.test, d.eval_batch_size,

@@ -108,6 +108,10 @@ class DataConfig:
     """Seed of the train/validation split."""
     batch_size: int = 128
     """Training batch size."""
+    drop_last: bool | None = None
+    """Drop each training epoch's partial last batch; null: only when it holds fewer than half a batch
+    (it would take a full step on a few images: noisy BatchNorm statistics, batch-relation losses such as
+    SP weighing it more; kdtune.data.drops_tail). Evaluation never drops."""
     eval_batch_size: int = 500
     """Evaluation batch size."""
     crop_padding: int = 2

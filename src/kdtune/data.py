@@ -12,6 +12,14 @@ decodes image files lazily. Two loaders turn them into normalised batches:
 
 Both draw an epoch's order and augmentation from ``(seed, epoch)`` only, so a resumed run sees
 the batches an uninterrupted one would. :func:`make_loader` picks one.
+
+A training epoch's last batch holds what is left over (FMNIST-5k at batch 128: 8 images). It
+still takes a full SGD step, with BatchNorm statistics of those few images, and batch-relation
+losses (SP, RKD, CC: means over b x b pairs) weigh it ~b_full/b_tail times more. Measured on
+FMNIST-5k (ResNet-8, lr 0.1): with SP at its catalogue weight, train accuracy after 4 epochs
+0.47 with the 8-image tail vs 0.80 without. So ``drop_last=None`` (the training default) drops a
+tail smaller than half a batch (:func:`drops_tail`); shuffling puts different images in it each
+epoch, so none is left out for good.
 """
 
 from __future__ import annotations
@@ -419,6 +427,18 @@ class Augment:
         return x
 
 
+def drops_tail(n: int, batch_size: int, drop_last: bool | None) -> bool:
+    """Whether an epoch of ``n`` samples drops its last, partial batch.
+
+    ``drop_last`` True / False decides; None ("auto") drops a tail of fewer than ``batch_size / 2``
+    samples when at least one full batch remains (a tiny dataset keeps its only batch).
+    """
+    if drop_last is not None:
+        return drop_last
+    tail = n % batch_size
+    return n >= batch_size and 0 < tail < batch_size / 2
+
+
 class BatchLoader:
     """Iterates (images, labels) batches of an :class:`ImageDataset`, normalised, in memory.
 
@@ -427,7 +447,7 @@ class BatchLoader:
     each rank takes every ``world_size``-th batch of the same permutation, and every rank gets the
     same number of batches (DDP hangs otherwise): with ``drop_last`` the tail batches that do not
     fill a round are dropped, else the epoch wraps around to its first batches to fill it (as
-    ``DistributedSampler`` does with samples).
+    ``DistributedSampler`` does with samples). ``drop_last=None``: :func:`drops_tail` decides.
 
     Yields:
         x: (B, C, H, W) float32, normalised with the dataset's mean/std.
@@ -435,14 +455,15 @@ class BatchLoader:
     """
 
     def __init__(self, ds: ImageDataset, batch_size: int = 128, shuffle: bool = True,
-                 augment: Augment | None = None, seed: int = 0, drop_last: bool = False,
+                 augment: Augment | None = None, seed: int = 0, drop_last: bool | None = False,
                  rank: int = 0, world_size: int = 1, channels_last: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.ds, self.batch_size, self.shuffle = ds, batch_size, shuffle
-        self.augment, self.seed, self.drop_last = augment, seed, drop_last
+        self.augment, self.seed = augment, seed
+        self.drop_last = drops_tail(len(ds), batch_size, drop_last)
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
         self.epoch = 0
         mean = torch.tensor(ds.mean).view(1, -1, 1, 1)
@@ -536,14 +557,19 @@ class DatasetLoader:
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int = 128, shuffle: bool = True,
-                 seed: int = 0, workers: int = 0, drop_last: bool = False, pin_memory: bool = False) -> None:
+                 seed: int = 0, workers: int = 0, drop_last: bool | None = False, pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
-        self.workers, self.drop_last, self.pin_memory = workers, drop_last, pin_memory
+        self.workers, self.pin_memory, self._drop_last = workers, pin_memory, drop_last
         self.rank, self.world_size, self.epoch = 0, 1, 0
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether this rank's shard drops its partial last batch (:func:`drops_tail` on the shard)."""
+        return drops_tail(-(-len(self.dataset) // self.world_size), self.batch_size, self._drop_last)
 
     def shard(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
@@ -580,10 +606,15 @@ class DatasetLoader:
 
 
 def make_loader(ds: Images, batch_size: int, shuffle: bool, augment: Augment | None = None, seed: int = 0,
-                workers: int = 0, drop_last: bool = False,
+                workers: int = 0, drop_last: bool | None = None,
                 pin_memory: bool = False) -> BatchLoader | DatasetLoader:
     """The loader for a dataset: in memory and no workers -> :class:`BatchLoader` (the fast path);
-    else a :class:`DatasetLoader` over :class:`SampleDataset` (decoding and augmenting in workers)."""
+    else a :class:`DatasetLoader` over :class:`SampleDataset` (decoding and augmenting in workers).
+
+    ``drop_last`` None: a shuffled (training) loader drops a tail smaller than half a batch
+    (:func:`drops_tail`); an unshuffled one (evaluation) keeps every sample."""
+    if drop_last is None and not shuffle:
+        drop_last = False
     if isinstance(ds, ImageDataset) and workers == 0:
         return BatchLoader(ds, batch_size, shuffle=shuffle, augment=augment, seed=seed, drop_last=drop_last)
     return DatasetLoader(SampleDataset(ds, augment), batch_size, shuffle=shuffle, seed=seed, workers=workers,

@@ -145,12 +145,13 @@ Batches = Iterable[tuple[Tensor, Tensor]] | ImageDataset | torch.utils.data.Data
 def as_batches(data: Batches, train: bool, seed: int) -> Iterable[tuple[Tensor, Tensor]]:
     """A loader for ``data``: an :class:`ImageDataset` -> :class:`BatchLoader` and a map-style
     ``Dataset`` -> :class:`DatasetLoader` (batch 128 shuffled for training, 500 in order for
-    evaluation); an iterable of batches is used as it is."""
-    size = 128 if train else 500
+    evaluation; a training tail smaller than half a batch is dropped, :func:`kdtune.data.drops_tail`);
+    an iterable of batches is used as it is."""
+    size, drop_last = (128, None) if train else (500, False)
     if isinstance(data, ImageDataset):
-        return BatchLoader(data, batch_size=size, shuffle=train, seed=seed)
+        return BatchLoader(data, batch_size=size, shuffle=train, seed=seed, drop_last=drop_last)
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
-        return DatasetLoader(data, batch_size=size, shuffle=train, seed=seed)
+        return DatasetLoader(data, batch_size=size, shuffle=train, seed=seed, drop_last=drop_last)
     if not hasattr(data, "__iter__") or not hasattr(data, "__len__"):
         raise TypeError(f"training data must be an iterable of (x, y) batches with len() (the lr schedule needs "
                         f"the steps per epoch), e.g. a DataLoader, or a map-style Dataset; got {type(data).__name__}")

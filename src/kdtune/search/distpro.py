@@ -720,7 +720,8 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
                               task_weight=dc.task_weight, input_shape=input_shape,
                               teacher_output=cfg.teacher.output, student_output=cfg.student.output,
                               teacher_precision=cfg.teacher.precision)
-        val = make_loader(splits.val, cfg.data.batch_size, shuffle=True, seed=cfg.seed + 1, workers=cfg.data.workers)
+        val = make_loader(splits.val, cfg.data.batch_size, shuffle=True, seed=cfg.seed + 1, workers=cfg.data.workers,
+                          drop_last=cfg.data.drop_last)
         meta = {"teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint, "student": cfg.student.name,
                 "dataset": cfg.data.dataset, "train_per_class": cfg.data.train_per_class,
                 "val_fraction": cfg.data.val_fraction, "seed": cfg.seed, "epochs": cfg.train.epochs}
