@@ -363,7 +363,8 @@ class TrialContext:
     def train_loader(self, full: bool = False) -> BatchLoader | DatasetLoader:
         d = self.cfg.data
         return make_loader(self.full_train if full else self.train, d.batch_size, shuffle=True, seed=self.cfg.seed,
-                           workers=d.workers, drop_last=d.drop_last, augment=dataset_augment(d.dataset, d.crop_padding, d.flip))
+                           workers=d.workers, drop_last=d.drop_last,
+                           augment=dataset_augment(d.dataset, d.crop_padding, d.flip))
 
     def val_loader(self) -> BatchLoader | DatasetLoader:
         return make_loader(self.val, self.cfg.data.eval_batch_size, shuffle=False, workers=self.cfg.data.workers)
