@@ -49,6 +49,12 @@ DISTPRO_PROCESS_FIXED = "benchmarks/data/distpro_process_fmnist5k_fixed.json"
 #: FMNIST-2k-x: the process of its own DistPro search and the spec of its Auto-KD search (table `fmnist2k_auto`).
 DISTPRO_PROCESS_2K = "benchmarks/data/distpro_process_fmnist2k.json"
 AUTOKD_SPEC_2K = "benchmarks/data/autokd_mcts_fmnist2k.yaml"
+#: MNIST-3k-own (table `own_pair`): the process of its DistPro search and the spec of its Auto-KD search.
+DISTPRO_PROCESS_OWN = "benchmarks/data/distpro_process_mnist_own.json"
+AUTOKD_SPEC_OWN = "benchmarks/data/autokd_mcts_mnist_own.yaml"
+#: Proxy trials of the `own_pair` Auto-KD search (of the config's 40): each proxy is the whole 5-epoch run there
+#: (autokd.min_steps raises it past the 95 steps the run has), so 40 would cost more than the rest of the table.
+AUTOKD_TRIALS_OWN = 12
 POOL_FIRST = "distpro.transform_kwargs={conv3x3: {pool_first: true}, distpro: {pool_first: true}}"
 
 #: An override that makes a row a search only (no final training): its run ends with ``autokd.json``.
@@ -132,6 +138,33 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"process={DISTPRO_PROCESS_2K}", "baseline=process"]),
         ("DistPro pathways, equal weights", "configs/fmnist2k/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_2K}", "baseline=equal"]),
+    ]),
+    # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
+    # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
+    # FMNIST-5k method config with configs/mnist_own/protocol.yaml merged over it: kdtune's defaults, no tuning.
+    # The searches run at seed 0 (as `fmnist2k_auto`); their exported designs are retrained with every seed.
+    "own_pair": ("MNIST-3k-own, own nested-ModuleDict CNN teacher -> own depthwise-separable student, 3,000 images, "
+                 "5 epochs, lr 0.05", [
+        ("student alone", "configs/mnist_own/student.yaml", []),
+        ("KD", "configs/mnist_own/kd.yaml", []),
+        ("KD, calibrated", "configs/mnist_own/kd.yaml", [CALIBRATED]),
+        ("adaptive (AT x3 + ST, default)", "configs/mnist_own/adaptive.yaml", []),
+        ("mgda (AT x3 + ST)", "configs/mnist_own/adaptive.yaml", ["weighting=mgda"]),
+        ("mgda (AT x3 + ST), calibrated", "configs/mnist_own/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
+        ("fitnets (catalogue weight, last stage -> last stage)", "configs/mnist_own/feature.yaml", []),
+        ("fitnets, calibrated", "configs/mnist_own/feature.yaml", [CALIBRATED]),
+        ("DSN (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=dsn"]),
+        ("MD (no teacher, default)", "configs/mnist_own/selfdistill.yaml", ["method=md"]),
+        (f"Auto-KD: MCTS search, {AUTOKD_TRIALS_OWN} trials (KD incumbent) -> final",
+         "configs/mnist_own/autokd_search.yaml",
+         [f"autokd.export={AUTOKD_SPEC_OWN}", f"autokd.trials={AUTOKD_TRIALS_OWN}"]),
+        ("Auto-KD: the searched spec -> final", "configs/mnist_own/autokd_final.yaml", [f"spec={AUTOKD_SPEC_OWN}"]),
+        ("DistPro search (searching student, 80 % of the data)", "configs/mnist_own/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_OWN}"]),
+        ("DistPro process (retrain)", "configs/mnist_own/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_OWN}", "baseline=process"]),
+        ("DistPro pathways, equal weights", "configs/mnist_own/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_OWN}", "baseline=equal"]),
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
     # stage -> last stage, at its catalogue weight and calibrated; one seed. "student alone" is the floor.
@@ -289,6 +322,7 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "fmnist2k": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2")],
     "fmnist2k_auto": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2"),
                       ("exit 3 acc %", "test_acc/exit3")],
+    "own_pair": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2")],
     "selfdistill_lr": [("ensemble acc %", "test_acc/ensemble"), ("exit 1 acc %", "test_acc/exit1"),
                        ("exit 2 acc %", "test_acc/exit2")],
 }

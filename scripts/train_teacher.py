@@ -1,14 +1,16 @@
-"""Train a benchmark teacher on all 60,000 Fashion-MNIST training images and ship it in the zoo.
+"""Train a benchmark teacher on a whole training set (default: Fashion-MNIST's 60,000 images) and ship it.
 
     python scripts/train_teacher.py resnet56 --epochs 15
     python scripts/train_teacher.py wrn_40_2 --epochs 8
     python scripts/train_teacher.py wrn_40_2 --epochs 4 --lr 0.05 --init-shipped   # continue the shipped one
+    python scripts/train_teacher.py own_teacher --plugin benchmarks.own_pair_models --dataset mnist \
+        --epochs 1 --out benchmarks/data                # a user's registered model on MNIST (`own_pair` table)
 
-Writes ``src/kdtune/zoo/<model>_fashion_mnist.pt`` (fp16 state dict, small enough to ship) and
+Writes ``src/kdtune/zoo/<model>_<dataset>.pt`` (fp16 state dict, small enough to ship) and
 ``<same>.json`` (the training record: per-epoch loss/accuracy/time, final test accuracy measured
 *after* the fp16 round trip, the command, seed, versions). Recipe: SGD momentum 0.9 Nesterov,
-weight decay 5e-4, batch 128, lr 0.1 cosine, crop(pad 2)+flip — the FMNIST-5k protocol's recipe
-on the full training set.
+weight decay 5e-4, batch 128, lr 0.1 cosine, crop(pad 2) + the dataset's flip default (none for
+MNIST) — the FMNIST-5k protocol's recipe on the full training set.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdtune.data import Augment, BatchLoader, load_fashion_mnist
+from kdtune.data import BatchLoader, dataset_augment, load_dataset, load_fashion_mnist
 from kdtune.models import create_model
+from kdtune.plugins import import_plugins
 
 ZOO = Path(__file__).resolve().parents[1] / "src" / "kdtune" / "zoo"
 
@@ -58,6 +61,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default="fashion_mnist", help="a registered dataset (`kdtune list datasets`)")
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import this module first (it registers the model); repeatable")
     p.add_argument("--out", type=Path, default=ZOO)
     p.add_argument("--init-shipped", action="store_true",
                    help="start from the shipped teacher's weights (a warm restart: a new cosine schedule from "
@@ -69,21 +75,25 @@ def main() -> None:
         evaluate_shipped(args.model, args.out)
         return
 
+    import_plugins(args.plugin)
     torch.manual_seed(args.seed)
-    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
-    model = create_model(args.model, in_channels=1, num_classes=10).to(memory_format=torch.channels_last)
-    stem = args.out / f"{args.model}_fashion_mnist"
+    train, test = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    model = create_model(args.model, in_channels=train.in_channels, num_classes=train.num_classes)
+    model = model.to(memory_format=torch.channels_last)
+    stem = args.out / f"{args.model}_{args.dataset}"
     previous = None
     if args.init_shipped:  # continue training the shipped weights instead of starting from scratch
         from kdtune.zoo import load_teacher
 
         model.load_state_dict(load_teacher(stem.name).state_dict())
         previous = json.loads(stem.with_suffix(".json").read_text())
-    loader = BatchLoader(train, 128, shuffle=True, augment=Augment(2, True), seed=args.seed, channels_last=True)
+    loader = BatchLoader(train, 128, shuffle=True, augment=dataset_augment(args.dataset, 2, None), seed=args.seed,
+                         channels_last=True)
     test_loader = BatchLoader(test, 500, shuffle=False, channels_last=True)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * len(loader))
-    record = {"model": args.model, "dataset": "fashion_mnist", "in_channels": 1, "num_classes": 10,
+    record = {"model": args.model, "dataset": args.dataset, "in_channels": train.in_channels,
+              "num_classes": train.num_classes,
               "command": " ".join(["python", *sys.argv]), "seed": args.seed, "epochs": [],
               "torch": torch.__version__, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "date": datetime.date.today().isoformat()}
