@@ -11,8 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from kdtune.build import build_model
+from kdtune.capture import find_stage_outputs
 from kdtune.config import load_config
+from kdtune.plugins import import_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -32,6 +36,23 @@ def test_every_row_loads_with_its_overrides(table, row, tmp_path):
 def test_replayed_files_are_committed():
     assert (ROOT / run.DISTPRO_PROCESS).is_file()
     assert all((ROOT / spec).is_file() for spec in run.AUTOKD_SPECS.values())
+    own = load_config(ROOT / "configs" / "mnist_own" / "protocol.yaml", [])
+    assert all((ROOT / f).is_file() for f in (run.DISTPRO_PROCESS_OWN, run.AUTOKD_SPEC_OWN, own.teacher.checkpoint))
+
+
+def test_own_pair_plugin_models_load_from_the_repository_root_and_have_three_stages(monkeypatch):
+    """MNIST-3k-own's pair as benchmarks/run.py's runs see it (cwd = repository root): the plugin imports, the
+    committed teacher checkpoint loads strictly, and stage finding picks blocks out of the nested containers."""
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(ROOT / "configs" / "mnist_own" / "protocol.yaml", [])
+    import_plugins(cfg.plugins)
+    teacher = build_model(cfg.teacher, in_channels=1, num_classes=10)
+    student = build_model(cfg.student, in_channels=1, num_classes=10)
+    x = torch.zeros(2, 1, 28, 28)
+    assert find_stage_outputs(teacher, x) == ["body.low.1", "body.high.0", "body.high.3"]
+    assert find_stage_outputs(student, x) == ["units.a", "units.c", "units"]
+    assert 300_000 <= sum(p.numel() for p in teacher.parameters()) <= 1_000_000
+    assert 30_000 <= sum(p.numel() for p in student.parameters()) <= 60_000
 
 
 def test_references_resolve_to_a_row_of_their_table(tmp_path):
