@@ -357,6 +357,19 @@ def test_a_users_dataloader_and_a_map_style_dataset_train(fmnist_small):
     assert 0 <= tr.history[-1]["test_acc"] <= 1
 
 
+def test_a_users_dataloader_with_a_small_last_batch_gets_a_warning(fmnist_small, capsys):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = fmnist_small[0].images[:36].float() / 255, fmnist_small[0].labels[:36]
+    ds = TensorDataset(x[:35], y[:35])
+    Trainer(Distiller(TinyNet(4)), DataLoader(ds, batch_size=8), None, cfg())  # 35 = 4 x 8 + 3: 3 < 4
+    assert "last batch holds 3 of 8 samples" in capsys.readouterr().err
+    for quiet in (DataLoader(ds, batch_size=8, drop_last=True), DataLoader(ds, batch_size=7),  # 35 = 5 x 7
+                  DataLoader(TensorDataset(x, y), batch_size=8)):  # 36 = 4 x 8 + 4: half a batch, kept
+        Trainer(Distiller(TinyNet(4)), quiet, None, cfg())
+        assert "last batch" not in capsys.readouterr().err
+
+
 def test_data_without_a_length_is_a_clear_error(tiny_data):
     batches = ((torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)) for _ in range(3))
     with pytest.raises(TypeError, match="with len\\(\\).*got generator"):

@@ -181,6 +181,31 @@ def _first_batch(loader: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
                          "than a batch)") from None
 
 
+def small_tail(loader: Iterable[tuple[Tensor, Tensor]]) -> tuple[int, int] | None:
+    """(tail, batch size) when a ``torch.utils.data.DataLoader`` keeps a last batch of fewer than
+    half a batch (``drop_last=False``); None otherwise, or when its sizes are not known.
+
+    kdtune's own loaders drop such a tail by default (:func:`kdtune.data.drops_tail` says why); a
+    user's DataLoader is used as it is, so the trainer only says so."""
+    if not isinstance(loader, torch.utils.data.DataLoader) or loader.drop_last or loader.batch_size is None:
+        return None
+    try:
+        n = len(loader.sampler)
+    except TypeError:  # an iterable-style dataset or a sampler without a length
+        return None
+    tail = n % loader.batch_size
+    return (tail, loader.batch_size) if n >= loader.batch_size and 0 < tail < loader.batch_size / 2 else None
+
+
+def _warn_small_tail(loader: Iterable[tuple[Tensor, Tensor]]) -> None:
+    found = small_tail(loader)
+    if found is not None:
+        tail, size = found
+        print(f"warning: the training DataLoader's last batch holds {tail} of {size} samples; it takes a full step "
+              f"on them (noisy BatchNorm statistics, batch-relation losses weigh it more). Pass "
+              f"DataLoader(..., drop_last=True) to drop it.", file=sys.stderr, flush=True)
+
+
 def set_loader_epoch(loader: Iterable[tuple[Tensor, Tensor]], epoch: int) -> None:
     """Tell a loader (or its sampler) which epoch starts: its order and augmentation follow it."""
     for obj in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None),
@@ -227,6 +252,8 @@ class Trainer:
         self.train_loader = as_batches(train, True, seed)
         self.test_loader = as_batches(test, False, seed) if test is not None else None
         _shard(self.train_loader, self.dist, "training")
+        if self.dist.is_main:
+            _warn_small_tail(self.train_loader)
         for loader in (self.train_loader, self.test_loader):
             if self.device.type == "cuda" and hasattr(loader, "pin_memory"):
                 loader.pin_memory = True  # page-locked batches: the copies below overlap with compute
