@@ -127,6 +127,7 @@ class MGDAWeighting(PathWeighting):
         alpha: global distillation weight, combining the min-norm direction with the task gradient.
         layerwise: every term its own path.
         groups: explicit ``{path: [glob patterns of term names]}``.
+        fixed: terms kept at their configured weight, outside eq. 4 (:class:`PathWeighting`).
         max_iter, tol: Frank-Wolfe settings of :func:`min_norm_weights`.
 
     Attributes:
@@ -142,8 +143,8 @@ class MGDAWeighting(PathWeighting):
 
     def __init__(self, names: Sequence[str], base_weights: Mapping[str, float], alpha: float = 1.0,
                  layerwise: bool = False, groups: Mapping[str, Sequence[str]] | None = None,
-                 max_iter: int = 1000, tol: float = 1e-12) -> None:
-        super().__init__(names, base_weights, alpha, layerwise, groups)
+                 max_iter: int = 1000, tol: float = 1e-12, fixed: Sequence[str] | None = None) -> None:
+        super().__init__(names, base_weights, alpha, layerwise, groups, fixed)
         self.max_iter, self.tol = int(max_iter), float(tol)
         self.register_buffer("weights", torch.full((len(self.path_names),), 1.0 / max(1, len(self.path_names))))
         self._student: nn.Module | None = None
@@ -157,7 +158,7 @@ class MGDAWeighting(PathWeighting):
         """Last solved v*_p per path (without alpha)."""
         return dict(zip(self.path_names, self.weights.tolist(), strict=True))
 
-    def forward(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+    def weigh_paths(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
         """Solve eq. 4 on this batch's path gradients; total = alpha * sum_p v*_p f_p (v* detached)."""
         self.diagnostics = {}
         losses = self.path_losses(terms)

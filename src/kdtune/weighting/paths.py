@@ -8,6 +8,8 @@ makes every stage's term its own path (Fig. 3b, Table 3 "Adaptive-layerwise").
 Grouping rule: a term's path is the text before its first ``:`` — the method label of a
 pathway (``at``, ``nst``, ``fitnets`` ...) or the name of a logit loss (``kd``, ``l2_logit``).
 ``layerwise=True`` makes every term a path; ``groups`` names paths explicitly by glob patterns.
+``fixed`` (glob patterns) keeps terms out of every path: they enter the loss at their configured
+weight (the catalogue's unless set), as plain KD does, while the strategy weighs the other paths.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def group_terms(names: Sequence[str], layerwise: bool = False,
     return out
 
 
+def fixed_terms(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
+    """The terms that match any of the glob ``patterns``; a pattern that matches none is an error."""
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"fixed patterns {unmatched} match no term; terms are {list(names)}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
 class PathWeighting(Weighting):
     """Base of strategies that weight *paths* (groups of terms) with one weight each.
 
@@ -72,22 +82,47 @@ class PathWeighting(Weighting):
         alpha: global distillation weight alpha of eq. 3 (``L_task + alpha v^T f_KD``).
         layerwise: every term its own path (the "-layerwise" variants).
         groups: explicit ``{path: [glob patterns]}``; see :func:`group_terms`.
+        fixed: glob patterns of terms kept out of the paths, e.g. ``["kd"]``: each adds
+            ``base_weight * scale * term`` to the total (not multiplied by alpha), and the strategy
+            weighs only the others. Not in the papers: it keeps plain KD's term as it is while the
+            feature paths are weighted (a floor against eq. 6's v -> 1/f turning down a large KD loss).
 
     Attributes:
         paths: path name -> its term names; ``path_names`` their order (the index of z, w ...).
+        fixed_terms: the terms ``fixed`` matched.
     """
 
     uses_base_weights = False
 
     def __init__(self, names: Sequence[str], base_weights: Mapping[str, float], alpha: float = 1.0,
-                 layerwise: bool = False, groups: Mapping[str, Sequence[str]] | None = None) -> None:
+                 layerwise: bool = False, groups: Mapping[str, Sequence[str]] | None = None,
+                 fixed: Sequence[str] | None = None) -> None:
         super().__init__(names, base_weights)
         if alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
         self.alpha = float(alpha)
-        self.paths = group_terms(self.names, layerwise, groups)
+        self.fixed_terms = fixed_terms(self.names, fixed or [])
+        learned = [n for n in self.names if n not in self.fixed_terms]
+        if not learned:
+            raise ValueError(f"fixed={list(fixed or [])} matches every term {self.names}: nothing is left to weigh; "
+                             f"use weighting 'fixed' instead")
+        self.paths = group_terms(learned, layerwise, groups)
         self.path_names = list(self.paths)
         self._path_of = {t: p for p, members in self.paths.items() for t in members}
+
+    def forward(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        """The strategy's weighting of the paths (:meth:`weigh_paths`) plus each fixed term at its weight."""
+        total, logged = self.weigh_paths({n: v for n, v in terms.items() if n not in self.fixed_terms}, step)
+        for name in self.fixed_terms:
+            if name in terms:
+                w = self.base_weights[name] * self.scales[name]
+                total = total + w * terms[name]
+                logged[name] = w
+        return total, logged
+
+    def weigh_paths(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        """(total, {term: weight}) over the path terms present; the strategy's rule."""
+        raise NotImplementedError
 
     def path_losses(self, terms: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """f_p = sum_i s_i term_i over the present terms of each path (s_i: :attr:`scales`, 1 unless

@@ -36,6 +36,7 @@ class AdaptiveWeighting(PathWeighting):
         alpha: global distillation weight of eq. 3 / 5.
         layerwise: every term its own path (paper's "Adaptive-layerwise", App. A.3).
         groups: explicit ``{path: [glob patterns of term names]}``.
+        fixed: terms kept at their configured weight, outside eq. 5 (:class:`PathWeighting`).
         grad_cosine: also log the cosine similarity between the paths' student gradients each
             training step (``cos/<p>|<q>``, paper Fig. 4c). Costs one extra backward pass per
             path, so it is off by default; it changes nothing in the update.
@@ -58,8 +59,8 @@ class AdaptiveWeighting(PathWeighting):
 
     def __init__(self, names: Sequence[str], base_weights: Mapping[str, float], alpha: float = 1.0,
                  layerwise: bool = False, groups: Mapping[str, Sequence[str]] | None = None,
-                 grad_cosine: bool = False, lr: float | None = 0.1) -> None:
-        super().__init__(names, base_weights, alpha, layerwise, groups)
+                 grad_cosine: bool = False, lr: float | None = 0.1, fixed: Sequence[str] | None = None) -> None:
+        super().__init__(names, base_weights, alpha, layerwise, groups, fixed)
         if lr is not None and not lr > 0:
             raise ValueError(f"adaptive weighting: lr (z's learning rate) must be > 0 or null, got {lr}")
         self.z = nn.Parameter(torch.zeros(len(self.path_names)))
@@ -79,7 +80,7 @@ class AdaptiveWeighting(PathWeighting):
         """Current v_i = exp(-z_i) per path (without alpha)."""
         return dict(zip(self.path_names, torch.exp(-self.z.detach()).tolist(), strict=True))
 
-    def forward(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+    def weigh_paths(self, terms: Mapping[str, Tensor], step: int = 0) -> tuple[Tensor, dict[str, float]]:
         """total = alpha * sum_p (exp(-z_p) f_p + z_p) over the paths present (eq. 5).
 
         Returns:
