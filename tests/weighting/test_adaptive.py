@@ -36,6 +36,31 @@ def test_loss_and_gradient_of_z_follow_eq_5_and_6():
     assert used["kd"] == pytest.approx(0.5 * math.exp(-0.3))
 
 
+def test_fixed_terms_stay_at_their_weight_outside_eq_5():
+    w = AdaptiveWeighting(TERMS, {"kd": 2.0, "l2_logit": 7.0}, alpha=0.5, fixed=["kd", "l2_*"])
+    assert w.path_names == ["at"] and w.fixed_terms == ["kd", "l2_logit"] and w.z.shape == (1,)
+    w.set_scales({"kd": 1.5})  # a calibrated scale multiplies the configured weight
+    with torch.no_grad():
+        w.z.fill_(0.7)
+    f = {"kd": torch.tensor(3.0, requires_grad=True), "l2_logit": torch.tensor(5.0),
+         "at:layer1->layer1": torch.tensor(0.01), "at:layer2->layer2": torch.tensor(0.03)}
+    total, used = w(f)
+    # eq. 5 over AT only (alpha 0.5), plus kd at 2 x 1.5 and l2_logit at 7, not multiplied by alpha
+    expected = 0.5 * (math.exp(-0.7) * 0.04 + 0.7) + 3.0 * 3.0 + 7.0 * 5.0
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    total.backward()
+    assert f["kd"].grad.item() == pytest.approx(3.0)
+    assert w.z.grad.item() == pytest.approx(0.5 * (1 - math.exp(-0.7) * 0.04), rel=1e-5)  # eq. 6 sees AT alone
+    assert used["kd"] == pytest.approx(3.0) and used["l2_logit"] == pytest.approx(7.0)
+    assert used["at:layer1->layer1"] == pytest.approx(0.5 * math.exp(-0.7))
+    total, used = w({"at:layer1->layer1": torch.tensor(0.01)})  # an absent fixed term adds nothing
+    assert set(used) == {"at:layer1->layer1"}
+    with pytest.raises(ValueError, match="match no term"):
+        AdaptiveWeighting(TERMS, {}, fixed=["ce"])
+    with pytest.raises(ValueError, match="nothing is left to weigh"):
+        AdaptiveWeighting(TERMS, {}, fixed=["*"])
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_z_converges_to_log_f_at_a_fixed_point(layerwise):
     # Constant path losses: the stationary point of eq. 6 is z_i = log f_i (v_i = 1 / f_i).

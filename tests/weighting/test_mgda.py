@@ -162,6 +162,27 @@ def test_mgda_gradient_is_task_plus_alpha_min_norm_direction():
     assert out["cos/kd|at"].item() == pytest.approx(cos.item(), abs=1e-4)
 
 
+def test_mgda_with_kd_fixed_solves_eq_4_over_the_other_paths_only():
+    distiller = tiny_distiller("mgda", fixed=["kd"])
+    w = distiller.weighting
+    assert w.path_names == ["l2_logit", "at"] and w.fixed_terms == ["kd"]
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
+    student = list(distiller.student.parameters())
+    out = distiller(x, y)
+    out["loss"].backward()
+    got = torch.cat([p.grad.reshape(-1) for p in student])
+    assert out["w/kd"].item() == pytest.approx(1.0)  # kd's catalogue weight
+    for p in student:
+        p.grad = None
+    logits = distiller.student(x)
+    terms = distiller.distill_terms(logits, y, distiller.teacher_forward(x))
+    g = path_gradients([terms["l2_logit"], terms["at:blocks.0->blocks.0"] + terms["at:blocks.1->blocks.1"]], student)
+    fixed, task = path_gradients([terms["kd"], torch.nn.functional.cross_entropy(logits, y)], student)
+    v = torch.as_tensor(min_norm_weights(g.double() @ g.double().T), dtype=torch.float32)
+    assert w.weights.tolist() == pytest.approx(v.tolist(), abs=1e-4)
+    assert torch.allclose(got, task + fixed + v @ g, atol=1e-5, rtol=1e-4)
+
+
 def test_mgda_reuses_last_weights_without_a_graph_and_checkpoints_them():
     distiller = tiny_distiller("mgda")
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
