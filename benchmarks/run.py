@@ -169,6 +169,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"process={DISTPRO_PROCESS_OWN}", "baseline=process"]),
         ("DistPro pathways, equal weights", "configs/mnist_own/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_OWN}", "baseline=equal"]),
+        # The process over the feature pathways beside plain KD at weight 1 (as the `distpro` table's last row).
+        ("DistPro process + KD", "configs/mnist_own/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_OWN}", "baseline=process", KD_FIXED]),
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
     # stage -> last stage, at its catalogue weight and calibrated; one seed. "student alone" is the floor.
