@@ -83,6 +83,8 @@ Z_STUDENT_LR = "distill.weighting.kwargs.lr=null"
 #: KD kept out of the learned weights, at its catalogue weight 1 (`fixed` of kdtune.weighting.paths): the learned
 #: weighting weighs the AT path only. Rows of FMNIST-5k tables run before data.drop_last keep the tail with TAIL_KEPT.
 KD_OUTSIDE = "distill.weighting.kwargs.fixed=[kd]"
+#: Adaptive Distillation as the paper has it, every term (KD too) a learned path: the default before KD stayed fixed.
+PAPER_FORM = "distill.weighting.kwargs.fixed=[]"
 TAIL_KEPT = "data.drop_last=false"
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
 #: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
@@ -103,8 +105,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("KD", "configs/fmnist2k/kd.yaml", []),
         ("KD, calibrated", "configs/fmnist2k/kd.yaml", [CALIBRATED]),
         # Run when the adaptive configs gave ST in App. A.1's CE form (they give the KL form now).
-        ("adaptive (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", [KD_CE]),
-        ("adaptive (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", [KD_CE, CALIBRATED]),
+        ("adaptive (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", [KD_CE, PAPER_FORM]),
+        ("adaptive (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", [KD_CE, CALIBRATED, PAPER_FORM]),
         ("mgda (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
@@ -125,11 +127,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("Auto-KD: the searched spec -> final", "configs/fmnist2k/autokd_final.yaml", [f"spec={AUTOKD_SPEC_2K}"]),
         # Adaptive Distillation's two forms of the ST path (same gradient, different learned weight: eq. 6's
         # v -> 1/f sees the teacher's entropy in the CE form) and MGDA with calibrated start weights.
-        ("adaptive (AT x3 + ST), CE form", "configs/fmnist2k/adaptive.yaml", [KD_CE, Z_STUDENT_LR]),
+        ("adaptive (AT x3 + ST), CE form", "configs/fmnist2k/adaptive.yaml", [KD_CE, Z_STUDENT_LR, PAPER_FORM]),
         ("adaptive (AT x3 + ST), KL form, z at the student's lr", "configs/fmnist2k/adaptive.yaml",
-         [KD_KL, Z_STUDENT_LR]),
+         [KD_KL, Z_STUDENT_LR, PAPER_FORM]),
         # Today's default: ST in the KL form, z at the paper's rate 0.1 (the student's is 0.01 here).
-        ("adaptive (AT x3 + ST), KL form, z at lr 0.1 (default)", "configs/fmnist2k/adaptive.yaml", [KD_KL]),
+        ("adaptive (AT x3 + ST), KL form, z at lr 0.1 (default)", "configs/fmnist2k/adaptive.yaml", [KD_KL, PAPER_FORM]),
         ("adaptive (AT x3 + ST), KD fixed at weight 1", "configs/fmnist2k/adaptive.yaml", [KD_KL, KD_OUTSIDE]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         # The same two paths at their catalogue weights (AT 1000, KD 1): what the paths give without learned weights.
@@ -150,7 +152,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("student alone", "configs/mnist_own/student.yaml", []),
         ("KD", "configs/mnist_own/kd.yaml", []),
         ("KD, calibrated", "configs/mnist_own/kd.yaml", [CALIBRATED]),
-        ("adaptive (AT x3 + ST, default)", "configs/mnist_own/adaptive.yaml", []),
+        ("adaptive (AT x3 + ST, default)", "configs/mnist_own/adaptive.yaml", [PAPER_FORM]),
         ("adaptive (AT x3 + ST), KD fixed at weight 1", "configs/mnist_own/adaptive.yaml", [KD_OUTSIDE]),
         ("mgda (AT x3 + ST)", "configs/mnist_own/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/mnist_own/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
@@ -190,10 +192,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("student alone", "@core/student alone", []),
         ("KD", "@core/KD", []),
         ("KD, calibrated", "configs/fmnist/kd.yaml", [CALIBRATED]),
-        ("adaptive (AT x3 + ST, CE form)", "configs/fmnist/adaptive.yaml", [KD_CE, Z_STUDENT_LR]),
+        ("adaptive (AT x3 + ST, CE form)", "configs/fmnist/adaptive.yaml", [KD_CE, Z_STUDENT_LR, PAPER_FORM]),
         # z at the student's rate, as before z had its own (0.1 = this protocol's lr: the same up to z's weight decay).
-        ("adaptive (AT x3 + ST, KL form)", "configs/fmnist/adaptive.yaml", [KD_KL, Z_STUDENT_LR]),
-        ("adaptive (AT x3 + ST, KL form, z at lr 0.1: default)", "configs/fmnist/adaptive.yaml", [KD_KL]),
+        ("adaptive (AT x3 + ST, KL form)", "configs/fmnist/adaptive.yaml", [KD_KL, Z_STUDENT_LR, PAPER_FORM]),
+        ("adaptive (AT x3 + ST, KL form, z at lr 0.1: default)", "configs/fmnist/adaptive.yaml", [KD_KL, PAPER_FORM]),
         ("adaptive (AT x3 + ST), KD fixed at weight 1", "configs/fmnist/adaptive.yaml", [KD_KL, KD_OUTSIDE, TAIL_KEPT]),
         ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
@@ -291,18 +293,18 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          ["search.trial_epochs=10", "search.storage=sqlite:///runs/bench/adaptive_grid.db",
           "search.study_name=adaptive_grid"]),
         ("mgda", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
-        ("adaptive", "configs/fmnist/adaptive.yaml", []),
-        ("adaptive-layerwise", "configs/fmnist/adaptive_layerwise.yaml", []),
+        ("adaptive", "configs/fmnist/adaptive.yaml", [PAPER_FORM]),
+        ("adaptive-layerwise", "configs/fmnist/adaptive_layerwise.yaml", [PAPER_FORM]),
     ]),
     # Adaptive Distillation Tables 3-4: four paths AT, ST, NST, l2-logit.
     "adaptive_paths": ("FMNIST-5k, four paths AT + ST + NST + l2-logit (Adaptive Distillation), 30 epochs", [
         ("equal, 4 paths", "configs/fmnist/adaptive_all.yaml", ["weighting=equal"]),
         ("mgda, 4 paths", "configs/fmnist/adaptive_all.yaml", ["weighting=mgda"]),
-        ("adaptive, 4 paths", "configs/fmnist/adaptive_all.yaml", []),
+        ("adaptive, 4 paths", "configs/fmnist/adaptive_all.yaml", [PAPER_FORM]),
         ("adaptive, 4 paths, alpha 0.75", "configs/fmnist/adaptive_all.yaml",
-         ["distill.weighting.kwargs.alpha=0.75"]),
+         ["distill.weighting.kwargs.alpha=0.75", PAPER_FORM]),
         ("adaptive-layerwise, 8 paths", "configs/fmnist/adaptive_all.yaml",
-         ["distill.weighting.kwargs.layerwise=true"]),
+         ["distill.weighting.kwargs.layerwise=true", PAPER_FORM]),
     ]),
     # Auto-KD (issue 6) Tables 3, 8 and 10 on FMNIST-5k. Run `autokd_search` first (one seed: each
     # search writes its best spec to benchmarks/data/, committed), then `autokd`, which distils every

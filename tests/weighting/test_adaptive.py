@@ -19,7 +19,7 @@ TERMS = ["kd", "l2_logit", "at:layer1->layer1", "at:layer2->layer2"]
 
 
 def test_loss_and_gradient_of_z_follow_eq_5_and_6():
-    w = AdaptiveWeighting(TERMS, {}, alpha=0.5)
+    w = AdaptiveWeighting(TERMS, {}, alpha=0.5, fixed=[])  # the paper's form: kd is a path too
     with torch.no_grad():
         w.z.copy_(torch.tensor([0.3, -1.0, 2.0]))
     f = {"kd": torch.tensor(2.0), "l2_logit": torch.tensor(5.0),
@@ -34,6 +34,14 @@ def test_loss_and_gradient_of_z_follow_eq_5_and_6():
     assert w.z.grad.tolist() == pytest.approx(eq6, rel=1e-5)
     assert used["at:layer1->layer1"] == used["at:layer2->layer2"] == pytest.approx(0.5 * math.exp(-2.0))
     assert used["kd"] == pytest.approx(0.5 * math.exp(-0.3))
+
+
+def test_plain_kd_is_a_fixed_term_by_default_when_other_paths_remain():
+    assert AdaptiveWeighting(TERMS, {}).fixed_terms == ["kd"]
+    assert AdaptiveWeighting(TERMS, {}).path_names == ["l2_logit", "at"]
+    assert AdaptiveWeighting(["kd"], {}).path_names == ["kd"]  # nothing else: kd is the path
+    assert AdaptiveWeighting(["at:a->a"], {}).fixed_terms == []
+    assert AdaptiveWeighting(TERMS, {}, fixed=[]).path_names == ["kd", "l2_logit", "at"]  # the paper's form
 
 
 def test_fixed_terms_stay_at_their_weight_outside_eq_5():
@@ -81,7 +89,7 @@ def test_z_tracks_log_mean_loss_with_noisy_losses():
     # Stochastic eq. 6: with f_i drawn around m_i every step, z_i settles near log E[f_i].
     torch.manual_seed(0)
     means = torch.tensor([4.0, 0.05])
-    w = AdaptiveWeighting(["kd", "at:l1->l1"], {})
+    w = AdaptiveWeighting(["kd", "at:l1->l1"], {}, fixed=[])
     opt = torch.optim.SGD(w.parameters(), lr=0.02)
     tail = []
     for step in range(4000):
@@ -98,7 +106,8 @@ def test_z_tracks_log_mean_loss_with_noisy_losses():
 def test_z_is_trained_by_the_main_optimiser_and_checkpointed():
     torch.manual_seed(0)
     distiller = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
-                          logit_losses=["kd"], weighting="adaptive", input_shape=(1, 8, 8))
+                          logit_losses=["kd"], weighting="adaptive", weighting_kwargs={"fixed": []},
+                          input_shape=(1, 8, 8))
     z = distiller.weighting.z
     assert any(p is z for p in distiller.extra_parameters())
     assert "weighting.z" in distiller.state_dict() and z.tolist() == [0.0, 0.0]
@@ -113,7 +122,7 @@ def test_z_is_trained_by_the_main_optimiser_and_checkpointed():
 def test_grad_cosine_logs_fig_4c_similarity():
     torch.manual_seed(0)
     distiller = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
-                          logit_losses=["kd"], weighting="adaptive", weighting_kwargs={"grad_cosine": True},
+                          logit_losses=["kd"], weighting="adaptive", weighting_kwargs={"grad_cosine": True, "fixed": []},
                           input_shape=(1, 8, 8))
     out = distiller(torch.randn(8, 1, 8, 8), torch.arange(8) % 10)
     cos = out["cos/kd|at"].item()
@@ -158,7 +167,7 @@ def test_ce_form_of_st_shrinks_its_learned_weight_by_the_teacher_entropy():
     entropy = float(-(p_t * p_t.log()).sum(1).mean()) * tau**2
     settled = {}
     for form in ("kl", "ce"):
-        w = AdaptiveWeighting(["kd", "at:l1->l1"], {})
+        w = AdaptiveWeighting(["kd", "at:l1->l1"], {}, fixed=[])
         opt = torch.optim.SGD(w.parameters(), lr=0.1, momentum=0.9)
         f = {"kd": kd(s, t, tau=tau, form=form), "at:l1->l1": torch.tensor(0.01)}
         for _ in range(800):
