@@ -122,7 +122,8 @@ def test_z_is_trained_by_the_main_optimiser_and_checkpointed():
 def test_grad_cosine_logs_fig_4c_similarity():
     torch.manual_seed(0)
     distiller = Distiller(TinyNet(), TinyNet(width=6), pathways=[Pathway("blocks.1", "blocks.1", method="at")],
-                          logit_losses=["kd"], weighting="adaptive", weighting_kwargs={"grad_cosine": True, "fixed": []},
+                          logit_losses=["kd"], weighting="adaptive",
+                          weighting_kwargs={"grad_cosine": True, "fixed": []},
                           input_shape=(1, 8, 8))
     out = distiller(torch.randn(8, 1, 8, 8), torch.arange(8) % 10)
     cos = out["cos/kd|at"].item()
