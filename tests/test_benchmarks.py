@@ -16,6 +16,7 @@ import torch
 from kdtune.build import build_model
 from kdtune.capture import find_stage_outputs
 from kdtune.config import load_config
+from kdtune.models import MODELS
 from kdtune.plugins import import_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,7 @@ def test_own_pair_plugin_models_load_from_the_repository_root_and_have_three_sta
     """MNIST-3k-own's pair as benchmarks/run.py's runs see it (cwd = repository root): the plugin imports, the
     committed teacher checkpoint loads strictly, and stage finding picks blocks out of the nested containers."""
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(MODELS, "_items", dict(MODELS._items))  # the plugin's models are gone after the test
     cfg = load_config(ROOT / "configs" / "mnist_own" / "protocol.yaml", [])
     import_plugins(cfg.plugins)
     teacher = build_model(cfg.teacher, in_channels=1, num_classes=10)
