@@ -133,7 +133,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         # ST in the KL form, z at the paper's rate 0.1 (the student's is 0.01 here); the default until KD stayed fixed.
         ("adaptive (AT x3 + ST), KL form, z at lr 0.1, KD learned (paper)", "configs/fmnist2k/adaptive.yaml",
          [KD_KL, PAPER_FORM]),
-        ("adaptive (AT x3 + ST), KD fixed at weight 1", "configs/fmnist2k/adaptive.yaml", [KD_KL, KD_OUTSIDE]),
+        ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)",
+         "configs/fmnist2k/adaptive.yaml", [KD_KL, KD_OUTSIDE]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         # The same two paths at their catalogue weights (AT 1000, KD 1): what the paths give without learned weights.
         ("fixed (AT x3 + ST), catalogue weights", "configs/fmnist2k/adaptive.yaml", ["weighting=fixed"]),
@@ -154,7 +155,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("KD", "configs/mnist_own/kd.yaml", []),
         ("KD, calibrated", "configs/mnist_own/kd.yaml", [CALIBRATED]),
         ("adaptive (AT x3 + ST), KD learned (paper)", "configs/mnist_own/adaptive.yaml", [PAPER_FORM]),
-        ("adaptive (AT x3 + ST), KD fixed at weight 1", "configs/mnist_own/adaptive.yaml", [KD_OUTSIDE]),
+        ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)", "configs/mnist_own/adaptive.yaml", [KD_OUTSIDE]),
         ("mgda (AT x3 + ST)", "configs/mnist_own/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/mnist_own/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("fitnets (catalogue weight, last stage -> last stage)", "configs/mnist_own/feature.yaml", []),
@@ -198,7 +199,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("adaptive (AT x3 + ST, KL form)", "configs/fmnist/adaptive.yaml", [KD_KL, Z_STUDENT_LR, PAPER_FORM]),
         ("adaptive (AT x3 + ST, KL form, z at lr 0.1, KD learned: paper)", "configs/fmnist/adaptive.yaml",
          [KD_KL, PAPER_FORM]),
-        ("adaptive (AT x3 + ST), KD fixed at weight 1", "configs/fmnist/adaptive.yaml", [KD_KL, KD_OUTSIDE, TAIL_KEPT]),
+        ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)",
+         "configs/fmnist/adaptive.yaml", [KD_KL, KD_OUTSIDE, TAIL_KEPT]),
         ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
         ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
         ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),
