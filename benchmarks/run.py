@@ -72,7 +72,9 @@ AUTOKD_SPECS = {key: f"benchmarks/data/autokd_{key}_fmnist5k.yaml" for key, *_ i
 
 #: MetaDistiller as the paper writes it (kdtune's defaults: residual generator, Adam 0.001, L_val of all outputs).
 MD_AS_WRITTEN = ["selfdistill.generator_residual=false", "selfdistill.generator_lr=0.1",
-                 "selfdistill.meta_objective=final"]
+                 "selfdistill.meta_objective=final", "selfdistill.generator_anchor=exit"]
+#: MetaDistiller's T_k = the exit's head on the fused map alone (the default until T_k was anchored on the final output).
+MD_EXIT_ANCHOR = "selfdistill.generator_anchor=exit"
 #: The override that turns calibrated weights on (kdtune.calibration: every term's gradient = ratio x the task's).
 CALIBRATED = "distill.calibrate.ratio=1"
 #: The two forms of the soft-target path of the adaptive configs (its first logit loss): tau^2 CE or tau^2 KL.
@@ -112,14 +114,18 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
         ("MD (no teacher) as written (eq. 5 generator, Adam 0.1, L_val of the final output)",
          "configs/fmnist2k/selfdistill.yaml", ["method=md", *MD_AS_WRITTEN]),
-        ("MD (no teacher), residual generator (default)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
+        ("MD (no teacher), residual generator, exit-anchored T_k", "configs/fmnist2k/selfdistill.yaml",
+         ["method=md", MD_EXIT_ANCHOR]),
     ]),
     # The automated rows of issue 13 on FMNIST-2k-x that came after the `fmnist2k` table was run (its student
     # alone / KD rows are that table's): self-distillation with the residual generator, Auto-KD's search with
     # the KD incumbent then its final training, DistPro's fixed search then the replayed process.
     "fmnist2k_auto": ("FMNIST-2k-x, WRN-40-2 -> MobileNetV2 (x0.5), 2,000 images, 15 epochs, lr 0.01: automated rows", [
         ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
-        ("MD (no teacher), residual generator (default)", "configs/fmnist2k/selfdistill.yaml", ["method=md"]),
+        ("MD (no teacher), residual generator, exit-anchored T_k", "configs/fmnist2k/selfdistill.yaml",
+         ["method=md", MD_EXIT_ANCHOR]),
+        ("MD (no teacher), T_k anchored on the final output (default)", "configs/fmnist2k/selfdistill.yaml",
+         ["method=md"]),
         # 16 of the config's 40 proxy trials: a trial costs ~4 min here (>= 150 steps of MobileNetV2), 40 ~2.6 h.
         ("Auto-KD: MCTS search, 16 trials (KD incumbent) -> final", "configs/fmnist2k/autokd_search.yaml",
          [f"autokd.export={AUTOKD_SPEC_2K}", "autokd.trials=16"]),
@@ -161,7 +167,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("fitnets (catalogue weight, last stage -> last stage)", "configs/mnist_own/feature.yaml", []),
         ("fitnets, calibrated", "configs/mnist_own/feature.yaml", [CALIBRATED]),
         ("DSN (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=dsn"]),
-        ("MD (no teacher, default)", "configs/mnist_own/selfdistill.yaml", ["method=md"]),
+        ("MD (no teacher), exit-anchored T_k", "configs/mnist_own/selfdistill.yaml", ["method=md", MD_EXIT_ANCHOR]),
+        ("SD (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=sd"]),
+        ("MD (no teacher), T_k anchored on the final output (default)", "configs/mnist_own/selfdistill.yaml",
+         ["method=md"]),
         # The config's 40 proxy trials: a proxy is raised to the whole 5-epoch run here (autokd.min_steps 150 > the
         # 95 steps of the 2,400-image split), which costs seconds with this student.
         ("Auto-KD: MCTS search, 40 trials (KD incumbent) -> final", "configs/mnist_own/autokd_search.yaml",
@@ -207,8 +216,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("resnet8 MD as written (eq. 5 generator, Adam 0.1, L_val of the final output)",
          "configs/fmnist/selfdistill.yaml", ["method=md", *MD_AS_WRITTEN]),
         ("resnet8 MD, residual generator, L_val of the final output only", "configs/fmnist/selfdistill.yaml",
-         ["method=md", "selfdistill.meta_objective=final"]),
-        ("resnet8 MD, residual generator (default)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
+         ["method=md", "selfdistill.meta_objective=final", MD_EXIT_ANCHOR]),
+        ("resnet8 MD, residual generator, exit-anchored T_k", "configs/fmnist/selfdistill.yaml",
+         ["method=md", MD_EXIT_ANCHOR]),
     ]),
     # FMNIST-5k leaves an 8-image batch at the end of every epoch (5,000 = 39 x 128 + 8). The tables above kept
     # it; since data.drop_last's default drops a tail under half a batch these rows are run without it.
@@ -216,7 +226,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("student alone", "@catalogue/student alone", []),
         ("KD", "configs/fmnist/kd.yaml", []),
         ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),
-        ("resnet8 MD, residual generator (default)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
+        ("resnet8 MD, residual generator, exit-anchored T_k", "configs/fmnist/selfdistill.yaml",
+         ["method=md", MD_EXIT_ANCHOR]),
+        ("resnet8 SD", "configs/fmnist/selfdistill.yaml", ["method=sd"]),
+        ("resnet8 MD, T_k anchored on the final output (default)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /

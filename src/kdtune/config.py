@@ -402,6 +402,10 @@ class SelfDistillConfig:
     meta_objective: Literal["exits", "final"] = "exits"
     """``md``: the meta step's L_val (eq. 6) is the validation CE of every output after the look-ahead
     (``exits``) or of the final output only (``final``); SelfDistiller.meta_gradient says why."""
+    generator_anchor: Literal["final", "exit"] = "final"
+    """``md``: T_k = the final output + the generator's top-down correction (``final``: starts as SD's
+    target) or the exit's head on the fused map alone (``exit``: the paper's; starts as the exit's own
+    prediction). SelfDistiller.soft_target_logits says why."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.alpha <= 1, "alpha", f"must be in [0, 1], got {self.alpha}")

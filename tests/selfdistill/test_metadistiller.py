@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from helpers import TinyNet
 from kdtune.capture import LayerNotFoundError
+from kdtune.losses import kd
 from kdtune.checkpoint import load_checkpoint, load_state_strict, save_atomic
 from kdtune.config import ConfigError, RunConfig, TrainConfig, from_dict, load_config
 from kdtune.data import BatchLoader, ImageDataset
@@ -122,9 +123,11 @@ def test_zoo_models(name: str, stages: list[str], method: str) -> None:
 # --------------------------------------------------------------------------- losses (eq. 3-4)
 
 
-@pytest.mark.parametrize("method", ["dsn", "sd", "md"])
-def test_loss_is_eq3_eq4(method: str) -> None:
-    sd = make(method, alpha=0.3, tau=2.0)
+@pytest.mark.parametrize(("method", "anchor"), [("dsn", None), ("sd", None), ("md", "final"), ("md", "exit")])
+def test_loss_is_eq3_eq4(method: str, anchor: str | None) -> None:
+    # eq. 5 as written: the fused maps differ from F_k, so the two anchors give different targets.
+    sd = make(method, alpha=0.3, tau=2.0, **({"generator_anchor": anchor, "generator_residual": False}
+                                             if anchor else {}))
     x, y = batch()
     out = sd(x, y)
     logits = out["logits"].detach()
@@ -133,6 +136,8 @@ def test_loss_is_eq3_eq4(method: str) -> None:
     if method == "md":  # T_k = exit_head_k(F̂_k) (§3.3), each head a copy so nothing real is touched
         with torch.no_grad():
             targets = [copy.deepcopy(head)(m) for head, m in zip(sd.exits, sd.generator(feats), strict=True)]
+            if anchor == "final":  # + S_K − S_k
+                targets = [t + logits - s for t, s in zip(targets, exits, strict=True)]
     expected = F.cross_entropy(logits, y)
     for k, s_k in enumerate(exits):
         ce = F.cross_entropy(s_k, y)
@@ -193,30 +198,77 @@ def test_generator_is_eq5(residual: bool) -> None:
 
 
 def test_residual_generator_starts_at_the_exits_own_predictions() -> None:
-    """generator_residual (default): F̂_k = F_k at initialisation, so T_k = exit_head_k(F_k) — with the
-    heads in the same mode (batch statistics while training); eq. 5 as written starts elsewhere."""
+    """generator_residual (default) with the exit anchor: F̂_k = F_k at initialisation, so T_k =
+    exit_head_k(F_k) — with the heads in the same mode (batch statistics while training); eq. 5 as written
+    starts elsewhere."""
     x, _ = batch()
     for residual in (True, False):
-        sd = make("md", generator_residual=residual)
+        sd = make("md", generator_residual=residual, generator_anchor="exit")
         logits = sd.student(x)
         feats = sd.features()
-        targets = sd.soft_target_logits(feats, logits)
         with torch.no_grad():
             own = [head(f) for head, f in zip(sd.exits, feats[:-1], strict=True)]
+        targets = sd.soft_target_logits(feats, logits, own)
         same = all(torch.allclose(t, o, atol=1e-6) for t, o in zip(targets, own, strict=True))
         assert same == residual
+
+
+def test_final_anchor_starts_at_sd_and_adds_the_top_down_correction() -> None:
+    """generator_anchor="final" (default): t_k = S_K + h_k(F̂_k) − S_k. With the residual generator at its
+    start that is SD's target S_K exactly; once the refine convolutions move, the difference from S_K is the
+    correction h_k(F̂_k) − h_k(F_k), computed here with plain calls of copies of the heads."""
+    x, y = batch()
+    sd = make("md")
+    logits = sd.student(x)
+    feats = sd.features()
+    exits = [head(f) for head, f in zip(sd.exits, feats[:-1], strict=True)]
+    sd_targets = make("sd").soft_target_logits(feats, logits, exits)
+    for t, s in zip(sd.soft_target_logits(feats, logits, exits), sd_targets, strict=True):
+        torch.testing.assert_close(t, s)
+    with torch.no_grad():
+        for conv in sd.generator.refine:
+            conv.weight.normal_(0, 0.1)
+    heads = copy.deepcopy(sd.exits)
+    with torch.no_grad():
+        fused = sd.generator([f.detach() for f in feats])
+        expected = [logits + h(m) - h(f) for h, m, f in zip(heads, fused, feats, strict=False)]
+    targets = sd.soft_target_logits(feats, logits, exits)
+    for t, e, s in zip(targets, expected, sd_targets, strict=True):
+        torch.testing.assert_close(t, e)
+        assert not torch.allclose(t, s)  # the correction is not zero any more
+    out = sd(x, y)  # the training loss reads the same targets
+    kl = kd(exits[0], targets[0], tau=1.0)
+    torch.testing.assert_close(out["exit1_kl"], kl)
+
+
+def test_final_anchor_gives_no_gradient_to_the_model_or_exits() -> None:
+    sd = make("md", generator_residual=False)
+    x, _ = batch()
+    logits = sd.student(x)
+    feats = sd.features()
+    exits = [head(f) for head, f in zip(sd.exits, feats[:-1], strict=True)]
+    targets = sd.soft_target_logits(feats, logits, exits, generator_grad=True)
+    sum(t.square().sum() for t in targets).backward()
+    assert all(p.grad is None for p in [*sd.exits.parameters(), *sd.student.parameters()])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in sd.generator.parameters())
+
+
+def test_unknown_generator_anchor_fails() -> None:
+    with pytest.raises(ValueError, match="generator_anchor.*final"):
+        make("md", generator_anchor="teacher")
 
 
 def test_targets_are_the_exit_heads_as_constant_functions() -> None:
     """T_k = exit_head_k(F̂_k) (§3.3); the T_k path trains only θ_g: the heads get no gradient and
     their BatchNorm running statistics stay bit-identical."""
-    sd = make("md", generator_residual=False)  # zero-initialised refine convs would block the laterals' gradient
+    # Zero-initialised refine convs would block the laterals' gradient; the exit anchor reads h_k(F̂_k) alone.
+    sd = make("md", generator_residual=False, generator_anchor="exit")
     x, y = batch()
     logits = sd.student(x)
     feats = sd.features()
     heads = copy.deepcopy(sd.exits)  # the independent route: plain calls of copies of the heads
     exit_state = {k: v.clone() for k, v in sd.exits.state_dict().items()}
-    targets = sd.soft_target_logits(feats, logits, generator_grad=True)
+    targets = sd.soft_target_logits(feats, logits, [logits] * 2, generator_grad=True)
     with torch.no_grad():
         expected = [h(m) for h, m in zip(heads, sd.generator([f.detach() for f in feats]), strict=True)]
     for t, e in zip(targets, expected, strict=True):
@@ -238,13 +290,14 @@ def test_generator_optimiser_steps_exactly_the_fusion_convolutions() -> None:
 
 
 def test_generator_collapse_is_logged() -> None:
-    sd = make("md", tau=2.0)
+    sd = make("md", tau=2.0, generator_residual=False)  # targets away from the final output
     x, y = batch()
     out = sd(x, y)
+    feats = sd.features()
     with torch.no_grad():
-        fused = sd.generator([f.detach() for f in sd.features()])
-        for k, (head, m) in enumerate(zip(copy.deepcopy(sd.exits), fused, strict=True), start=1):
-            t = head(m)
+        fused = sd.generator([f.detach() for f in feats])
+        for k, (head, m, f) in enumerate(zip(copy.deepcopy(sd.exits), fused, feats, strict=False), start=1):
+            t = out["logits"] + head(m) - head(f)
             assert out[f"gen/exit{k}_label_agree"].item() == pytest.approx((t.argmax(1) == y).float().mean().item())
             assert out[f"gen/exit{k}_max_prob"].item() == pytest.approx(F.softmax(t / 2.0, 1).max(1)[0].mean().item())
 
@@ -260,14 +313,14 @@ def test_state_with_old_generator_heads_fails_with_a_message() -> None:
 # --------------------------------------------------------------------------- meta step (eq. 6-8)
 
 
-@pytest.mark.parametrize("objective", ["exits", "final"])
-def test_meta_gradient_equals_finite_differences(objective: str) -> None:
+@pytest.mark.parametrize(("objective", "anchor"), [("exits", "final"), ("final", "final"), ("exits", "exit")])
+def test_meta_gradient_equals_finite_differences(objective: str, anchor: str) -> None:
     """∇θ_g L_val(θ_s⁺(θ_g)) from the functional look-ahead equals central differences of the same
     quantity computed by an independent route: a real SGD step on a copy of the model. ``final``:
     L_val = CE(y, S_K⁺), the model stepped; ``exits``: + Σ_k CE(y, S_k⁺), model and exits stepped."""
     torch.set_default_dtype(torch.float64)
     try:
-        sd = make("md", meta_objective=objective)
+        sd = make("md", meta_objective=objective, generator_anchor=anchor)
     finally:
         torch.set_default_dtype(torch.float32)
     x_a, y_a = batch(8, seed=1, dtype=torch.float64)

@@ -43,7 +43,7 @@ def from_config(cfg: RunConfig, student: nn.Module, train: Images,
     distiller = SelfDistiller(student, input_shape, method=sc.method, stages=sc.stages, alpha=sc.alpha,
                               tau=sc.tau, generator_lr=sc.generator_lr,
                               generator_residual=sc.generator_residual,
-                              meta_objective=sc.meta_objective)
+                              meta_objective=sc.meta_objective, generator_anchor=sc.generator_anchor)
     callbacks: list[Callback] = []
     if sc.method == "md":
         d = cfg.data

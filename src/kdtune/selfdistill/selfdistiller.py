@@ -13,7 +13,8 @@ with soft targets T_k = softmax(t_k / τ) (eq. 2) chosen by the variant:
 - ``sd``   self-distillation ("Be Your Own Teacher"): t_k = S_K, the final output, detached;
 - ``md``   MetaDistiller: t_k = exit_head_k(F̂_k), exit k's own head applied to the top-down label
            generator's fused map F̂_k (eq. 5, §3.3), whose convolutions θ_g are learned by the
-           meta-gradient of eq. 6–8 (:meth:`SelfDistiller.meta_gradient`).
+           meta-gradient of eq. 6–8 (:meth:`SelfDistiller.meta_gradient`); by default added to
+           the final output as a correction of SD's target (:meth:`SelfDistiller.soft_target_logits`).
 
 The stages are found by :func:`~kdtune.capture.find_stage_outputs` (or given as module paths) and
 read with forward hooks, so the model is not edited and needs no knowledge of kdtune. The plain
@@ -51,6 +52,9 @@ METHODS: tuple[str, ...] = ("dsn", "sd", "md")
 #: What MetaDistiller's meta step minimises after the look-ahead (:meth:`SelfDistiller.meta_gradient`).
 MetaObjective = Literal["exits", "final"]
 META_OBJECTIVES: tuple[str, ...] = ("exits", "final")
+#: Where MetaDistiller's soft targets start (:meth:`SelfDistiller.soft_target_logits`).
+GeneratorAnchor = Literal["final", "exit"]
+GENERATOR_ANCHORS: tuple[str, ...] = ("final", "exit")
 
 
 class SelfDistiller(nn.Module):
@@ -79,6 +83,10 @@ class SelfDistiller(nn.Module):
             written, random T_k at the start.
         meta_objective: ``md`` only: L_val of eq. 6 over every output after the look-ahead
             (``exits``) or the final output alone (``final``); see :meth:`meta_gradient`.
+        generator_anchor: ``md`` only: what the generator's top-down correction is added to,
+            ``final`` (default: T_k starts as SD's target, the final output) or ``exit`` (T_k =
+            exit_head_k(F̂_k), the paper's; it starts as the exit's own prediction with the residual
+            generator); see :meth:`soft_target_logits`.
 
     Raises:
         ValueError: unknown method, fewer than 2 stages, a stage that is not a 4-D map, or a
@@ -88,7 +96,7 @@ class SelfDistiller(nn.Module):
     def __init__(self, student: nn.Module, input_shape: Sequence[int], method: Method = "md",
                  stages: Sequence[str] | None = None, alpha: float = 0.5, tau: float = 1.0,
                  generator_lr: float = 0.001, generator_residual: bool = True,
-                 meta_objective: MetaObjective = "exits") -> None:
+                 meta_objective: MetaObjective = "exits", generator_anchor: GeneratorAnchor = "final") -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown self-distillation method {method!r}; choose one of {list(METHODS)}")
@@ -100,10 +108,12 @@ class SelfDistiller(nn.Module):
             raise ValueError(f"unknown meta_objective {meta_objective!r}; choose one of {list(META_OBJECTIVES)}")
         if generator_lr <= 0:
             raise ValueError(f"generator_lr must be > 0, got {generator_lr}")
+        if generator_anchor not in GENERATOR_ANCHORS:
+            raise ValueError(f"unknown generator_anchor {generator_anchor!r}; choose one of {list(GENERATOR_ANCHORS)}")
         self.student = student
         self.teacher = None  # teacher-free; the Trainer checks this attribute
         self.method, self.alpha, self.tau, self.generator_lr = method, float(alpha), float(tau), float(generator_lr)
-        self.meta_objective = meta_objective
+        self.meta_objective, self.generator_anchor = meta_objective, generator_anchor
 
         example = torch.zeros(2, *input_shape)
         self.stages = list(stages) if stages else find_stage_outputs(student, example)
@@ -177,16 +187,34 @@ class SelfDistiller(nn.Module):
         """F_1..F_K, (N, C_k, H_k, W_k) each, captured by the last forward of the student."""
         return [self._capture[f"F{k + 1}"] for k in range(len(self.stages))]
 
-    def soft_target_logits(self, features: Sequence[Tensor], logits: Tensor,
+    def soft_target_logits(self, features: Sequence[Tensor], logits: Tensor, exit_logits: Sequence[Tensor],
                            generator_grad: bool = False) -> list[Tensor] | None:
         """t_k, k < K, such that T_k = softmax(t_k / τ); None for ``dsn`` (no soft targets).
 
-        The targets never pass a gradient to the model (they are teachers): ``sd`` detaches the
-        final output; ``md`` feeds the generator detached features and reads t_k = exit_head_k(F̂_k)
-        (§3.3) through :meth:`_constant_head`, so the exits are neither trained nor their BatchNorm
-        statistics moved by F̂_k. With ``generator_grad`` the graph is kept, so the loss is
-        differentiable in θ_g through the heads' (constant) function (the meta step, eq. 7-8);
-        otherwise it runs without a graph (the real step does not train the generator).
+        ``sd``: t_k = S_K. ``md``: the exit's own head applied to the generator's fused map F̂_k (§3.3,
+        through :meth:`_constant_head`), and with ``generator_anchor="final"`` (the default) moved onto
+        the final output::
+
+            exit:   t_k = h_k(F̂_k)
+            final:  t_k = S_K + h_k(F̂_k) − h_k(F_k)          (h_k(F_k) = S_k, the exit's output)
+
+        With the residual generator F̂_k = F_k at the start, so ``final`` starts as SD's target (the final
+        output, which the paper calls a special case of its framework, §3.2) and the meta-gradient learns
+        the top-down correction h_k(F̂_k) − h_k(F_k); ``exit`` starts as the exit's own prediction, a target
+        no better than the exit, which held exit 1 3.4 points under DSN's on FMNIST-5k (benchmarks/RESULTS.md,
+        `tail5k`). Both are functions of the stages k..K (the paper's requirement on T_k) and differ only in
+        where the generator starts; θ_g enters only through h_k(F̂_k).
+
+        The targets never pass a gradient to the model (they are teachers): S_K and S_k are detached, the
+        generator reads detached features, and the heads are constant functions, so the exits are neither
+        trained nor their BatchNorm statistics moved by F̂_k. With ``generator_grad`` the graph is kept, so
+        the loss is differentiable in θ_g (the meta step, eq. 7-8); otherwise it runs without a graph (the
+        real step does not train the generator).
+
+        Args:
+            features: F_1..F_K of this forward.
+            logits: (N, classes) S_K of this forward.
+            exit_logits: S_1..S_{K-1} of this forward (the anchor's offset h_k(F_k)).
         """
         if self.method == "dsn":
             return None
@@ -194,7 +222,10 @@ class SelfDistiller(nn.Module):
             return [logits.detach()] * len(self.exits)
         with torch.set_grad_enabled(generator_grad and torch.is_grad_enabled()):
             fused = self.generator([f.detach() for f in features])
-            return [self._constant_head(head, f) for head, f in zip(self.exits, fused, strict=True)]
+            targets = [self._constant_head(head, f) for head, f in zip(self.exits, fused, strict=True)]
+        if self.generator_anchor == "final":
+            targets = [t + (logits - s).detach() for t, s in zip(targets, exit_logits, strict=True)]
+        return targets
 
     @staticmethod
     def _constant_head(head: nn.Module, x: Tensor) -> Tensor:
@@ -223,9 +254,9 @@ class SelfDistiller(nn.Module):
         task = F.cross_entropy(logits, y)
         out: dict[str, Tensor] = {"logits": logits, "task": task}
         loss = task
-        targets = self.soft_target_logits(feats, logits, generator_grad)
-        for k, (head, f) in enumerate(zip(self.exits, feats, strict=False), start=1):
-            s_k = head(f)
+        exit_logits = [head(f) for head, f in zip(self.exits, feats, strict=False)]
+        targets = self.soft_target_logits(feats, logits, exit_logits, generator_grad)
+        for k, s_k in enumerate(exit_logits, start=1):
             ce = F.cross_entropy(s_k, y)
             out[f"exit{k}_ce"] = ce
             with torch.no_grad():  # beside gen/exit<k>_label_agree: are the targets better than the exit?
@@ -345,6 +376,9 @@ class SelfDistiller(nn.Module):
         self._capture.clear()  # the look-ahead's features belong to the jvp
         fused = self.generator(features)  # convolutions only: no buffers to protect
         targets = [self._constant_head(head, f) for head, f in zip(self.exits, fused, strict=True)]  # t_k(θ_g)
+        if self.generator_anchor == "final":  # + S_K − S_k at θ_s on x_train (constants: soft_target_logits)
+            final_logits = out["logits"].detach()
+            targets = [t + final_logits - s.detach() for t, s in zip(targets, logits, strict=True)]
         exit_logits = [s.detach().requires_grad_(True) for s in logits]
         soft = sum((1.0 - self.alpha) * kd(s, t, tau=self.tau)  # the terms of eq. 4 that depend on θ_g
                    for s, t in zip(exit_logits, targets, strict=True))
@@ -402,7 +436,8 @@ class SelfDistiller(nn.Module):
             self.generator_optimizer.load_state_dict(state)
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, stages={self.stages}, alpha={self.alpha}, tau={self.tau}"
+        anchor = f", generator_anchor={self.generator_anchor!r}" if self.method == "md" else ""
+        return f"method={self.method!r}, stages={self.stages}, alpha={self.alpha}, tau={self.tau}{anchor}"
 
 
 def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
