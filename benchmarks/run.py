@@ -73,7 +73,7 @@ AUTOKD_SPECS = {key: f"benchmarks/data/autokd_{key}_fmnist5k.yaml" for key, *_ i
 #: MetaDistiller as the paper writes it (kdtune's defaults: residual generator, Adam 0.001, L_val of all outputs).
 MD_AS_WRITTEN = ["selfdistill.generator_residual=false", "selfdistill.generator_lr=0.1",
                  "selfdistill.meta_objective=final", "selfdistill.generator_anchor=exit"]
-#: MetaDistiller's T_k = the exit's head on the fused map alone (the default until T_k was anchored on the final output).
+#: MetaDistiller's T_k = the exit's head on the fused map alone (the default before T_k was anchored on S_K).
 MD_EXIT_ANCHOR = "selfdistill.generator_anchor=exit"
 #: The override that turns calibrated weights on (kdtune.calibration: every term's gradient = ratio x the task's).
 CALIBRATED = "distill.calibrate.ratio=1"
@@ -109,8 +109,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         # Run when the adaptive configs gave ST in App. A.1's CE form (they give the KL form now).
         ("adaptive (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", [KD_CE, PAPER_FORM]),
         ("adaptive (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", [KD_CE, CALIBRATED, PAPER_FORM]),
-        ("mgda (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda"]),
-        ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
+        ("mgda (AT x3 + ST)", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", PAPER_FORM]),
+        ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED, PAPER_FORM]),
         ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
         ("MD (no teacher) as written (eq. 5 generator, Adam 0.1, L_val of the final output)",
          "configs/fmnist2k/selfdistill.yaml", ["method=md", *MD_AS_WRITTEN]),
@@ -141,7 +141,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [KD_KL, PAPER_FORM]),
         ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)",
          "configs/fmnist2k/adaptive.yaml", [KD_KL, KD_OUTSIDE]),
-        ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
+        ("mgda (AT x3 + ST), calibrated", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda", CALIBRATED, PAPER_FORM]),
+        ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda"]),
         # The same two paths at their catalogue weights (AT 1000, KD 1): what the paths give without learned weights.
         ("fixed (AT x3 + ST), catalogue weights", "configs/fmnist2k/adaptive.yaml", ["weighting=fixed"]),
         ("DistPro search (searching student, 80 % of the data)", "configs/fmnist2k/distpro_search.yaml",
@@ -164,8 +165,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("KD, calibrated", "configs/mnist_own/kd.yaml", [CALIBRATED]),
         ("adaptive (AT x3 + ST), KD learned (paper)", "configs/mnist_own/adaptive.yaml", [PAPER_FORM]),
         ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)", "configs/mnist_own/adaptive.yaml", [KD_OUTSIDE]),
-        ("mgda (AT x3 + ST)", "configs/mnist_own/adaptive.yaml", ["weighting=mgda"]),
-        ("mgda (AT x3 + ST), calibrated", "configs/mnist_own/adaptive.yaml", ["weighting=mgda", CALIBRATED]),
+        ("mgda (AT x3 + ST)", "configs/mnist_own/adaptive.yaml", ["weighting=mgda", PAPER_FORM]),
+        ("mgda (AT x3 + ST), calibrated", "configs/mnist_own/adaptive.yaml",
+         ["weighting=mgda", CALIBRATED, PAPER_FORM]),
+        ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "configs/mnist_own/adaptive.yaml", ["weighting=mgda"]),
         ("fitnets (catalogue weight, last stage -> last stage)", "configs/mnist_own/feature.yaml", []),
         ("fitnets, calibrated", "configs/mnist_own/feature.yaml", [CALIBRATED]),
         ("DSN (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=dsn"]),
@@ -212,8 +215,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [KD_KL, PAPER_FORM]),
         ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)",
          "configs/fmnist/adaptive.yaml", [KD_KL, KD_OUTSIDE, TAIL_KEPT]),
-        ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
-        ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml", ["weighting=mgda", CALIBRATED, TAIL_KEPT]),
+        ("mgda (AT x3 + ST)", "configs/fmnist/adaptive.yaml", ["weighting=mgda", PAPER_FORM]),
+        ("mgda (AT x3 + ST), calibrated", "configs/fmnist/adaptive.yaml",
+         ["weighting=mgda", CALIBRATED, TAIL_KEPT, PAPER_FORM]),
+        ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist/adaptive.yaml",
+         ["weighting=mgda", TAIL_KEPT]),
         ("resnet8 DSN", "configs/fmnist/selfdistill.yaml", ["method=dsn"]),
         ("resnet8 MD as written (eq. 5 generator, Adam 0.1, L_val of the final output)",
          "configs/fmnist/selfdistill.yaml", ["method=md", *MD_AS_WRITTEN]),
@@ -312,14 +318,14 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("hand-tuned (grid on val)", "configs/fmnist/adaptive_search.yaml",
          ["search.trial_epochs=10", "search.storage=sqlite:///runs/bench/adaptive_grid.db",
           "search.study_name=adaptive_grid"]),
-        ("mgda", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
+        ("mgda", "configs/fmnist/adaptive.yaml", ["weighting=mgda", PAPER_FORM]),
         ("adaptive", "configs/fmnist/adaptive.yaml", [PAPER_FORM]),
         ("adaptive-layerwise", "configs/fmnist/adaptive_layerwise.yaml", [PAPER_FORM]),
     ]),
     # Adaptive Distillation Tables 3-4: four paths AT, ST, NST, l2-logit.
     "adaptive_paths": ("FMNIST-5k, four paths AT + ST + NST + l2-logit (Adaptive Distillation), 30 epochs", [
         ("equal, 4 paths", "configs/fmnist/adaptive_all.yaml", ["weighting=equal"]),
-        ("mgda, 4 paths", "configs/fmnist/adaptive_all.yaml", ["weighting=mgda"]),
+        ("mgda, 4 paths", "configs/fmnist/adaptive_all.yaml", ["weighting=mgda", PAPER_FORM]),
         ("adaptive, 4 paths", "configs/fmnist/adaptive_all.yaml", [PAPER_FORM]),
         ("adaptive, 4 paths, alpha 0.75", "configs/fmnist/adaptive_all.yaml",
          ["distill.weighting.kwargs.alpha=0.75", PAPER_FORM]),

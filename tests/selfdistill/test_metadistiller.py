@@ -13,10 +13,10 @@ from torch import Tensor, nn
 
 from helpers import TinyNet
 from kdtune.capture import LayerNotFoundError
-from kdtune.losses import kd
 from kdtune.checkpoint import load_checkpoint, load_state_strict, save_atomic
 from kdtune.config import ConfigError, RunConfig, TrainConfig, from_dict, load_config
 from kdtune.data import BatchLoader, ImageDataset
+from kdtune.losses import kd
 from kdtune.models import create_model
 from kdtune.selfdistill import MetaStep, SelfDistiller, TopDownLabelGenerator
 from kdtune.trainer import Trainer

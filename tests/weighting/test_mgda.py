@@ -129,7 +129,7 @@ def tiny_distiller(weighting, **kwargs):
 
 def test_mgda_gradient_is_task_plus_alpha_min_norm_direction():
     alpha = 0.7
-    distiller = tiny_distiller("mgda", alpha=alpha)
+    distiller = tiny_distiller("mgda", alpha=alpha, fixed=[])  # the paper's form: kd is a path too
     w = distiller.weighting
     assert w.path_names == ["kd", "l2_logit", "at"]  # AT summed over layers: one path
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
@@ -162,8 +162,10 @@ def test_mgda_gradient_is_task_plus_alpha_min_norm_direction():
     assert out["cos/kd|at"].item() == pytest.approx(cos.item(), abs=1e-4)
 
 
-def test_mgda_with_kd_fixed_solves_eq_4_over_the_other_paths_only():
-    distiller = tiny_distiller("mgda", fixed=["kd"])
+@pytest.mark.parametrize("fixed", [None, ["kd"]])
+def test_mgda_with_kd_fixed_solves_eq_4_over_the_other_paths_only(fixed):
+    """Plain KD stays at its weight by default (fixed=None means ["kd"] beside other paths), as ["kd"] says."""
+    distiller = tiny_distiller("mgda", fixed=fixed)
     w = distiller.weighting
     assert w.path_names == ["l2_logit", "at"] and w.fixed_terms == ["kd"]
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
@@ -184,7 +186,7 @@ def test_mgda_with_kd_fixed_solves_eq_4_over_the_other_paths_only():
 
 
 def test_mgda_reuses_last_weights_without_a_graph_and_checkpoints_them():
-    distiller = tiny_distiller("mgda")
+    distiller = tiny_distiller("mgda", fixed=[])
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
     distiller(x, y)
     solved = distiller.weighting.weights.clone()

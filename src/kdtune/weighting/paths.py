@@ -61,6 +61,15 @@ def group_terms(names: Sequence[str], layerwise: bool = False,
     return out
 
 
+def default_fixed(names: Sequence[str], fixed: Sequence[str] | None) -> list[str]:
+    """``fixed`` as given; None (the path strategies' default): ``["kd"]`` when plain KD's term ``kd`` sits beside
+    other terms, else ``[]``. Plain KD then stays at its configured weight and the strategy weighs the rest: the KD
+    floor of ``adaptive`` and ``mgda`` (their docstrings give the measurements)."""
+    if fixed is not None:
+        return list(fixed)
+    return ["kd"] if "kd" in names and len(names) > 1 else []
+
+
 def fixed_terms(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
     """The terms that match any of the glob ``patterns``; a pattern that matches none is an error."""
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from kdtune.weighting.gradients import cosine_matrix, path_gradients
-from kdtune.weighting.paths import PathWeighting
+from kdtune.weighting.paths import PathWeighting, default_fixed
 
 
 class AdaptiveWeighting(PathWeighting):
@@ -71,9 +71,7 @@ class AdaptiveWeighting(PathWeighting):
     def __init__(self, names: Sequence[str], base_weights: Mapping[str, float], alpha: float = 1.0,
                  layerwise: bool = False, groups: Mapping[str, Sequence[str]] | None = None,
                  grad_cosine: bool = False, lr: float | None = 0.1, fixed: Sequence[str] | None = None) -> None:
-        if fixed is None:  # plain KD stays a fixed term when something else is left to weigh
-            fixed = ["kd"] if "kd" in names and len(names) > 1 else []
-        super().__init__(names, base_weights, alpha, layerwise, groups, fixed)
+        super().__init__(names, base_weights, alpha, layerwise, groups, default_fixed(names, fixed))
         if lr is not None and not lr > 0:
             raise ValueError(f"adaptive weighting: lr (z's learning rate) must be > 0 or null, got {lr}")
         self.z = nn.Parameter(torch.zeros(len(self.path_names)))
