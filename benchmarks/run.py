@@ -88,6 +88,9 @@ KD_OUTSIDE = "distill.weighting.kwargs.fixed=[kd]"
 #: Adaptive Distillation as the paper has it, every term (KD too) a learned path: the default before KD stayed fixed.
 PAPER_FORM = "distill.weighting.kwargs.fixed=[]"
 TAIL_KEPT = "data.drop_last=false"
+#: DistPro's replayed process without plain KD beside it (the paper's Table 1; the retrain configs keep KD since
+#: the fifth session of 2026-12-02).
+NO_LOGITS = "distill.logit_losses=[]"
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
 #: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
 CATALOGUE_FEATURE_METHODS = ["fitnets", "at", "sp", "rkd", "pkt", "nst", "cc", "cwd", "reviewkd"]
@@ -148,9 +151,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DistPro search (searching student, 80 % of the data)", "configs/fmnist2k/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS_2K}", POOL_FIRST]),
         ("DistPro process (retrain)", "configs/fmnist2k/distpro_retrain.yaml",
-         [f"process={DISTPRO_PROCESS_2K}", "baseline=process"]),
+         [f"process={DISTPRO_PROCESS_2K}", "baseline=process", NO_LOGITS]),
         ("DistPro pathways, equal weights", "configs/fmnist2k/distpro_retrain.yaml",
-         [f"process={DISTPRO_PROCESS_2K}", "baseline=equal"]),
+         [f"process={DISTPRO_PROCESS_2K}", "baseline=equal", NO_LOGITS]),
         ("DistPro process + KD", "configs/fmnist2k/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_2K}", "baseline=process", KD_FIXED]),
     ]),
@@ -184,9 +187,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DistPro search (searching student, 80 % of the data)", "configs/mnist_own/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS_OWN}"]),
         ("DistPro process (retrain)", "configs/mnist_own/distpro_retrain.yaml",
-         [f"process={DISTPRO_PROCESS_OWN}", "baseline=process"]),
+         [f"process={DISTPRO_PROCESS_OWN}", "baseline=process", NO_LOGITS]),
         ("DistPro pathways, equal weights", "configs/mnist_own/distpro_retrain.yaml",
-         [f"process={DISTPRO_PROCESS_OWN}", "baseline=equal"]),
+         [f"process={DISTPRO_PROCESS_OWN}", "baseline=equal", NO_LOGITS]),
         # The process over the feature pathways beside plain KD at weight 1 (as the `distpro` table's last row).
         ("DistPro process + KD", "configs/mnist_own/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_OWN}", "baseline=process", KD_FIXED]),
@@ -265,11 +268,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("student alone", "@core/student alone", []),
         ("KD", "@core/KD", []),
         ("pathways, equal weights 1/L", "configs/fmnist/distpro_retrain.yaml",
-         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=equal", TAIL_KEPT]),
+         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=equal", TAIL_KEPT, NO_LOGITS]),
         ("pathways, final alpha_T", "configs/fmnist/distpro_retrain.yaml",
-         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=final", TAIL_KEPT]),
+         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=final", TAIL_KEPT, NO_LOGITS]),
         ("DistPro process", "configs/fmnist/distpro_retrain.yaml",
-         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process", TAIL_KEPT]),
+         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process", TAIL_KEPT, NO_LOGITS]),
         # The process over the feature pathways on top of plain KD (tau 4, weight 1) on the logits, as ReviewKD + KD.
         ("DistPro process + KD", "configs/fmnist/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process", KD_FIXED, TAIL_KEPT]),
@@ -281,7 +284,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         (f"student alone, {epochs} epochs", "configs/fmnist/student.yaml", [f"epochs={epochs}"]),
         (f"KD, {epochs} epochs", "configs/fmnist/kd.yaml", [f"epochs={epochs}"]),
         *[(label, "configs/fmnist/distpro_retrain.yaml",
-           [f"process={DISTPRO_PROCESS}", f"baseline={mode}", f"epochs={epochs}"])
+           [f"process={DISTPRO_PROCESS}", f"baseline={mode}", f"epochs={epochs}", NO_LOGITS])
           for label, mode in (("pathways, equal weights 1/L", "equal"), ("pathways, final alpha_T", "final"),
                               ("DistPro process", "process"))],
     ]) for epochs in (5, 10)},

@@ -588,3 +588,33 @@ def test_search_of_dict_output_models_trains_with_finite_terms(tmp_path, dict_ne
     terms = [row[f"train_{name}"] for name in ("loss", "task", *proc.names)]
     assert all(math.isfinite(v) and v > 0 for v in terms), row
     assert torch.isfinite(proc.alpha_tilde).all() and not torch.equal(proc.alpha_tilde[-1], proc.alpha_tilde[0])
+
+
+@pytest.mark.parametrize("overrides", [[], ["distill.logit_losses=[]"]])
+def test_shipped_retrain_config_keeps_plain_kd_beside_the_process(tmp_path, tiny_data, overrides):
+    """configs/fmnist/distpro_retrain.yaml replays the process over its pathways with plain KD (tau 4) at weight 1
+    beside it, at every step (the KD floor); ``distill.logit_losses=[]`` is the process alone (Table 1)."""
+    from types import SimpleNamespace
+
+    from kdtune.config import load_config
+    from kdtune.models import create_model
+    from kdtune.search.distpro import from_config
+
+    teacher, student = create_model("resnet14", in_channels=1), create_model("resnet8", in_channels=1)
+    infos = search_space(teacher, student, SHAPE, "same", ("conv1x1",))[1]
+    alpha = torch.tensor([[0.3, 0.2, 0.1], [0.1, 0.2, 0.3]])
+    file = Process(infos, [0, 1], alpha, torch.ones(2, 3) * 2.0).save(tmp_path / "process.json")
+    cfg = load_config(Path(__file__).parents[1] / "configs/fmnist/distpro_retrain.yaml",
+                      ["teacher.name=resnet14", "teacher.checkpoint=null", f"process={file}", *overrides])
+    d, _ = from_config(cfg, SimpleNamespace(train=tiny_data, val=None), SHAPE)
+    d.weighting.set_total_steps(2)
+    x, y, _, _ = batches()
+    out = d(x, y, step=1)
+    assert [p.name for p in d.pathways] == [p.name for p in infos]
+    for name, a in zip(proc_names := [p.name for p in infos], alpha[1].tolist(), strict=True):
+        assert out[f"w/{name}"].item() == pytest.approx(a)  # the process's α at the last step
+    if overrides:
+        assert d.logit_losses == [] and "w/kd" not in out
+    else:
+        assert [(ll.name, ll.kwargs["tau"]) for ll in d.logit_losses] == [("kd", 4)]
+        assert out["w/kd"].item() == 1.0 and "kd" not in proc_names

@@ -748,7 +748,7 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
     clash = sorted({ll.name for ll in replayed} & {ll.name for ll in logit_losses})
     if clash:
         raise ValueError(f"the process has logit pathways {clash}, weighted by the process: remove them from "
-                         f"distill.logit_losses")
+                         f"distill.logit_losses (e.g. `distill.logit_losses=[]`)")
     logit_losses += replayed
     distiller = Distiller(student, teacher, pathways, logit_losses, weighting="process",
                           weighting_kwargs={**kwargs, "file": str(file), "process": process},
