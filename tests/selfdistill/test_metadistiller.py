@@ -611,6 +611,8 @@ def test_meta_gradient_equals_the_recomputing_one(objective: str, anchor: str) -
     finally:
         torch.set_default_dtype(torch.float32)
     assert sd._exit_stop == "mid"  # the jvp stops after the last exit's stage
+    moved = {n for n, _ in sd.named_parameters() if not n.startswith(("generator.", "student.last.", "student.fc."))}
+    assert sd._exit_reach == moved  # and moves what the exits depend on
     args = (*batch(8, seed=1, dtype=torch.float64), *batch(8, seed=2, dtype=torch.float64), 0.5)
     val, grads = sd.meta_gradient(*args)
     ref_val, ref_grads = _meta_gradient_recomputing_everything(sd, *args)

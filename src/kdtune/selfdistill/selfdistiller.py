@@ -129,6 +129,7 @@ class SelfDistiller(nn.Module):
         self._generator_targets: list[Tensor] | None = None  # t_k(θ_g) of a generator_grad forward
         self._attach_hooks()
         self._exit_stop = self._exit_stop_point(example)
+        self._exit_reach = self._exit_parameters(example)
 
     def _attach_hooks(self) -> None:
         # Feature names F1..FK; hooks fire under torch.func.functional_call too (the look-ahead).
@@ -202,6 +203,19 @@ class SelfDistiller(nn.Module):
             return None
         same = all(feats.get(n) is t and t._version == v for n, (t, v) in zip(names, seen[0], strict=True))
         return path if same else None
+
+    def _exit_parameters(self, example: Tensor) -> frozenset[str]:
+        """Names of the parameters (model and exits, not the generator) that the exits' outputs S_1..S_{K-1}
+        depend on: the meta step's forward-mode pass moves only these (the others' tangents change nothing
+        it returns), and its L_val backward computes the direction only for them. Found from the graph of one
+        probe forward (buffer copies)."""
+        theta = {n: p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("generator.")}
+        with torch.enable_grad():
+            _, outs = self._look_ahead_outputs(theta, example, final=False)
+            grads = torch.autograd.grad(sum(o.sum() for o in outs), list(theta.values()), allow_unused=True)
+        self._capture.clear()
+        self._eval_cache = None
+        return frozenset(n for n, g in zip(theta, grads, strict=True) if g is not None)
 
     # ------------------------------------------------------------------ parameters
 
@@ -383,8 +397,9 @@ class SelfDistiller(nn.Module):
 
         Cost: the look-ahead's forward on x_train runs the generator with its graph and keeps t_k(θ_g) for
         the second-order term (the generator runs once per meta step), and the forward-mode pass stops
-        after the last exit's stage (S_K is not needed there; :meth:`_exit_stop_point`). Same values as
-        running the generator again and the whole model, up to float rounding (tests compare the two).
+        after the last exit's stage (S_K is not needed there; :meth:`_exit_stop_point`), moving only the
+        parameters the exits depend on (:meth:`_exit_parameters`; v is computed for those alone). Same values
+        as running the generator again and the whole model, up to float rounding (tests compare the two).
 
         Args:
             x_train, y_train: (N, C, H, W), (N,) a batch of D_train.
@@ -413,10 +428,13 @@ class SelfDistiller(nn.Module):
         val_loss = F.cross_entropy(final, y_val)  # L_val: CE(y, S_K⁺) (+ Σ_k CE(y, S_k⁺) for `exits`)
         for s_k in exit_logits:
             val_loss = val_loss + F.cross_entropy(s_k, y_val)
-        v = torch.autograd.grad(val_loss, list(theta_plus.values()), allow_unused=True)
-        direction = {n: torch.zeros_like(t) if vi is None else vi for (n, t), vi in zip(theta.items(), v, strict=True)}
-        logits, change = torch.func.jvp(lambda th: tuple(self._look_ahead_outputs(th, x_train, final=False)[1]),
-                                        ({n: t.detach() for n, t in theta.items()},), (direction,))  # S_k, J_k v
+        moving = [n for n in theta if n in self._exit_reach]  # what S_1..S_{K-1} depend on (J_k v needs no more)
+        v = torch.autograd.grad(val_loss, [theta_plus[n] for n in moving], allow_unused=True)
+        direction = {n: torch.zeros_like(theta[n]) if vi is None else vi for n, vi in zip(moving, v, strict=True)}
+        fixed = {n: t.detach() for n, t in theta.items() if n not in self._exit_reach}
+        logits, change = torch.func.jvp(lambda th: tuple(self._look_ahead_outputs({**fixed, **th}, x_train,
+                                                                                   final=False)[1]),
+                                        ({n: theta[n].detach() for n in moving},), (direction,))  # S_k, J_k v
         self._capture.clear()  # the look-ahead's features belong to the jvp
         exit_logits = [s.detach().requires_grad_(True) for s in logits]
         soft = sum((1.0 - self.alpha) * kd(s, t, tau=self.tau)  # the terms of eq. 4 that depend on θ_g
