@@ -128,8 +128,9 @@ class SelfDistiller(nn.Module):
         self._eval_cache: tuple[Tensor, Tensor, list[Tensor]] | None = None
         self._generator_targets: list[Tensor] | None = None  # t_k(θ_g) of a generator_grad forward
         self._attach_hooks()
-        self._exit_stop = self._exit_stop_point(example)
-        self._exit_reach = self._exit_parameters(example)
+        # What the meta step's forward-mode pass may skip (md only: dsn and sd have no meta step).
+        self._exit_stop = self._exit_stop_point(example) if method == "md" else None
+        self._exit_reach = self._exit_parameters(example) if method == "md" else frozenset()
 
     def _attach_hooks(self) -> None:
         # Feature names F1..FK; hooks fire under torch.func.functional_call too (the look-ahead).
