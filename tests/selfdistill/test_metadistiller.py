@@ -558,3 +558,133 @@ def test_run_and_export_give_the_plain_trained_model(tmp_path) -> None:
             assert torch.equal(out, trained.student(x))
             correct += int((out.argmax(1) == y).sum())
     assert correct / len(splits.test) == pytest.approx(summary["test_acc"], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- meta step: shared and truncated passes
+
+
+def _meta_gradient_recomputing_everything(sd: SelfDistiller, x_train: Tensor, y_train: Tensor, x_val: Tensor,
+                                          y_val: Tensor, lr: float) -> tuple[Tensor, list[Tensor]]:
+    """The meta-gradient as computed before the look-ahead forward kept the generator's targets and the
+    forward-mode pass stopped after the last exit: generator run again, full model in the jvp."""
+    from torch.func import functional_call
+
+    from kdtune.selfdistill.selfdistiller import _buffer_copies
+    stepped = sd.student if sd.meta_objective == "final" else sd
+    prefix = "student." if sd.meta_objective == "final" else ""
+    theta = {prefix + n: p.detach().requires_grad_(True) for n, p in stepped.named_parameters()
+             if p.requires_grad and not n.startswith("generator.")}
+    out = functional_call(sd, {**theta, **_buffer_copies(sd)}, (x_train, y_train))
+    features = [f.detach() for f in sd.features()]
+    grads = torch.autograd.grad(out["loss"], list(theta.values()), allow_unused=True)
+    theta_plus = {n: (t if g is None else t - lr * g).detach().requires_grad_(True)
+                  for (n, t), g in zip(theta.items(), grads, strict=True)}
+    final, exit_logits = sd._look_ahead_outputs(theta_plus, x_val, sd.meta_objective == "exits")
+    val_loss = F.cross_entropy(final, y_val)
+    for s in exit_logits:
+        val_loss = val_loss + F.cross_entropy(s, y_val)
+    v = torch.autograd.grad(val_loss, list(theta_plus.values()), allow_unused=True)
+    direction = {n: torch.zeros_like(t) if vi is None else vi for (n, t), vi in zip(theta.items(), v, strict=True)}
+    logits, change = torch.func.jvp(lambda th: tuple(sd._look_ahead_outputs(th, x_train)[1]),
+                                    ({n: t.detach() for n, t in theta.items()},), (direction,))
+    fused = sd.generator(features)
+    targets = [sd._constant_head(head, f) for head, f in zip(sd.exits, fused, strict=True)]
+    if sd.generator_anchor == "final":
+        targets = [t + out["logits"].detach() - s.detach() for t, s in zip(targets, logits, strict=True)]
+    exit_logits = [s.detach().requires_grad_(True) for s in logits]
+    soft = sum((1.0 - sd.alpha) * kd(s, t, tau=sd.tau) for s, t in zip(exit_logits, targets, strict=True))
+    slopes = torch.autograd.grad(soft, exit_logits, create_graph=True)
+    inner = sum((slope * c).sum() for slope, c in zip(slopes, change, strict=True))
+    return val_loss.detach(), list(torch.autograd.grad(-lr * inner, list(sd.generator.parameters())))
+
+
+@pytest.mark.parametrize(("objective", "anchor"), [("exits", "final"), ("final", "final"), ("exits", "exit")])
+def test_meta_gradient_equals_the_recomputing_one(objective: str, anchor: str) -> None:
+    """Sharing the look-ahead forward's targets and stopping the jvp after the last exit change nothing
+    but float rounding."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        sd = make("md", meta_objective=objective, generator_anchor=anchor)
+        with torch.no_grad():
+            for p in sd.generator.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert sd._exit_stop == "mid"  # the jvp stops after the last exit's stage
+    moved = {n for n, _ in sd.named_parameters() if not n.startswith(("generator.", "student.last.", "student.fc."))}
+    assert sd._exit_reach == moved  # and moves what the exits depend on
+    args = (*batch(8, seed=1, dtype=torch.float64), *batch(8, seed=2, dtype=torch.float64), 0.5)
+    val, grads = sd.meta_gradient(*args)
+    ref_val, ref_grads = _meta_gradient_recomputing_everything(sd, *args)
+    assert torch.equal(val, ref_val)
+    scale = max(g.abs().max() for g in ref_grads)
+    assert scale > 0
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, rtol=1e-12, atol=1e-12 * scale)
+    assert sd._generator_targets is None  # the graph is not kept after the step
+
+
+def test_generator_grad_forward_keeps_the_targets_it_used() -> None:
+    sd = make("md")
+    with torch.no_grad():
+        for p in sd.generator.parameters():
+            p.add_(0.1)
+    x, y = batch()
+    sd(x, y)
+    assert sd._generator_targets is None  # the training step keeps nothing
+    out = sd(x, y, generator_grad=True)
+    kept = sd._generator_targets
+    exits = [head(f) for head, f in zip(sd.exits, sd.features(), strict=False)]
+    again = sd.soft_target_logits(sd.features(), out["logits"], exits, generator_grad=True)
+    assert all(torch.equal(a, b) for a, b in zip(kept, again, strict=True))
+    assert all(t.requires_grad for t in kept)  # differentiable in θ_g
+    gen = torch.autograd.grad(sum(t.sum() for t in kept), list(sd.generator.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in gen)
+
+
+def test_truncated_look_ahead_gives_the_exits_of_the_full_one() -> None:
+    """The forward-mode pass that stops after the last exit's stage: same exit outputs and tangents,
+    and its stopping hook is gone afterwards."""
+    sd = make("md")
+    x, _ = batch()
+    theta = {n: p.detach() for n, p in sd.named_parameters() if not n.startswith("generator.")}
+    direction = {n: torch.randn_like(t) for n, t in theta.items()}
+    hooks = len(sd.student.mid._forward_hooks)
+    full = torch.func.jvp(lambda th: tuple(sd._look_ahead_outputs(th, x)[1]), (theta,), (direction,))
+    cut = torch.func.jvp(lambda th: tuple(sd._look_ahead_outputs(th, x, final=False)[1]), (theta,), (direction,))
+    assert len(sd.student.mid._forward_hooks) == hooks
+    for a, b in zip([*full[0], *full[1]], [*cut[0], *cut[1]], strict=True):
+        assert torch.equal(a, b)
+    final, exits = sd._look_ahead_outputs(theta, x, final=False)
+    assert final is None and len(exits) == 2
+
+
+class StageChangedLater(ThreeStages):
+    """The second stage's output is modified in place after the last stage has read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mid = nn.Sequential(nn.Conv2d(4, 6, 3, 2, 1), nn.BatchNorm2d(6))  # no op keeps its output for backward
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.mid(self.stem(x))
+        out = self.fc(self.last((h + 0.0).relu()).mean((2, 3)))
+        h.mul_(2.0)  # the exit reads the doubled map
+        return out
+
+
+class StageCalledTwice(ThreeStages):
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        self.mid(h)
+        return self.fc(self.last(self.mid(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model", [StageChangedLater, StageCalledTwice])
+def test_look_ahead_runs_the_whole_model_when_stopping_early_is_unsafe(model: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    sd = SelfDistiller(model(), (1, 8, 8), method="md", stages=["stem", "mid", "last"])
+    assert sd._exit_stop is None
+    assert sd._eval_cache is None and not sd._capture.features  # the probe leaves nothing behind
+    val, grads = sd.meta_gradient(*batch(seed=1), *batch(seed=2), 0.1)
+    assert torch.isfinite(val) and all(torch.isfinite(g).all() for g in grads)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from kdtune.capture import FeatureCapture, find_stage_outputs, get_module, probe
+from kdtune.capture import FeatureCapture, find_stage_outputs, get_module, probe, split_tap
 from kdtune.losses import kd
 from kdtune.selfdistill.generator import TopDownLabelGenerator
 from kdtune.selfdistill.heads import ExitHead
@@ -126,7 +126,11 @@ class SelfDistiller(nn.Module):
             self.generator = TopDownLabelGenerator(channels, residual=generator_residual)
             self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr)
         self._eval_cache: tuple[Tensor, Tensor, list[Tensor]] | None = None
+        self._generator_targets: list[Tensor] | None = None  # t_k(θ_g) of a generator_grad forward
         self._attach_hooks()
+        # What the meta step's forward-mode pass may skip (md only: dsn and sd have no meta step).
+        self._exit_stop = self._exit_stop_point(example) if method == "md" else None
+        self._exit_reach = self._exit_parameters(example) if method == "md" else frozenset()
 
     def _attach_hooks(self) -> None:
         # Feature names F1..FK; hooks fire under torch.func.functional_call too (the look-ahead).
@@ -139,6 +143,7 @@ class SelfDistiller(nn.Module):
         self._capture.clear()  # features of the last forward are graph nodes, which cannot be deep-copied
         self._eval_hook.remove()
         self._eval_cache = None
+        self._generator_targets = None
         try:
             new = type(self).__new__(type(self))
             memo[id(self)] = new
@@ -167,6 +172,51 @@ class SelfDistiller(nn.Module):
         if out is None or len(out) != 2:
             raise ValueError(f"the model must return logits (N, num_classes), got {out}")
         return channels, sizes, out[1]
+
+    def _exit_stop_point(self, example: Tensor) -> str | None:
+        """The module after which a forward has every exit's input F_1..F_{K-1}, if stopping there is safe.
+
+        The meta step's forward-mode pass needs only the exits' outputs (:meth:`_look_ahead_outputs` with
+        ``final=False``), so it may stop the model once the last exit's stage has run. That gives the same
+        F_1..F_{K-1} only if that stage's module runs once, all early stages are captured by then, and the
+        rest of the forward does not modify them in place; checked here on one probe forward (buffer
+        copies, no graph). None: not safe (or a ``:input`` tap), the pass runs the whole model."""
+        path, tap = split_tap(self.stages[-2])
+        if tap:
+            return None
+        names = [f"F{k + 1}" for k in range(len(self.stages) - 1)]
+        seen: list[list[tuple[Tensor, int] | None]] = []
+
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            feats = self._capture.features
+            seen.append([(feats[n], feats[n]._version) if n in feats else None for n in names])
+
+        handle = get_module(self.student, path).register_forward_hook(record)
+        try:
+            with torch.no_grad():
+                functional_call(self.student, _buffer_copies(self.student), (example,))
+        finally:
+            handle.remove()
+            feats = dict(self._capture.features)
+            self._capture.clear()
+            self._eval_cache = None  # the probe's no-grad forward is not an evaluation
+        if len(seen) != 1 or any(entry is None for entry in seen[0]):
+            return None
+        same = all(feats.get(n) is t and t._version == v for n, (t, v) in zip(names, seen[0], strict=True))
+        return path if same else None
+
+    def _exit_parameters(self, example: Tensor) -> frozenset[str]:
+        """Names of the parameters (model and exits, not the generator) that the exits' outputs S_1..S_{K-1}
+        depend on: the meta step's forward-mode pass moves only these (the others' tangents change nothing
+        it returns), and its L_val backward computes the direction only for them. Found from the graph of one
+        probe forward (buffer copies)."""
+        theta = {n: p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("generator.")}
+        with torch.enable_grad():
+            _, outs = self._look_ahead_outputs(theta, example, final=False)
+            grads = torch.autograd.grad(sum(o.sum() for o in outs), list(theta.values()), allow_unused=True)
+        self._capture.clear()
+        self._eval_cache = None
+        return frozenset(n for n, g in zip(theta, grads, strict=True) if g is not None)
 
     # ------------------------------------------------------------------ parameters
 
@@ -256,6 +306,8 @@ class SelfDistiller(nn.Module):
         loss = task
         exit_logits = [head(f) for head, f in zip(self.exits, feats, strict=False)]
         targets = self.soft_target_logits(feats, logits, exit_logits, generator_grad)
+        # The meta step reads t_k(θ_g) of its look-ahead forward from here rather than running the generator twice.
+        self._generator_targets = targets if generator_grad and self.method == "md" else None
         for k, s_k in enumerate(exit_logits, start=1):
             ce = F.cross_entropy(s_k, y)
             out[f"exit{k}_ce"] = ce
@@ -344,6 +396,12 @@ class SelfDistiller(nn.Module):
         parameters, their ``.grad`` and running statistics are left exactly as they were. Batch
         statistics are used (training mode), as in the real step.
 
+        Cost: the look-ahead's forward on x_train runs the generator with its graph and keeps t_k(θ_g) for
+        the second-order term (the generator runs once per meta step), and the forward-mode pass stops
+        after the last exit's stage (S_K is not needed there; :meth:`_exit_stop_point`), moving only the
+        parameters the exits depend on (:meth:`_exit_parameters`; v is computed for those alone). Same values
+        as running the generator again and the whole model, up to float rounding (tests compare the two).
+
         Args:
             x_train, y_train: (N, C, H, W), (N,) a batch of D_train.
             x_val, y_val: a batch of the disjoint half D_test (Alg. 1, line 15).
@@ -359,8 +417,10 @@ class SelfDistiller(nn.Module):
         theta = {prefix + n: p.detach().requires_grad_(True) for n, p in stepped.named_parameters()
                  if p.requires_grad and not n.startswith("generator.")}
         buffers = _buffer_copies(self)  # running stats move on copies
-        out = functional_call(self, {**theta, **buffers}, (x_train, y_train))
-        features = [f.detach() for f in self.features()]  # F_k at θ_s: what the generator reads
+        # L_S at θ_s; its soft targets keep the generator's graph: t_k(θ_g) (anchored on S_K and S_k at θ_s
+        # on x_train, constants), used below. They do not depend on θ_s, so the gradient in θ_s is unchanged.
+        out = functional_call(self, {**theta, **buffers}, (x_train, y_train), {"generator_grad": True})
+        targets, self._generator_targets = self._generator_targets, None
         grads = torch.autograd.grad(out["loss"], list(theta.values()), allow_unused=True)
         theta_plus = {n: (t if g is None else t - lr * g).detach().requires_grad_(True)  # eq. 7
                       for (n, t), g in zip(theta.items(), grads, strict=True)}
@@ -369,16 +429,14 @@ class SelfDistiller(nn.Module):
         val_loss = F.cross_entropy(final, y_val)  # L_val: CE(y, S_K⁺) (+ Σ_k CE(y, S_k⁺) for `exits`)
         for s_k in exit_logits:
             val_loss = val_loss + F.cross_entropy(s_k, y_val)
-        v = torch.autograd.grad(val_loss, list(theta_plus.values()), allow_unused=True)
-        direction = {n: torch.zeros_like(t) if vi is None else vi for (n, t), vi in zip(theta.items(), v, strict=True)}
-        logits, change = torch.func.jvp(lambda th: tuple(self._look_ahead_outputs(th, x_train)[1]),
-                                        ({n: t.detach() for n, t in theta.items()},), (direction,))  # S_k, J_k v
+        moving = [n for n in theta if n in self._exit_reach]  # what S_1..S_{K-1} depend on (J_k v needs no more)
+        v = torch.autograd.grad(val_loss, [theta_plus[n] for n in moving], allow_unused=True)
+        direction = {n: torch.zeros_like(theta[n]) if vi is None else vi for n, vi in zip(moving, v, strict=True)}
+        fixed = {n: t.detach() for n, t in theta.items() if n not in self._exit_reach}
+        logits, change = torch.func.jvp(lambda th: tuple(self._look_ahead_outputs({**fixed, **th}, x_train,
+                                                                                   final=False)[1]),
+                                        ({n: theta[n].detach() for n in moving},), (direction,))  # S_k, J_k v
         self._capture.clear()  # the look-ahead's features belong to the jvp
-        fused = self.generator(features)  # convolutions only: no buffers to protect
-        targets = [self._constant_head(head, f) for head, f in zip(self.exits, fused, strict=True)]  # t_k(θ_g)
-        if self.generator_anchor == "final":  # + S_K − S_k at θ_s on x_train (constants: soft_target_logits)
-            final_logits = out["logits"].detach()
-            targets = [t + final_logits - s.detach() for t, s in zip(targets, logits, strict=True)]
         exit_logits = [s.detach().requires_grad_(True) for s in logits]
         soft = sum((1.0 - self.alpha) * kd(s, t, tau=self.tau)  # the terms of eq. 4 that depend on θ_g
                    for s, t in zip(exit_logits, targets, strict=True))
@@ -388,19 +446,32 @@ class SelfDistiller(nn.Module):
         self._eval_cache = None
         return val_loss.detach(), list(meta_grads)
 
-    def _look_ahead_outputs(self, theta: dict[str, Tensor], x: Tensor,
-                            exits: bool = True) -> tuple[Tensor, list[Tensor]]:
+    def _look_ahead_outputs(self, theta: dict[str, Tensor], x: Tensor, exits: bool = True,
+                            final: bool = True) -> tuple[Tensor | None, list[Tensor]]:
         """S_K and (with ``exits``) S_1..S_{K-1} on x, for the look-ahead's parameters θ by name (``student.*``,
-        and ``exits.*`` when they are stepped; otherwise the exits' own, constant), BatchNorm buffers copied."""
+        and ``exits.*`` when they are stepped; otherwise the exits' own, constant), BatchNorm buffers copied.
+
+        ``final=False``: S_K is not needed (None); the model's forward stops after the last exit's stage when
+        that is safe (:meth:`_exit_stop_point`), the exits' outputs are the same."""
         student = {n.removeprefix("student."): t for n, t in theta.items() if n.startswith("student.")}
-        final = functional_call(self.student, {**student, **_buffer_copies(self.student)}, (x,))
+        stop = None
+        if not final and exits and self._exit_stop is not None:
+            stop = get_module(self.student, self._exit_stop).register_forward_hook(_stop_forward)
+        try:
+            logits = functional_call(self.student, {**student, **_buffer_copies(self.student)}, (x,))
+        except _StopForward:
+            logits = None
+        finally:
+            if stop is not None:
+                stop.remove()
         out = []
-        for k, (head, f) in enumerate(zip(self.exits, self.features(), strict=False) if exits else ()):
+        heads = self.exits if exits else []
+        for k, (head, f) in enumerate(zip(heads, [self._capture[f"F{k + 1}"] for k in range(len(heads))], strict=True)):
             own = {n.removeprefix(f"exits.{k}."): t for n, t in theta.items() if n.startswith(f"exits.{k}.")}
             state = {**{n: p.detach() for n, p in head.named_parameters()}, **own,
                      **_buffer_copies(head)}
             out.append(functional_call(head, state, (f,)))
-        return final, out
+        return logits, out
 
     def meta_step(self, x_train: Tensor, y_train: Tensor, x_val: Tensor, y_val: Tensor, lr: float,
                   generator_lr_factor: float = 1.0) -> float:
@@ -438,6 +509,14 @@ class SelfDistiller(nn.Module):
     def extra_repr(self) -> str:
         anchor = f", generator_anchor={self.generator_anchor!r}" if self.method == "md" else ""
         return f"method={self.method!r}, stages={self.stages}, alpha={self.alpha}, tau={self.tau}{anchor}"
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end a model's forward early (:meth:`SelfDistiller._look_ahead_outputs`)."""
+
+
+def _stop_forward(module: nn.Module, args: Any, output: Any) -> None:
+    raise _StopForward
 
 
 def _buffer_copies(module: nn.Module) -> dict[str, Tensor]:
