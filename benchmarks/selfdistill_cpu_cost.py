@@ -78,7 +78,6 @@ def main() -> None:
     build.SelfDistiller = SelfDistiller
     print("| model | method | train CPU s | × plain | CPU s / epoch | CPU s / meta epoch |")
     print("|---|---|---:|---:|---:|---:|")
-    print("|---|---|---:|---:|---:|---:|")
     print("\n".join(rows))
 
 
