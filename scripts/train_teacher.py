@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdtune.data import BatchLoader, dataset_augment, load_dataset, load_fashion_mnist
+from kdtune.data import BatchLoader, ImageDataset, dataset_augment, load_dataset, load_fashion_mnist
 from kdtune.models import create_model
 from kdtune.plugins import import_plugins
 
@@ -40,8 +40,13 @@ def test_accuracy(model: torch.nn.Module, loader: BatchLoader) -> float:
     return correct / len(loader.ds)
 
 
+def first_500_accuracy(model: torch.nn.Module, test: ImageDataset) -> float:
+    """Accuracy on the first 500 test images: the figure tests/test_zoo.py re-measures (quick on any machine)."""
+    return test_accuracy(model, BatchLoader(test.subset(torch.arange(500)), 500, shuffle=False, channels_last=True))
+
+
 def evaluate_shipped(model_name: str, out: Path) -> None:
-    """Recompute ``test_acc`` and ``test_acc_first_2000`` of a shipped teacher in its record."""
+    """Recompute ``test_acc``, ``test_acc_first_2000`` and ``test_acc_first_500`` of a shipped teacher's record."""
     from kdtune.zoo import load_teacher
 
     stem = out / f"{model_name}_fashion_mnist"
@@ -51,6 +56,7 @@ def evaluate_shipped(model_name: str, out: Path) -> None:
     record["test_acc"] = test_accuracy(model, BatchLoader(test, 500, shuffle=False, channels_last=True))
     first = BatchLoader(test.subset(torch.arange(2000)), 500, shuffle=False, channels_last=True)
     record["test_acc_first_2000"] = test_accuracy(model, first)
+    record["test_acc_first_500"] = first_500_accuracy(model, test)
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"{stem.name}: test_acc={record['test_acc']:.4f} first_2000={record['test_acc_first_2000']:.4f}")
 
@@ -124,7 +130,8 @@ def main() -> None:
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     record["test_acc"] = test_accuracy(model, test_loader)  # after the fp16 round trip actually shipped
     first = BatchLoader(test.subset(torch.arange(2000)), 500, shuffle=False, channels_last=True)
-    record["test_acc_first_2000"] = test_accuracy(model, first)  # what tests/test_zoo.py re-measures
+    record["test_acc_first_2000"] = test_accuracy(model, first)
+    record["test_acc_first_500"] = first_500_accuracy(model, test)  # what tests/test_zoo.py re-measures
     record["train_seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = stem.with_suffix(".pt.tmp")

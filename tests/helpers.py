@@ -56,7 +56,8 @@ class DictNet(nn.Module):
 
 
 def tiny_autokd(name: str, epochs: int = 1, data: dict[str, Any] | None = None, **autokd: Any) -> dict[str, Any]:
-    """A seconds-long Auto-KD search config on 100 real Fashion-MNIST images (50/50 train/val split).
+    """A seconds-long Auto-KD search config on 100 real Fashion-MNIST images (50/50 train/val split),
+    tested on the first 500 test images.
 
     The teacher is an untrained ResNet-8: enough for the plumbing, not for accuracy. Every proxy
     is off except those given in ``autokd`` (e.g. ``layer_weights="train_free"``), and so are the
@@ -65,7 +66,7 @@ def tiny_autokd(name: str, epochs: int = 1, data: dict[str, Any] | None = None, 
     return {
         "seed": 0, "name": name,
         "data": {"dataset": "fashion_mnist", "train_per_class": 10, "val_fraction": 0.5, "eval_batch_size": 1000,
-                 **(data or {})},
+                 "test_limit": 500, **(data or {})},
         "student": {"name": "resnet8"},
         "teacher": {"name": "resnet8"},
         "train": {"epochs": epochs, "progress": False},

@@ -15,7 +15,7 @@ from kdtune.trainer import Callback
 
 CONFIG = {
     "seed": 0,
-    "data": {"dataset": "fashion_mnist", "train_per_class": 5, "eval_batch_size": 1000},
+    "data": {"dataset": "fashion_mnist", "train_per_class": 5, "eval_batch_size": 1000, "test_limit": 500},
     "student": {"name": "resnet8"},
     "teacher": {"name": "resnet8"},  # an untrained teacher is enough to exercise the plumbing
     "distill": {"logit_losses": [{"name": "kd"}],

@@ -451,7 +451,8 @@ def write_tiny_fashion_mnist(root, n_train=50, n_test=20):
 
 SEARCH_CONFIG = {
     "seed": 0,
-    "data": {"dataset": "fashion_mnist", "val_fraction": 0.2, "batch_size": 8, "eval_batch_size": 20},
+    "data": {"dataset": "fashion_mnist", "val_fraction": 0.2, "batch_size": 8, "eval_batch_size": 20,
+             "test_limit": 200},
     "student": {"name": "resnet8"},
     "teacher": {"name": "resnet8"},  # untrained: enough to move α̃
     "distpro": {"connections": "same", "transforms": ["conv1x1", "distpro"], "alpha_lr": 0.1},

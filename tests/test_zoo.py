@@ -17,11 +17,12 @@ def test_record_matches_the_shipped_weights(name):
     assert record["dataset"] == "fashion_mnist" and record["epochs"] and "command" in record
     teacher = load_teacher(name)
     assert not teacher.training
-    # Re-measure on the first 2,000 test images; the record's per-epoch log holds the full figure.
-    test = load_fashion_mnist("test").subset(torch.arange(2000))
+    # Re-measure on the first 500 test images (seconds on a slow CPU; the record's per-epoch log holds the
+    # full figure): at most one prediction may flip between CPUs whose kernels round differently.
+    test = load_fashion_mnist("test").subset(torch.arange(500))
     with torch.no_grad():
         correct = sum(int((teacher(x).argmax(1) == y).sum()) for x, y in BatchLoader(test, 500, shuffle=False))
-    assert correct / 2000 == pytest.approx(record["test_acc_first_2000"], abs=1e-3)
+    assert correct / 500 == pytest.approx(record["test_acc_first_500"], abs=1.01 / 500)
 
 
 def test_unknown_teacher_suggests_names():

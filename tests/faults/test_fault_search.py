@@ -26,7 +26,8 @@ TRIALS = 6
 def weight_search(storage: str) -> dict[str, Any]:
     return {
         "seed": 0, "name": "ws",
-        "data": {"dataset": "fashion_mnist", "train_per_class": 5, "val_fraction": 0.4, "eval_batch_size": 1000},
+        "data": {"dataset": "fashion_mnist", "train_per_class": 5, "val_fraction": 0.4, "eval_batch_size": 1000,
+                 "test_limit": 500},
         "student": {"name": "resnet8"},
         "teacher": {"name": "resnet8"},
         "distill": {"logit_losses": [{"name": "kd"}],

@@ -143,7 +143,8 @@ def test_search_config_validation():
 
 TINY = {
     "seed": 0,
-    "data": {"dataset": "fashion_mnist", "train_per_class": 5, "val_fraction": 0.4, "eval_batch_size": 1000},
+    "data": {"dataset": "fashion_mnist", "train_per_class": 5, "val_fraction": 0.4, "eval_batch_size": 1000,
+             "test_limit": 500},
     "student": {"name": "resnet8"},
     "teacher": {"name": "resnet8"},  # untrained: enough for the plumbing
     "distill": {"logit_losses": [{"name": "kd"}],

@@ -126,7 +126,6 @@ class SelfDistiller(nn.Module):
             self.generator = TopDownLabelGenerator(channels, residual=generator_residual)
             self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=generator_lr)
         self._eval_cache: tuple[Tensor, Tensor, list[Tensor]] | None = None
-        self._generator_targets: list[Tensor] | None = None  # t_k(θ_g) of a generator_grad forward
         self._attach_hooks()
         # What the meta step's forward-mode pass may skip (md only: dsn and sd have no meta step).
         self._exit_stop = self._exit_stop_point(example) if method == "md" else None
@@ -143,7 +142,6 @@ class SelfDistiller(nn.Module):
         self._capture.clear()  # features of the last forward are graph nodes, which cannot be deep-copied
         self._eval_hook.remove()
         self._eval_cache = None
-        self._generator_targets = None
         try:
             new = type(self).__new__(type(self))
             memo[id(self)] = new
@@ -298,6 +296,8 @@ class SelfDistiller(nn.Module):
             ``exit<k>_kl`` = τ² KL(T_k ‖ S_k); for md also
             ``gen/exit<k>_label_agree`` (fraction of argmax T_k == y) and ``gen/exit<k>_max_prob`` (mean
             max_c T_k), logged per epoch, so a generator that collapses onto one class is visible.
+            With ``generator_grad`` (md) also ``gen/targets``: the T_k used, stacked (K-1, N, classes), still
+            differentiable in θ_g (the Trainer logs only 0-dim values, so it never sees them).
         """
         logits = self.student(x)
         feats = self.features()
@@ -306,8 +306,9 @@ class SelfDistiller(nn.Module):
         loss = task
         exit_logits = [head(f) for head, f in zip(self.exits, feats, strict=False)]
         targets = self.soft_target_logits(feats, logits, exit_logits, generator_grad)
-        # The meta step reads t_k(θ_g) of its look-ahead forward from here rather than running the generator twice.
-        self._generator_targets = targets if generator_grad and self.method == "md" else None
+        if generator_grad and self.method == "md":
+            # The meta step reads t_k(θ_g) of its look-ahead forward here rather than running the generator twice.
+            out["gen/targets"] = torch.stack(list(targets))  # (K-1, N, classes), with the generator's graph
         for k, s_k in enumerate(exit_logits, start=1):
             ce = F.cross_entropy(s_k, y)
             out[f"exit{k}_ce"] = ce
@@ -420,7 +421,7 @@ class SelfDistiller(nn.Module):
         # L_S at θ_s; its soft targets keep the generator's graph: t_k(θ_g) (anchored on S_K and S_k at θ_s
         # on x_train, constants), used below. They do not depend on θ_s, so the gradient in θ_s is unchanged.
         out = functional_call(self, {**theta, **buffers}, (x_train, y_train), {"generator_grad": True})
-        targets, self._generator_targets = self._generator_targets, None
+        targets = out["gen/targets"].unbind(0)
         grads = torch.autograd.grad(out["loss"], list(theta.values()), allow_unused=True)
         theta_plus = {n: (t if g is None else t - lr * g).detach().requires_grad_(True)  # eq. 7
                       for (n, t), g in zip(theta.items(), grads, strict=True)}
