@@ -53,7 +53,7 @@ def test_list(capsys, kind, expected):
 def test_list_losses_shows_each_catalogue_weight(capsys):
     assert main(["list", "losses"]) == 0
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
-    assert lines["fitnets"][1:3] == ["weight", "100"] and lines["at"][1:3] == ["weight", "1000"]
+    assert lines["fitnets"][1:3] == ["weight", "100"] and lines["at"][1:3] == ["weight", "500"]
     assert lines["kd"][1:3] == ["weight", "1"] and lines["pkt"][1:3] == ["weight", "30000"]
 
 

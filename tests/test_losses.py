@@ -87,7 +87,7 @@ def test_every_feature_method_runs_through_its_transform(name):
 
 
 def test_usual_weights():
-    expected = {"fitnets": 100.0, "at": 1000.0, "sp": 3000.0, "rkd": 1.0, "pkt": 30000.0, "nst": 50.0,
+    expected = {"fitnets": 100.0, "at": 500.0, "sp": 3000.0, "rkd": 1.0, "pkt": 30000.0, "nst": 50.0,
                 "cc": 0.02, "kd": 1.0, "dkd": 1.0, "reviewkd": 1.0}
     assert {k: get_loss(k).weight for k in expected} == expected
     assert get_loss("rkd").kwargs == {"distance_weight": 25.0, "angle_weight": 50.0}

@@ -28,7 +28,8 @@ ROWS: list[tuple[str, dict[str, Any]]] = [
                                   "pathways": [{"teacher": "layer2", "student": "layer2", "method": "fitnets"}]}}),
     # Adaptive Distillation (eq. 5-6): AT on every stage (one path) + KD, weights v = exp(-z) learned.
     ("Adaptive AT + KD", {"distill": {"logit_losses": [{"name": "kd"}],
-                                      "pathways": [{"teacher": f"stage:{i}", "student": f"stage:{i}", "method": "at"}
+                                      "pathways": [{"teacher": f"stage:{i}", "student": f"stage:{i}", "method": "at",
+                                                    "weight": 1000.0}  # as the demo's table was measured
                                                    for i in range(3)],
                                       "weighting": {"name": "adaptive"}}}),
     # MetaDistiller (kdtune.selfdistill): no teacher, exits + label generator. A few meta steps per
