@@ -91,6 +91,8 @@ TAIL_KEPT = "data.drop_last=false"
 #: DistPro's replayed process without plain KD beside it (the paper's Table 1; the retrain configs keep KD since
 #: the fifth session of 2026-12-02).
 NO_LOGITS = "distill.logit_losses=[]"
+#: The own pair's protocol with kdtune's ResNet-8 as the student (table `own_resnet8`).
+RESNET8_STUDENT = "student.name=resnet8"
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
 #: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
 CATALOGUE_FEATURE_METHODS = ["fitnets", "at", "sp", "rkd", "pkt", "nst", "cc", "cwd", "reviewkd"]
@@ -195,6 +197,22 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         # The process over the feature pathways beside plain KD at weight 1 (as the `distpro` table's last row).
         ("DistPro process + KD", "configs/mnist_own/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_OWN}", "baseline=process", KD_FIXED]),
+    ]),
+    # A pair no default was chosen on (2026-12-06): the own pair's MNIST teacher with kdtune's ResNet-8 as the
+    # student (a CIFAR-family student under a plugin teacher of another family), MNIST-3k-own's protocol, defaults.
+    "own_resnet8": ("MNIST-3k-own, own nested-ModuleDict CNN teacher -> kdtune's ResNet-8, 3,000 images, 5 epochs, "
+                    "lr 0.05", [
+        (label, f"configs/mnist_own/{config}.yaml", [RESNET8_STUDENT, *extra])
+        for label, config, extra in (
+            ("student alone", "student", []),
+            ("KD", "kd", []),
+            ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)", "adaptive", []),
+            ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "adaptive", ["weighting=mgda"]),
+            ("fitnets (catalogue weight, last stage -> last stage)", "feature", []),
+            ("at (catalogue weight, last stage -> last stage)", "feature", ["distill.pathways.0.method=at"]),
+            ("DSN (no teacher)", "selfdistill", ["method=dsn"]),
+            ("MD (no teacher), default", "selfdistill", ["method=md"]),
+        )
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
     # stage -> last stage, at its catalogue weight and calibrated; one seed. "student alone" is the floor.
@@ -372,6 +390,7 @@ EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "fmnist2k_auto": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2"),
                       ("exit 3 acc %", "test_acc/exit3")],
     "own_pair": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2")],
+    "own_resnet8": [("exit 1 acc %", "test_acc/exit1"), ("exit 2 acc %", "test_acc/exit2")],
     "selfdistill_lr": [("ensemble acc %", "test_acc/ensemble"), ("exit 1 acc %", "test_acc/exit1"),
                        ("exit 2 acc %", "test_acc/exit2")],
 }
