@@ -72,3 +72,15 @@ def test_self_distillation_refuses_an_output_selector(dict_net):
                                 "student": {"name": "dict_net", "output": "logits"}, "selfdistill": {"method": "dsn"}})
     with pytest.raises(ConfigError, match=r"student.output \('logits'\) is not supported"):
         prepare(cfg, None)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_train_keep_freed_memory_sets_the_allocator_only_when_asked(tmp_path, dict_net, monkeypatch, keep):
+    import kdtune.build
+
+    calls = []
+    monkeypatch.setattr(kdtune.build, "keep_freed_memory", lambda: calls.append(1) or True)
+    cfg = run_config(tmp_path)
+    cfg["train"]["keep_freed_memory"] = keep
+    kdtune.build.make_trainer(from_dict(RunConfig, cfg), None)
+    assert calls == ([1] if keep else [])

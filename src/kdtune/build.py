@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from kdtune.allocator import keep_freed_memory
 from kdtune.checkpoint import load_checkpoint, load_state_strict, model_state
 from kdtune.config import ModelConfig, PathwayConfig, RunConfig, from_dict
 from kdtune.data import Images, balanced_subset, dataset_augment, load_dataset, make_loader, train_val_split
@@ -145,6 +146,8 @@ def make_trainer(cfg: RunConfig, run_dir: Path | None, build: DistillerBuilder =
     import_plugins(cfg.plugins)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     seed_everything(cfg.seed)  # model and adapter initialisation depend on it
     splits = load_splits(cfg)
     input_shape = splits.train.input_shape
