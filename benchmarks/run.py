@@ -210,6 +210,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
             ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "adaptive", ["weighting=mgda"]),
             ("fitnets (catalogue weight, last stage -> last stage)", "feature", []),
             ("at (catalogue weight, last stage -> last stage)", "feature", ["distill.pathways.0.method=at"]),
+            ("fitnets, calibrated", "feature", [CALIBRATED]),
+            ("at, calibrated", "feature", ["distill.pathways.0.method=at", CALIBRATED]),
             ("DSN (no teacher)", "selfdistill", ["method=dsn"]),
             ("MD (no teacher), default", "selfdistill", ["method=md"]),
         )
