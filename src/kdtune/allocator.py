@@ -8,13 +8,12 @@ the backward pass. glibc's malloc gives blocks larger than ``M_MMAP_THRESHOLD`` 
 ``mmap`` and returns free memory at the top of its heap to the operating system once more than
 ``M_TRIM_THRESHOLD`` bytes are free there (128 KiB at first; both thresholds rise with the largest
 block freed so far, the trim threshold to twice it). A step's activations (6.4 MB for a 16 x 28 x 28
-map at batch 128) go back to the system after every step, so every step faults each of their pages
-in again and the kernel zeroes them: on ResNet-8, batch 128, one thread, ~0.4 M minor page faults
-per 50 steps and a tenth of the step's CPU time (benchmarks/RESULTS.md, ``throughput``). With the
-trim threshold at 1 GiB and the mmap threshold at glibc's maximum (32 MiB), freed blocks stay in the
-heap and are reused. This is what the ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_``
-environment variables do at start-up, or preloading jemalloc / tcmalloc as PyTorch's CPU performance
-guides suggest; here it takes no environment and no extra library.
+map at batch 128) often go back to the system at the end of a step, and the next step faults their
+pages in again while the kernel zeroes them (what that costs whole runs: benchmarks/RESULTS.md,
+``allocator``). With the trim threshold at 1 GiB and the mmap threshold at glibc's maximum
+(32 MiB), freed blocks stay in the heap and are reused. The ``MALLOC_TRIM_THRESHOLD_`` /
+``MALLOC_MMAP_THRESHOLD_`` environment variables do the same at start-up, and PyTorch's CPU
+performance guides preload jemalloc or tcmalloc for it; this needs neither.
 
 The cost: the process keeps its peak heap (the memory a step needs anyway) until it exits. Settings
 are process-wide and, once made, stay for the process (glibc then stops adjusting its thresholds).
