@@ -91,6 +91,8 @@ TAIL_KEPT = "data.drop_last=false"
 #: DistPro's replayed process without plain KD beside it (the paper's Table 1; the retrain configs keep KD since
 #: the fifth session of 2026-12-02).
 NO_LOGITS = "distill.logit_losses=[]"
+#: eq. 4's label weight a falls from 1 to 0.5 over the whole run (kdtune.selfdistill.warmup), not the default.
+ALPHA_WARMUP = "selfdistill.alpha_warmup=1"
 #: The own pair's protocol with kdtune's ResNet-8 as the student (table `own_resnet8`).
 RESNET8_STUDENT = "student.name=resnet8"
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
@@ -183,6 +185,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("SD (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=sd"]),
         ("MD (no teacher), T_k anchored on the final output (default)", "configs/mnist_own/selfdistill.yaml",
          ["method=md"]),
+        ("MD (no teacher), a warmed up over the whole run", "configs/mnist_own/selfdistill.yaml",
+         ["method=md", ALPHA_WARMUP]),
         # The config's 40 proxy trials: a proxy is raised to the whole 5-epoch run here (autokd.min_steps 150 > the
         # 95 steps of the 2,400-image split), which costs seconds with this student.
         ("Auto-KD: MCTS search, 40 trials (KD incumbent) -> final", "configs/mnist_own/autokd_search.yaml",
@@ -214,6 +218,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
             ("at, calibrated", "feature", ["distill.pathways.0.method=at", CALIBRATED]),
             ("DSN (no teacher)", "selfdistill", ["method=dsn"]),
             ("MD (no teacher), default", "selfdistill", ["method=md"]),
+            ("MD (no teacher), a warmed up over the whole run", "selfdistill", ["method=md", ALPHA_WARMUP]),
         )
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
@@ -271,6 +276,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          ["method=md", MD_EXIT_ANCHOR]),
         ("resnet8 SD", "configs/fmnist/selfdistill.yaml", ["method=sd"]),
         ("resnet8 MD, T_k anchored on the final output (default)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
+        ("resnet8 MD, a warmed up over the whole run", "configs/fmnist/selfdistill.yaml", ["method=md", ALPHA_WARMUP]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /

@@ -73,7 +73,8 @@ def test_exits_found_on_a_user_model() -> None:
     x, y = batch()
     out = sd(x, y)
     assert set(out) == {"loss", "logits", "task", "exit1_ce", "exit1_kl", "exit1_acc", "exit2_ce", "exit2_kl",
-                        "exit2_acc"}
+                        "exit2_acc", "w/exit_labels"}
+    assert out["w/exit_labels"].item() == sd.alpha
     assert out["logits"].shape == (8, 10) and all(v.ndim == 0 for k, v in out.items() if k != "logits")
     out["loss"].backward()
     assert all(p.grad is not None for p in sd.student.parameters())

@@ -10,6 +10,7 @@ from kdtune.config import ConfigError, RunConfig
 from kdtune.data import Images, dataset_augment
 from kdtune.selfdistill.meta import MetaStep
 from kdtune.selfdistill.selfdistiller import SelfDistiller
+from kdtune.selfdistill.warmup import AlphaWarmup
 from kdtune.trainer import Callback
 
 __all__ = ["from_config"]
@@ -45,6 +46,8 @@ def from_config(cfg: RunConfig, student: nn.Module, train: Images,
                               generator_residual=sc.generator_residual,
                               meta_objective=sc.meta_objective, generator_anchor=sc.generator_anchor)
     callbacks: list[Callback] = []
+    if sc.alpha_warmup > 0:
+        callbacks.append(AlphaWarmup(distiller, sc.alpha, sc.alpha_warmup))
     if sc.method == "md":
         d = cfg.data
         callbacks.append(MetaStep(distiller, train, every=sc.meta_every, steps=sc.meta_steps,

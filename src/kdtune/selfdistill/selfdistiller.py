@@ -293,7 +293,7 @@ class SelfDistiller(nn.Module):
         Returns:
             ``loss`` (L_S, eq. 3), ``logits`` (N, K) = S_K, ``task`` = CE(y, S_K), and per exit k:
             ``exit<k>_ce`` = CE(y, S_k), ``exit<k>_acc`` (fraction of argmax S_k == y) and, for sd/md,
-            ``exit<k>_kl`` = τ² KL(T_k ‖ S_k); for md also
+            ``exit<k>_kl`` = τ² KL(T_k ‖ S_k) and ``w/exit_labels`` (a of eq. 4 in this step); for md also
             ``gen/exit<k>_label_agree`` (fraction of argmax T_k == y) and ``gen/exit<k>_max_prob`` (mean
             max_c T_k), logged per epoch, so a generator that collapses onto one class is visible.
             With ``generator_grad`` (md) also ``gen/targets``: the T_k used, stacked (K-1, N, classes), still
@@ -309,6 +309,8 @@ class SelfDistiller(nn.Module):
         if generator_grad and self.method == "md":
             # The meta step reads t_k(θ_g) of its look-ahead forward here rather than running the generator twice.
             out["gen/targets"] = torch.stack(list(targets))  # (K-1, N, classes), with the generator's graph
+        if targets is not None:
+            out["w/exit_labels"] = torch.tensor(self.alpha)  # a of eq. 4 now (it moves under selfdistill.alpha_warmup)
         for k, s_k in enumerate(exit_logits, start=1):
             ce = F.cross_entropy(s_k, y)
             out[f"exit{k}_ce"] = ce

@@ -1,0 +1,88 @@
+"""kdtune.selfdistill.warmup: eq. 4's label weight a falls from 1 to alpha over the warm-up."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from kdtune.config import ConfigError, RunConfig, TrainConfig, from_dict
+from kdtune.selfdistill import SelfDistiller
+from kdtune.selfdistill.build import from_config
+from kdtune.selfdistill.warmup import AlphaWarmup, alpha_at
+from kdtune.trainer import Callback, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class TwoStages(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.last = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.last(self.stem(x)).mean((2, 3)))
+
+
+def make(method: str = "sd") -> SelfDistiller:
+    torch.manual_seed(0)
+    return SelfDistiller(TwoStages(), (1, 8, 8), method=method)
+
+
+@pytest.mark.parametrize(("step", "total", "warmup", "expected"), [
+    (0, 100, 1.0, 1.0), (50, 100, 1.0, 0.75), (99, 100, 1.0, 0.505), (100, 100, 1.0, 0.5),
+    (10, 100, 0.2, 0.75), (20, 100, 0.2, 0.5), (80, 100, 0.2, 0.5), (0, 100, 0.0, 0.5)])
+def test_alpha_falls_linearly_from_one_to_alpha_over_the_warmup(step, total, warmup, expected):
+    assert alpha_at(step, total, 0.5, warmup) == pytest.approx(expected)
+
+
+def test_the_callback_sets_alpha_from_the_global_step():
+    sd = make()
+    cb = AlphaWarmup(sd, alpha=0.2, warmup=0.5)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(epochs=2), train_loader=[None] * 10, global_step=5)
+    cb.on_batch_start(trainer, None, None)  # 20 steps, ramp over 10: halfway from 1 to 0.2
+    assert sd.alpha == pytest.approx(0.6)
+    trainer.global_step = 15
+    cb.on_batch_start(trainer, None, None)
+    assert sd.alpha == pytest.approx(0.2)
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.alphas: list[float] = []
+
+    def on_batch_end(self, trainer, out) -> None:
+        self.alphas.append(float(out["w/exit_labels"]))
+
+
+def test_a_run_steps_with_alpha_falling_from_one_to_alpha(tiny_data):
+    sd, seen = make(), Recorder()
+    trainer = Trainer(sd, tiny_data, config=TrainConfig(epochs=2, progress=False, channels_last=False),
+                      callbacks=(AlphaWarmup(sd, alpha=0.5, warmup=1.0), seen))
+    trainer.fit()
+    steps = 2 * len(trainer.train_loader)
+    assert seen.alphas == pytest.approx([1.0 - 0.5 * s / steps for s in range(steps)])
+
+
+def test_dsn_and_bad_fractions_are_refused():
+    with pytest.raises(ValueError, match="sd or md"):
+        AlphaWarmup(make("dsn"), alpha=0.5, warmup=0.5)
+    with pytest.raises(ValueError, match="warmup"):
+        AlphaWarmup(make("sd"), alpha=0.5, warmup=1.5)
+    base = {"teacher": None, "student": {"name": "resnet8"}, "data": {"dataset": "fashion_mnist"}}
+    with pytest.raises(ConfigError, match="alpha_warmup"):
+        from_dict(RunConfig, {**base, "selfdistill": {"method": "dsn", "alpha_warmup": 0.5}})
+    with pytest.raises(ConfigError, match="alpha_warmup"):
+        from_dict(RunConfig, {**base, "selfdistill": {"method": "sd", "alpha_warmup": -0.1}})
+
+
+@pytest.mark.parametrize(("warmup", "added"), [(0.0, False), (0.3, True)])
+def test_the_config_adds_the_warmup_only_when_asked(tiny_data, warmup, added):
+    cfg = from_dict(RunConfig, {"teacher": None, "student": {"name": "resnet8"}, "data": {"dataset": "fashion_mnist"},
+                                "selfdistill": {"method": "sd", "alpha_warmup": warmup}})
+    _, callbacks = from_config(cfg, TwoStages(), tiny_data, (1, 8, 8))
+    assert any(isinstance(c, AlphaWarmup) for c in callbacks) is added
