@@ -91,8 +91,10 @@ TAIL_KEPT = "data.drop_last=false"
 #: DistPro's replayed process without plain KD beside it (the paper's Table 1; the retrain configs keep KD since
 #: the fifth session of 2026-12-02).
 NO_LOGITS = "distill.logit_losses=[]"
-#: eq. 4's label weight a falls from 1 to 0.5 over the whole run (kdtune.selfdistill.warmup), not the default.
+#: eq. 4's label weight a falls from 1 to 0.5 over the whole run (kdtune.selfdistill.warmup; the default since
+#: 2026-12-06). Rows measured before, with a = 0.5 from the first step, pin CONSTANT_ALPHA (`_pin_constant_alpha`).
 ALPHA_WARMUP = "selfdistill.alpha_warmup=1"
+CONSTANT_ALPHA = "selfdistill.alpha_warmup=0"
 #: The own pair's protocol with kdtune's ResNet-8 as the student (table `own_resnet8`).
 RESNET8_STUDENT = "student.name=resnet8"
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
@@ -131,8 +133,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DSN (no teacher)", "configs/fmnist2k/selfdistill.yaml", ["method=dsn"]),
         ("MD (no teacher), residual generator, exit-anchored T_k", "configs/fmnist2k/selfdistill.yaml",
          ["method=md", MD_EXIT_ANCHOR]),
-        ("MD (no teacher), T_k anchored on the final output (default)", "configs/fmnist2k/selfdistill.yaml",
+        ("MD (no teacher), T_k anchored on the final output, constant a", "configs/fmnist2k/selfdistill.yaml",
          ["method=md"]),
+        ("MD (no teacher), default (a warmed up over the whole run)", "configs/fmnist2k/selfdistill.yaml",
+         ["method=md", ALPHA_WARMUP]),
         # 16 of the config's 40 proxy trials: a trial costs ~4 min here (>= 150 steps of MobileNetV2), 40 ~2.6 h.
         ("Auto-KD: MCTS search, 16 trials (KD incumbent) -> final", "configs/fmnist2k/autokd_search.yaml",
          [f"autokd.export={AUTOKD_SPEC_2K}", "autokd.trials=16"]),
@@ -183,9 +187,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DSN (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=dsn"]),
         ("MD (no teacher), exit-anchored T_k", "configs/mnist_own/selfdistill.yaml", ["method=md", MD_EXIT_ANCHOR]),
         ("SD (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=sd"]),
-        ("MD (no teacher), T_k anchored on the final output (default)", "configs/mnist_own/selfdistill.yaml",
+        ("MD (no teacher), T_k anchored on the final output, constant a", "configs/mnist_own/selfdistill.yaml",
          ["method=md"]),
-        ("MD (no teacher), a warmed up over the whole run", "configs/mnist_own/selfdistill.yaml",
+        ("MD (no teacher), default (a warmed up over the whole run)", "configs/mnist_own/selfdistill.yaml",
          ["method=md", ALPHA_WARMUP]),
         # The config's 40 proxy trials: a proxy is raised to the whole 5-epoch run here (autokd.min_steps 150 > the
         # 95 steps of the 2,400-image split), which costs seconds with this student.
@@ -217,8 +221,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
             ("fitnets, calibrated", "feature", [CALIBRATED]),
             ("at, calibrated", "feature", ["distill.pathways.0.method=at", CALIBRATED]),
             ("DSN (no teacher)", "selfdistill", ["method=dsn"]),
-            ("MD (no teacher), default", "selfdistill", ["method=md"]),
-            ("MD (no teacher), a warmed up over the whole run", "selfdistill", ["method=md", ALPHA_WARMUP]),
+            ("MD (no teacher), constant a", "selfdistill", ["method=md"]),
+            ("MD (no teacher), default (a warmed up over the whole run)", "selfdistill", ["method=md", ALPHA_WARMUP]),
         )
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
@@ -275,8 +279,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("resnet8 MD, residual generator, exit-anchored T_k", "configs/fmnist/selfdistill.yaml",
          ["method=md", MD_EXIT_ANCHOR]),
         ("resnet8 SD", "configs/fmnist/selfdistill.yaml", ["method=sd"]),
-        ("resnet8 MD, T_k anchored on the final output (default)", "configs/fmnist/selfdistill.yaml", ["method=md"]),
-        ("resnet8 MD, a warmed up over the whole run", "configs/fmnist/selfdistill.yaml", ["method=md", ALPHA_WARMUP]),
+        ("resnet8 MD, T_k anchored on the final output, constant a", "configs/fmnist/selfdistill.yaml", ["method=md"]),
+        ("resnet8 MD, default (a warmed up over the whole run)", "configs/fmnist/selfdistill.yaml",
+         ["method=md", ALPHA_WARMUP]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
@@ -387,6 +392,18 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
           for key, label, _, layers in AUTOKD_SEARCHES],
     ]),
 }
+
+def _pin_constant_alpha(tables: dict[str, tuple[str, list[tuple[str, str, list[str]]]]]) -> None:
+    """Rows of self-distillation with soft targets (sd / md) that do not set ``selfdistill.alpha_warmup`` were
+    measured with a constant a of eq. 4 (before the warm-up became the default): pin it, so they mean that."""
+    for _title, rows in tables.values():
+        for _label, config, overrides in rows:
+            soft = any(o in ("method=md", "method=sd") for o in overrides)
+            if config.endswith("selfdistill.yaml") and soft and not any("alpha_warmup" in o for o in overrides):
+                overrides.append(CONSTANT_ALPHA)
+
+
+_pin_constant_alpha(TABLES)
 
 #: table name -> extra columns (header, key of the final epoch's metrics), e.g. the ensemble accuracy.
 EXTRA_COLUMNS: dict[str, list[tuple[str, str]]] = {

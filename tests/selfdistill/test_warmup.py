@@ -75,14 +75,19 @@ def test_dsn_and_bad_fractions_are_refused():
         AlphaWarmup(make("sd"), alpha=0.5, warmup=1.5)
     base = {"teacher": None, "student": {"name": "resnet8"}, "data": {"dataset": "fashion_mnist"}}
     with pytest.raises(ConfigError, match="alpha_warmup"):
-        from_dict(RunConfig, {**base, "selfdistill": {"method": "dsn", "alpha_warmup": 0.5}})
+        from_dict(RunConfig, {**base, "selfdistill": {"method": "sd", "alpha_warmup": 1.5}})
     with pytest.raises(ConfigError, match="alpha_warmup"):
         from_dict(RunConfig, {**base, "selfdistill": {"method": "sd", "alpha_warmup": -0.1}})
 
 
-@pytest.mark.parametrize(("warmup", "added"), [(0.0, False), (0.3, True)])
-def test_the_config_adds_the_warmup_only_when_asked(tiny_data, warmup, added):
+@pytest.mark.parametrize(("method", "warmup", "added"), [("sd", None, True), ("md", None, True), ("sd", 0.0, False),
+                                                      ("sd", 0.3, True), ("dsn", None, False)])
+def test_the_config_warms_a_up_by_default_for_soft_targets(tiny_data, method, warmup, added):
+    section = {"method": method, **({} if warmup is None else {"alpha_warmup": warmup})}
     cfg = from_dict(RunConfig, {"teacher": None, "student": {"name": "resnet8"}, "data": {"dataset": "fashion_mnist"},
-                                "selfdistill": {"method": "sd", "alpha_warmup": warmup}})
+                                "selfdistill": section})
     _, callbacks = from_config(cfg, TwoStages(), tiny_data, (1, 8, 8))
-    assert any(isinstance(c, AlphaWarmup) for c in callbacks) is added
+    warmups = [c for c in callbacks if isinstance(c, AlphaWarmup)]
+    assert bool(warmups) is added
+    if warmups:
+        assert warmups[0].warmup == (1.0 if warmup is None else warmup) and warmups[0].alpha == 0.5

@@ -46,7 +46,7 @@ def from_config(cfg: RunConfig, student: nn.Module, train: Images,
                               generator_residual=sc.generator_residual,
                               meta_objective=sc.meta_objective, generator_anchor=sc.generator_anchor)
     callbacks: list[Callback] = []
-    if sc.alpha_warmup > 0:
+    if sc.alpha_warmup > 0 and sc.method != "dsn":  # DSN's exits learn from the labels only (a = 1)
         callbacks.append(AlphaWarmup(distiller, sc.alpha, sc.alpha_warmup))
     if sc.method == "md":
         d = cfg.data
