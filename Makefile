@@ -1,8 +1,7 @@
-# make demo : set up everything on a fresh machine, then run the quickstart table (3 min 51 s on 2 cores on
-#             2026-11-22; 11 min 9 s on 2026-12-01, when this machine ran ~3× slower; 3 min 35 s on
-#             2026-12-02 after `make test` had set up, with one training job beside it)
-# make test : set up everything, then run the test suite (fresh clone 2026-12-02: 7 min 16 s with set-up,
-#             pytest 354 s for 1,120 tests on 2 xdist workers, one training job beside it)
+# make demo : set up everything on a fresh machine, then run the quickstart table (fresh clone 2026-12-06,
+#             set-up done by `make test`, nothing else running: 215 s wall, 405 s user CPU)
+# make test : set up everything, then run the test suite (fresh clone 2026-12-06, nothing else running:
+#             222 s wall with set-up, pytest 171 s for 1,318 tests on 2 xdist workers)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
