@@ -10,25 +10,27 @@ import pytest
 
 from kdtune import allocator
 
-#: A child process: allocate a 16 MiB tensor, free it, and report from glibc's mallinfo2 whether it was
-#: an mmap of its own and whether the freed bytes stayed in the heap.
+#: A child process: malloc a 16 MiB block, free it, and report from glibc's mallinfo2 whether it was an mmap
+#: of its own and whether the heap kept the freed bytes (the heap's size did not shrink back).
 CHILD = """
-import ctypes, sys, torch
+import ctypes, sys
 from kdtune.allocator import keep_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 size = 16 << 20
-t = torch.empty(size, dtype=torch.uint8)
+heap = libc.mallinfo2().arena
+block = libc.malloc(size)
 own_mmap = libc.mallinfo2().hblkhd >= size
-del t
-kept = libc.mallinfo2().fordblks >= size
+libc.free(block)
+kept = libc.mallinfo2().arena - heap >= size   # the heap grew by the block and did not give it back
 print(applied, own_mmap, kept)
 """
-
 
 def _has_mallinfo2() -> bool:
     lib = allocator._glibc()
