@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
+from helpers import TinyNet
 from kdtune.config import ConfigError, RunConfig, TrainConfig, from_dict
 from kdtune.selfdistill import SelfDistiller
 from kdtune.selfdistill.build import from_config
@@ -17,20 +17,9 @@ from kdtune.trainer import Callback, Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TwoStages(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU())
-        self.last = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.fc(self.last(self.stem(x)).mean((2, 3)))
-
-
 def make(method: str = "sd") -> SelfDistiller:
     torch.manual_seed(0)
-    return SelfDistiller(TwoStages(), (1, 8, 8), method=method)
+    return SelfDistiller(TinyNet(), (1, 8, 8), method=method, stages=["blocks.0", "blocks.1"])
 
 
 @pytest.mark.parametrize(("step", "total", "warmup", "expected"), [
@@ -86,7 +75,7 @@ def test_the_config_warms_a_up_by_default_for_soft_targets(tiny_data, method, wa
     section = {"method": method, **({} if warmup is None else {"alpha_warmup": warmup})}
     cfg = from_dict(RunConfig, {"teacher": None, "student": {"name": "resnet8"}, "data": {"dataset": "fashion_mnist"},
                                 "selfdistill": section})
-    _, callbacks = from_config(cfg, TwoStages(), tiny_data, (1, 8, 8))
+    _, callbacks = from_config(cfg, TinyNet(), tiny_data, (1, 8, 8))
     warmups = [c for c in callbacks if isinstance(c, AlphaWarmup)]
     assert bool(warmups) is added
     if warmups:
