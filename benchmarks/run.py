@@ -49,9 +49,14 @@ DISTPRO_PROCESS_FIXED = "benchmarks/data/distpro_process_fmnist5k_fixed.json"
 #: FMNIST-2k-x: the process of its own DistPro search and the spec of its Auto-KD search (table `fmnist2k_auto`).
 DISTPRO_PROCESS_2K = "benchmarks/data/distpro_process_fmnist2k.json"
 AUTOKD_SPEC_2K = "benchmarks/data/autokd_mcts_fmnist2k.yaml"
+#: The process DistPro searches with the retrained WRN-40-2 (table `fmnist2k_t2`).
+DISTPRO_PROCESS_2K_T2 = "benchmarks/data/distpro_process_fmnist2k_t2.json"
 #: MNIST-3k-own (table `own_pair`): the process of its DistPro search and the spec of its Auto-KD search.
 DISTPRO_PROCESS_OWN = "benchmarks/data/distpro_process_mnist_own.json"
 AUTOKD_SPEC_OWN = "benchmarks/data/autokd_mcts_mnist_own.yaml"
+#: MNIST-3k-own with kdtune's ResNet-8 as the student (table `own_resnet8`): its Auto-KD spec and DistPro process.
+AUTOKD_SPEC_OWN_R8 = "benchmarks/data/autokd_mcts_mnist_own_resnet8.yaml"
+DISTPRO_PROCESS_OWN_R8 = "benchmarks/data/distpro_process_mnist_own_resnet8.json"
 POOL_FIRST = "distpro.transform_kwargs={conv3x3: {pool_first: true}, distpro: {pool_first: true}}"
 
 #: An override that makes a row a search only (no final training): its run ends with ``autokd.json``.
@@ -167,6 +172,29 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DistPro process + KD", "configs/fmnist2k/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_2K}", "baseline=process", KD_FIXED]),
     ]),
+    # FMNIST-2k-x with the shipped WRN-40-2 retrained to the protocol's >= 93.5 % (2026-12-06; the tables above ran
+    # with its first training, 93.11 %): the rows issue 13's must-holds name, with the defaults a user gets. The
+    # teacher-free rows (student alone, DSN, MD) do not depend on it and stay those of `fmnist2k` / `fmnist2k_auto`.
+    # DistPro's process is searched again with this teacher (its own export); Auto-KD replays the design searched
+    # with the first teacher (a search of 16 proxy trials costs ~1 h of one core here).
+    "fmnist2k_t2": ("FMNIST-2k-x, retrained WRN-40-2 teacher -> MobileNetV2 (x0.5), 2,000 images, 15 epochs, lr 0.01", [
+        ("KD", "configs/fmnist2k/kd.yaml", []),
+        ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist2k/adaptive.yaml", []),
+        ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist2k/adaptive.yaml", ["weighting=mgda"]),
+        ("Auto-KD: the spec searched with the first teacher -> final", "configs/fmnist2k/autokd_final.yaml",
+         [f"spec={AUTOKD_SPEC_2K}"]),
+        ("DistPro search (searching student, 80 % of the data)", "configs/fmnist2k/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_2K_T2}", POOL_FIRST]),
+        ("DistPro process + KD (default)", "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K_T2}", "baseline=process", KD_FIXED]),
+        ("KD, calibrated", "configs/fmnist2k/kd.yaml", [CALIBRATED]),
+        ("adaptive (AT x3 + ST), KD fixed at weight 1, calibrated", "configs/fmnist2k/adaptive.yaml", [CALIBRATED]),
+        ("mgda (AT x3 + ST), KD fixed at weight 1, calibrated", "configs/fmnist2k/adaptive.yaml",
+         ["weighting=mgda", CALIBRATED]),
+        ("fixed (AT x3 + ST), catalogue weights", "configs/fmnist2k/adaptive.yaml", ["weighting=fixed"]),
+        ("DistPro process alone (the paper's Table 1)", "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K_T2}", "baseline=process", NO_LOGITS]),
+    ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
     # FMNIST-5k method config with configs/mnist_own/protocol.yaml merged over it: kdtune's defaults, no tuning.
@@ -223,6 +251,15 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
             ("DSN (no teacher)", "selfdistill", ["method=dsn"]),
             ("MD (no teacher), constant a", "selfdistill", ["method=md"]),
             ("MD (no teacher), default (a warmed up over the whole run)", "selfdistill", ["method=md", ALPHA_WARMUP]),
+            # The searching systems at their defaults on this pair: searched at seed 0, the design / process
+            # retrained with every seed (as `own_pair`).
+            ("Auto-KD: MCTS search, 40 trials (KD incumbent) -> final", "autokd_search",
+             [f"autokd.export={AUTOKD_SPEC_OWN_R8}"]),
+            ("Auto-KD: the searched spec -> final", "autokd_final", [f"spec={AUTOKD_SPEC_OWN_R8}"]),
+            ("DistPro search (searching student, 80 % of the data)", "distpro_search",
+             [f"distpro.export={DISTPRO_PROCESS_OWN_R8}"]),
+            ("DistPro process + KD (default)", "distpro_retrain",
+             [f"process={DISTPRO_PROCESS_OWN_R8}", "baseline=process", KD_FIXED]),
         )
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
