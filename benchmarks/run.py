@@ -55,9 +55,8 @@ AUTOKD_SPEC_OWN = "benchmarks/data/autokd_mcts_mnist_own.yaml"
 #: MNIST-3k-own with kdtune's ResNet-8 as the student (table `own_resnet8`): its Auto-KD spec and DistPro process.
 AUTOKD_SPEC_OWN_R8 = "benchmarks/data/autokd_mcts_mnist_own_resnet8.yaml"
 DISTPRO_PROCESS_OWN_R8 = "benchmarks/data/distpro_process_mnist_own_resnet8.json"
-#: DistPro searched with plain KD as a fixed term beside the pathways, on the two MNIST-3k-own pairs.
+#: DistPro searched with plain KD as a fixed term beside the pathways (table `own_pair`).
 DISTPRO_PROCESS_OWN_KD = "benchmarks/data/distpro_process_mnist_own_kd.json"
-DISTPRO_PROCESS_OWN_R8_KD = "benchmarks/data/distpro_process_mnist_own_resnet8_kd.json"
 POOL_FIRST = "distpro.transform_kwargs={conv3x3: {pool_first: true}, distpro: {pool_first: true}}"
 
 #: An override that makes a row a search only (no final training): its run ends with ``autokd.json``.
@@ -190,11 +189,6 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"process={DISTPRO_PROCESS_2K}", "baseline=process", KD_FIXED]),
         ("KD, calibrated", "configs/fmnist2k/kd.yaml", [CALIBRATED]),
         ("adaptive (AT x3 + ST), KD fixed at weight 1, calibrated", "configs/fmnist2k/adaptive.yaml", [CALIBRATED]),
-        ("mgda (AT x3 + ST), KD fixed at weight 1, calibrated", "configs/fmnist2k/adaptive.yaml",
-         ["weighting=mgda", CALIBRATED]),
-        ("fixed (AT x3 + ST), catalogue weights", "configs/fmnist2k/adaptive.yaml", ["weighting=fixed"]),
-        ("DistPro: the process searched with the first teacher, alone (the paper's Table 1)",
-         "configs/fmnist2k/distpro_retrain.yaml", [f"process={DISTPRO_PROCESS_2K}", "baseline=process", NO_LOGITS]),
     ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
@@ -234,7 +228,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         # The process over the feature pathways beside plain KD at weight 1 (as the `distpro` table's last row).
         ("DistPro process + KD", "configs/mnist_own/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_OWN}", "baseline=process", KD_FIXED]),
-        # The search with plain KD as a fixed term beside the pathways (as `own_resnet8`'s last rows).
+        # The search with plain KD as a fixed term beside the pathways, so α(t) is learned with the KD term the
+        # retrain keeps (the default search has none).
         ("DistPro search beside KD", "configs/mnist_own/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS_OWN_KD}", KD_FIXED]),
         ("DistPro process searched beside KD, + KD", "configs/mnist_own/distpro_retrain.yaml",
@@ -266,11 +261,6 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
              [f"distpro.export={DISTPRO_PROCESS_OWN_R8}"]),
             ("DistPro process + KD (default)", "distpro_retrain",
              [f"process={DISTPRO_PROCESS_OWN_R8}", "baseline=process", KD_FIXED]),
-            # The search with plain KD as a fixed term beside the pathways, so α(t) is learned with the KD term the
-            # retrain keeps (the default search has none).
-            ("DistPro search beside KD", "distpro_search", [f"distpro.export={DISTPRO_PROCESS_OWN_R8_KD}", KD_FIXED]),
-            ("DistPro process searched beside KD, + KD", "distpro_retrain",
-             [f"process={DISTPRO_PROCESS_OWN_R8_KD}", "baseline=process", KD_FIXED]),
         )
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
