@@ -49,6 +49,8 @@ DISTPRO_PROCESS_FIXED = "benchmarks/data/distpro_process_fmnist5k_fixed.json"
 #: FMNIST-2k-x: the process of its own DistPro search and the spec of its Auto-KD search (table `fmnist2k_auto`).
 DISTPRO_PROCESS_2K = "benchmarks/data/distpro_process_fmnist2k.json"
 AUTOKD_SPEC_2K = "benchmarks/data/autokd_mcts_fmnist2k.yaml"
+#: FMNIST-2k-x with the retrained WRN-40-2 (93.84 %, table `fmnist2k_t2`): the process of DistPro's search with it.
+DISTPRO_PROCESS_2K_T2 = "benchmarks/data/distpro_process_fmnist2k_t2.json"
 #: MNIST-3k-own (table `own_pair`): the process of its DistPro search and the spec of its Auto-KD search.
 DISTPRO_PROCESS_OWN = "benchmarks/data/distpro_process_mnist_own.json"
 AUTOKD_SPEC_OWN = "benchmarks/data/autokd_mcts_mnist_own.yaml"
@@ -189,6 +191,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"process={DISTPRO_PROCESS_2K}", "baseline=process", KD_FIXED]),
         ("KD, calibrated", "configs/fmnist2k/kd.yaml", [CALIBRATED]),
         ("adaptive (AT x3 + ST), KD fixed at weight 1, calibrated", "configs/fmnist2k/adaptive.yaml", [CALIBRATED]),
+        # DistPro searched again with this teacher (seed 0, as `fmnist2k_auto`), its process retrained with every seed.
+        ("DistPro search with this teacher (searching student, 80 % of the data)", "configs/fmnist2k/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_2K_T2}", POOL_FIRST]),
+        ("DistPro: the process searched with this teacher + KD (default)", "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K_T2}", "baseline=process", KD_FIXED]),
     ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
@@ -282,7 +289,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("at, weight 500 (AT paper's beta/2)", f"configs/{folder}/feature.yaml",
          ["distill.pathways.0.method=at", "distill.pathways.0.weight=500"]),
     ]) for suffix, protocol, folder, ref in (("", "FMNIST-5k", "fmnist", "configs/fmnist/student.yaml"),
-                                              ("_2k", "FMNIST-2k-x", "fmnist2k", "@fmnist2k/student alone"))},
+                                              ("_2k", "FMNIST-2k-x", "fmnist2k", "@fmnist2k/student alone"),
+                                              # the scan again with the retrained WRN-40-2 (93.84 %; `catalogue_2k`
+                                              # ran with its first training, 93.11 %)
+                                              ("_2k_t2", "FMNIST-2k-x, retrained WRN-40-2 teacher", "fmnist2k",
+                                               "@fmnist2k/student alone"))},
     # FMNIST-5k rows of issue 13 beside the earlier tables' (ST of the adaptive rows in both forms).
     "auto5k": ("FMNIST-5k, ResNet-56 -> ResNet-8, 30 epochs: default automated rows and calibrated weights", [
         ("student alone", "@core/student alone", []),
