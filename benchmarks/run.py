@@ -51,6 +51,8 @@ DISTPRO_PROCESS_2K = "benchmarks/data/distpro_process_fmnist2k.json"
 AUTOKD_SPEC_2K = "benchmarks/data/autokd_mcts_fmnist2k.yaml"
 #: FMNIST-2k-x with the retrained WRN-40-2 (93.84 %, table `fmnist2k_t2`): the process of DistPro's search with it.
 DISTPRO_PROCESS_2K_T2 = "benchmarks/data/distpro_process_fmnist2k_t2.json"
+#: ... and of the same search with plain KD as a fixed term beside the pathways (what the retrain keeps).
+DISTPRO_PROCESS_2K_T2_KD = "benchmarks/data/distpro_process_fmnist2k_t2_kd.json"
 #: MNIST-3k-own (table `own_pair`): the process of its DistPro search and the spec of its Auto-KD search.
 DISTPRO_PROCESS_OWN = "benchmarks/data/distpro_process_mnist_own.json"
 AUTOKD_SPEC_OWN = "benchmarks/data/autokd_mcts_mnist_own.yaml"
@@ -196,6 +198,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"distpro.export={DISTPRO_PROCESS_2K_T2}", POOL_FIRST]),
         ("DistPro: the process searched with this teacher + KD (default)", "configs/fmnist2k/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_2K_T2}", "baseline=process", KD_FIXED]),
+        # The search with plain KD fixed beside the pathways, so alpha(t) is learned against the loss the retrain uses.
+        ("DistPro search beside KD, this teacher", "configs/fmnist2k/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_2K_T2_KD}", POOL_FIRST, KD_FIXED]),
+        ("DistPro: the process searched beside KD + KD", "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K_T2_KD}", "baseline=process", KD_FIXED]),
     ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
