@@ -338,6 +338,12 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("resnet8 MD, T_k anchored on the final output, constant a", "configs/fmnist/selfdistill.yaml", ["method=md"]),
         ("resnet8 MD, default (a warmed up over the whole run)", "configs/fmnist/selfdistill.yaml",
          ["method=md", ALPHA_WARMUP]),
+        # The default automated rows with the default tail rule (their rows in `auto5k` / `autokd` / `distpro` kept it).
+        ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist/adaptive.yaml", []),
+        ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
+        ("Auto-KD: MCTS best + logits spec -> final", "configs/fmnist/autokd_final.yaml", [f"spec={AUTOKD_SPECS['mcts']}"]),
+        ("DistPro process + KD (default)", "configs/fmnist/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process", KD_FIXED]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
