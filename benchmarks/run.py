@@ -51,6 +51,8 @@ DISTPRO_PROCESS_2K = "benchmarks/data/distpro_process_fmnist2k.json"
 AUTOKD_SPEC_2K = "benchmarks/data/autokd_mcts_fmnist2k.yaml"
 #: FMNIST-2k-x with the retrained WRN-40-2 (93.84 %, table `fmnist2k_t2`): the process of DistPro's search with it.
 DISTPRO_PROCESS_2K_T2 = "benchmarks/data/distpro_process_fmnist2k_t2.json"
+#: ... and the spec of Auto-KD's search with it.
+AUTOKD_SPEC_2K_T2 = "benchmarks/data/autokd_mcts_fmnist2k_t2.yaml"
 #: MNIST-3k-own (table `own_pair`): the process of its DistPro search and the spec of its Auto-KD search.
 DISTPRO_PROCESS_OWN = "benchmarks/data/distpro_process_mnist_own.json"
 AUTOKD_SPEC_OWN = "benchmarks/data/autokd_mcts_mnist_own.yaml"
@@ -180,7 +182,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
     # with its first training, 93.11 %): the rows issue 13's must-holds name, with the defaults a user gets. The
     # teacher-free rows (student alone, DSN, MD) do not depend on it and stay those of `fmnist2k` / `fmnist2k_auto`.
     # Auto-KD's design and DistPro's process searched with the first teacher are retrained with this one; DistPro is
-    # also searched again with it (~30 min of one core); Auto-KD's 16 proxy trials (~1 h) are not.
+    # also searched again with it (~30 min of one core), and so is Auto-KD (16 proxy trials, ~1 h).
     "fmnist2k_t2": ("FMNIST-2k-x, retrained WRN-40-2 teacher -> MobileNetV2 (x0.5), 2,000 images, 15 epochs, lr 0.01", [
         ("KD", "configs/fmnist2k/kd.yaml", []),
         ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist2k/adaptive.yaml", []),
@@ -196,6 +198,12 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          "configs/fmnist2k/distpro_search.yaml", [f"distpro.export={DISTPRO_PROCESS_2K_T2}", POOL_FIRST]),
         ("DistPro: the process searched with this teacher + KD (default)", "configs/fmnist2k/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_2K_T2}", "baseline=process", KD_FIXED]),
+        # Auto-KD searched again with this teacher (seed 0, 16 proxy trials as `fmnist2k_auto`), its design
+        # retrained with every seed.
+        ("Auto-KD: MCTS search with this teacher, 16 trials (KD incumbent) -> final",
+         "configs/fmnist2k/autokd_search.yaml", [f"autokd.export={AUTOKD_SPEC_2K_T2}", "autokd.trials=16"]),
+        ("Auto-KD: the spec searched with this teacher -> final", "configs/fmnist2k/autokd_final.yaml",
+         [f"spec={AUTOKD_SPEC_2K_T2}"]),
     ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
