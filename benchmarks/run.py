@@ -106,6 +106,8 @@ ALPHA_WARMUP = "selfdistill.alpha_warmup=1"
 CONSTANT_ALPHA = "selfdistill.alpha_warmup=0"
 #: The own pair's protocol with kdtune's ResNet-8 as the student (table `own_resnet8`).
 RESNET8_STUDENT = "student.name=resnet8"
+#: NST's pathway without the 1x1 adapter: only the spatial sizes matched (the NST paper's form).
+NST_NO_ADAPTER = "distill.pathways.0.transform=match_spatial"
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
 #: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
 CATALOGUE_FEATURE_METHODS = ["fitnets", "at", "sp", "rkd", "pkt", "nst", "cc", "cwd", "reviewkd"]
@@ -264,6 +266,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
             ("at (catalogue weight, last stage -> last stage)", "feature", ["distill.pathways.0.method=at"]),
             ("fitnets, calibrated", "feature", [CALIBRATED]),
             ("at, calibrated", "feature", ["distill.pathways.0.method=at", CALIBRATED]),
+            # NST through the 1x1 adapter (catalogue default until 2026-12-06) and without one (its paper's form).
+            ("nst (catalogue weight, conv1x1 adapter)", "feature",
+             ["distill.pathways.0.method=nst", "distill.pathways.0.transform=conv1x1"]),
+            ("nst, no adapter (match_spatial: NST paper's form)", "feature",
+             ["distill.pathways.0.method=nst", NST_NO_ADAPTER]),
             ("DSN (no teacher)", "selfdistill", ["method=dsn"]),
             ("MD (no teacher), constant a", "selfdistill", ["method=md"]),
             ("MD (no teacher), default (a warmed up over the whole run)", "selfdistill", ["method=md", ALPHA_WARMUP]),
@@ -296,6 +303,9 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          ["distill.pathways.0.method=at", "distill.pathways.0.weight=1000"]),
         ("at, weight 500 (AT paper's beta/2)", f"configs/{folder}/feature.yaml",
          ["distill.pathways.0.method=at", "distill.pathways.0.weight=500"]),
+        # NST as its paper and reference code run it: no adapter, the larger map pooled to the smaller (CRD too).
+        ("nst, no adapter (match_spatial: NST paper's form)", f"configs/{folder}/feature.yaml",
+         ["distill.pathways.0.method=nst", NST_NO_ADAPTER]),
     ]) for suffix, protocol, folder, ref in (("", "FMNIST-5k", "fmnist", "configs/fmnist/student.yaml"),
                                               ("_2k", "FMNIST-2k-x", "fmnist2k", "@fmnist2k/student alone"))},
     # FMNIST-5k rows of issue 13 beside the earlier tables' (ST of the adaptive rows in both forms).

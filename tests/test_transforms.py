@@ -24,6 +24,7 @@ from kdtune.transforms import (
 # name -> (student shape, teacher shape, expected student-out shape, expected teacher-out shape)
 CASES: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
     "identity": ((3, 4, 6, 6), (3, 5, 3, 3), (3, 4, 6, 6), (3, 5, 3, 3)),
+    "match_spatial": ((3, 4, 6, 6), (3, 5, 3, 3), (3, 4, 3, 3), (3, 5, 3, 3)),
     "conv1x1": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 6, 4, 4), (3, 6, 4, 4)),
     "conv3x3": ((3, 4, 2, 2), (3, 6, 4, 4), (3, 6, 4, 4), (3, 6, 4, 4)),
     "distpro": ((3, 4, 8, 8), (3, 6, 4, 4), (3, 6, 4, 4), (3, 6, 4, 4)),
@@ -35,7 +36,7 @@ CASES: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[
     "tokens_to_map": ((3, 17, 4), (3, 6, 8, 8), (3, 6, 8, 8), (3, 6, 8, 8)),  # 4x4 patches + class token
     "map_to_tokens": ((3, 4, 8, 8), (3, 5, 6), (3, 4, 6), (3, 4, 6)),  # class token + 2x2 patches
 }
-PARAMETER_FREE = {"identity", "attention_map", "flatten_pool"}
+PARAMETER_FREE = {"identity", "match_spatial", "attention_map", "flatten_pool"}
 
 
 def test_every_registered_transform_has_a_case():
@@ -246,6 +247,26 @@ def test_token_mlp_dropout_is_active_in_training():
 # --------------------------------------------------------------------------- parameter-free
 
 
+def test_match_spatial_pools_the_larger_side_by_hand():
+    """Teacher 2x2 pooled to the student's 1x1 (its mean); student 2x2 pooled to a 1x1 teacher; channels kept."""
+    small = torch.tensor([[[[5.0]]], [[[7.0]]]])  # (2, 1, 1, 1)
+    big = torch.arange(16.0).reshape(2, 2, 2, 2)  # (2, 2, 2, 2): per-channel means 1.5, 5.5, 9.5, 13.5
+    tf = build_transform("match_spatial", small.shape, big.shape)
+    s_out, t_out = tf(small, big)
+    assert s_out is small
+    np.testing.assert_allclose(t_out.flatten().numpy(), [1.5, 5.5, 9.5, 13.5])
+    s_out, t_out = build_transform("match_spatial", big.shape, small.shape)(big, small)
+    assert t_out is small and s_out.shape == (2, 2, 1, 1)
+    np.testing.assert_allclose(s_out.flatten().numpy(), [1.5, 5.5, 9.5, 13.5])
+
+
+def test_match_spatial_resizes_the_student_when_neither_side_is_larger():
+    s, t = torch.randn(2, 3, 4, 2), torch.randn(2, 5, 2, 4)
+    s_out, t_out = build_transform("match_spatial", s.shape, t.shape)(s, t)
+    assert t_out is t
+    torch.testing.assert_close(s_out, resize_spatial(s, (2, 4)))
+
+
 def test_attention_map_hand_computed_2x2():
     f = torch.tensor([[[[1.0, 2.0], [0.0, 0.0]], [[-1.0, 0.0], [0.0, 2.0]]]])  # (1, 2, 2, 2)
     tf = build_transform("attention_map", f.shape, f.shape)
@@ -291,6 +312,7 @@ def test_flatten_pool_means_by_rank():
         ("linear", (8, 5, 16), (8, 7, 32)),
         ("token_mlp", (8, 16), (8, 5, 32)),
         ("attention_map", (8, 16), (8, 32)),
+        ("match_spatial", (8, 16, 5), (8, 32, 5)),
         ("flatten_pool", (8, 1, 2, 3, 4), (8, 32)),
     ],
 )

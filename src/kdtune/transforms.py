@@ -230,6 +230,32 @@ class Identity(FeatureTransform):
         return s, t
 
 
+@_register("match_spatial")
+class MatchSpatial(FeatureTransform):
+    """Match spatial sizes only: the larger map is average-pooled to the smaller's H x W.
+
+    Channels are untouched, so the student is compared as it is -- what a distance that accepts
+    different widths wants when no adapter should stand between the two (NST: Huang & Wang 2017
+    compare the distributions of the maps' channels, no regressor; their reference code and CRD
+    pool the larger map down). Pooling the larger side never invents detail, unlike upsampling a
+    small student map to the teacher's size. When neither map is at least as large as the other on
+    both axes, the student is resized to the teacher's size (:func:`resize_spatial`).
+
+    Shapes: (N, Cs, Hs, Ws), (N, Ct, Ht, Wt) -> (N, Cs, H, W), (N, Ct, H, W) with
+    H x W = min(Hs, Ht) x min(Ws, Wt) when one map is the larger on both axes.
+    """
+
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int]) -> None:
+        super().__init__(s_shape, t_shape)
+        self._require_ndim((4,), "4-D (N, C, H, W) feature maps on both sides")
+
+    def forward(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        (hs, ws), (ht, wt) = s.shape[-2:], t.shape[-2:]
+        if ht >= hs and wt >= ws:  # the teacher's map is the larger (or the sizes match)
+            return s, shrink_to(t, (hs, ws))
+        return resize_spatial(s, (ht, wt)), t
+
+
 @_register("attention_map")
 class AttentionMap(FeatureTransform):
     """Spatial attention maps of both sides (AT; Zagoruyko & Komodakis 2017, eq. 2 and §3.1).
