@@ -1,7 +1,9 @@
-"""Calibrated vs catalogue weights on one pair: KD + FitNets (layer2) + AT (3 stages), ResNet-56 -> resnet8.
+"""Calibrated vs catalogue weights of a run config's terms (default: KD + FitNets + AT x3, ResNet-56 -> resnet8).
 
     python scripts/calibration_report.py                 # Fashion-MNIST, 50 images per class, ratio 1
     python scripts/calibration_report.py --ratio 0.5 --per-class 500
+    python scripts/calibration_report.py --config configs/fmnist2k/feature.yaml \
+        --set distill.pathways.0.method=nst distill.pathways.0.transform=match_spatial   # any config + overrides
 
 Prints each term's measured gradient norm, its catalogue weight, the gradient ratio that weight
 gives (||w g_i|| / ||g_task||) and the calibrated weight (:mod:`kdtune.calibration`).
@@ -24,13 +26,21 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=1.0)
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--config", default=None,
+                        help="a run config (its own data size, seed 0); default: FitNets + KD + AT x3 on FMNIST")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    overrides = [f"data.train_per_class={args.per_class}", "train.progress=false",
-                 *[f"distill.pathways.{i + 1}={{teacher: 'stage:{i}', student: 'stage:{i}', method: at}}"
-                   for i in range(3)],
-                 f"distill.calibrate.ratio={args.ratio}", f"distill.calibrate.batches={args.batches}"]
-    cfg = load_config("configs/fmnist/fitnets_kd.yaml", overrides)
+    if args.config is None:
+        config = "configs/fmnist/fitnets_kd.yaml"
+        overrides = [f"data.train_per_class={args.per_class}",
+                     *[f"distill.pathways.{i + 1}={{teacher: 'stage:{i}', student: 'stage:{i}', method: at}}"
+                       for i in range(3)]]
+    else:
+        config, overrides = args.config, list(args.set)
+    overrides += ["train.progress=false", f"distill.calibrate.ratio={args.ratio}",
+                  f"distill.calibrate.batches={args.batches}"]
+    cfg = load_config(config, overrides)
     record = prepare(cfg, None).distiller.calibration
     assert record is not None
     task = record.grad_norms["task"]

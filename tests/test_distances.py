@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdtune.distances import DISTANCES, register_distance
 from kdtune.transforms import ShapeMismatchError
@@ -369,6 +370,25 @@ def test_nst_by_loops_and_gram_equivalence():
     # the same number as the squared distance of spatial Gram matrices S^T S / Cs - T^T T / Ct
     gram = np.mean([np.sum((a[n].T @ a[n] / 3 - b[n].T @ b[n] / 4) ** 2) for n in range(2)])
     assert got == pytest.approx(gram, rel=1e-4)
+
+
+def test_nst_many_channels_small_map_equals_the_channel_kernel():
+    """With more channels than positions the Gram form is computed; it must equal the kernel means."""
+    torch.manual_seed(13)
+    s, t = torch.randn(3, 9, 2, 2, dtype=torch.float64), torch.randn(3, 7, 2, 2, dtype=torch.float64)
+    a, b = F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2)
+
+    def kernel_mean(x, y):  # mean over channel pairs and samples of (x_i . y_j)^2
+        return (x @ y.transpose(1, 2)).pow(2).mean()
+
+    expected = kernel_mean(a, a) + kernel_mean(b, b) - 2 * kernel_mean(a, b)
+    torch.testing.assert_close(DISTANCES.get("nst")(s, t), expected)
+    # and the gradient too
+    s.requires_grad_(True)
+    (g_fast,) = torch.autograd.grad(DISTANCES.get("nst")(s, t), s)
+    a = F.normalize(s.flatten(2), dim=2)
+    (g_ref,) = torch.autograd.grad(kernel_mean(a, a) - 2 * kernel_mean(a, b), s)
+    torch.testing.assert_close(g_fast, g_ref)
 
 
 def test_nst_needs_equal_spatial_sizes():
