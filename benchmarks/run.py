@@ -106,8 +106,12 @@ ALPHA_WARMUP = "selfdistill.alpha_warmup=1"
 CONSTANT_ALPHA = "selfdistill.alpha_warmup=0"
 #: The own pair's protocol with kdtune's ResNet-8 as the student (table `own_resnet8`).
 RESNET8_STUDENT = "student.name=resnet8"
-#: NST's pathway without the 1x1 adapter: only the spatial sizes matched (the NST paper's form).
+#: NST's pathway without the 1x1 adapter: only the spatial sizes matched (the NST paper's form; NST's default
+#: transform since 2026-12-06).
 NST_NO_ADAPTER = "distill.pathways.0.transform=match_spatial"
+#: Catalogue-scan rows measured with a method's earlier default, pinned to it: method -> (label suffix, overrides).
+PINNED_SCAN_ROWS = {"nst": (" through a conv1x1 adapter (its default until 2026-12-06)",
+                            ["distill.pathways.0.transform=conv1x1"])}
 KD_CE, KD_KL = "distill.logit_losses.0.kwargs.form=ce", "distill.logit_losses.0.kwargs.form=kl"
 #: `kdtune list losses` entries that are feature methods with a catalogue weight (cka has none).
 CATALOGUE_FEATURE_METHODS = ["fitnets", "at", "sp", "rkd", "pkt", "nst", "cc", "cwd", "reviewkd"]
@@ -224,6 +228,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "configs/mnist_own/adaptive.yaml", ["weighting=mgda"]),
         ("fitnets (catalogue weight, last stage -> last stage)", "configs/mnist_own/feature.yaml", []),
         ("fitnets, calibrated", "configs/mnist_own/feature.yaml", [CALIBRATED]),
+        # NST through the 1x1 adapter (its default until 2026-12-06) and without one (its paper's form, the default).
+        ("nst (catalogue weight, conv1x1 adapter)", "configs/mnist_own/feature.yaml",
+         ["distill.pathways.0.method=nst", "distill.pathways.0.transform=conv1x1"]),
+        ("nst, no adapter (match_spatial: NST paper's form)", "configs/mnist_own/feature.yaml",
+         ["distill.pathways.0.method=nst", NST_NO_ADAPTER]),
         ("DSN (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=dsn"]),
         ("MD (no teacher), exit-anchored T_k", "configs/mnist_own/selfdistill.yaml", ["method=md", MD_EXIT_ANCHOR]),
         ("SD (no teacher)", "configs/mnist_own/selfdistill.yaml", ["method=sd"]),
@@ -292,7 +301,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
     **{f"catalogue{suffix}": (f"{protocol}: each catalogue feature method alone (last stage -> last stage), "
                               "catalogue weight vs calibrated (ratio 1)", [
         ("student alone", ref, []),
-        *[(f"{method}{label}", f"configs/{folder}/feature.yaml", [f"distill.pathways.0.method={method}", *extra])
+        *[(f"{method}{PINNED_SCAN_ROWS.get(method, ('', []))[0]}{label}", f"configs/{folder}/feature.yaml",
+           [f"distill.pathways.0.method={method}", *PINNED_SCAN_ROWS.get(method, ('', []))[1], *extra])
           for method in CATALOGUE_FEATURE_METHODS
           for label, extra in (("", []), (", calibrated", [CALIBRATED]))
           if method != "at" or label],
@@ -347,6 +357,7 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          ["method=md", ALPHA_WARMUP]),
         # Adaptive at its default with the default tail rule (its `auto5k` row kept the tail).
         ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist/adaptive.yaml", []),
+        ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
@@ -478,7 +489,7 @@ TABLES["catalogue_2k_t2"] = (
     "catalogue weight",
     [row for row in TABLES["catalogue_2k"][1]
      if not row[0].endswith(", calibrated") and not row[0].startswith("at, weight 1000")]
-    + [row for row in TABLES["catalogue_2k"][1] if row[0] == "nst, calibrated"],
+    + [row for row in TABLES["catalogue_2k"][1] if row[0].startswith("nst") and row[0].endswith(", calibrated")],
 )
 
 #: table name -> extra columns (header, key of the final epoch's metrics), e.g. the ensemble accuracy.

@@ -94,6 +94,20 @@ def test_usual_weights():
     assert get_loss("dkd").kwargs == {"alpha": 1.0, "beta": 8.0, "tau": 4.0}
 
 
+def test_nst_compares_the_student_as_it_is():
+    """NST's default pathway has no adapter (its paper's form): nothing to train, channels untouched, the larger
+    (teacher) map pooled to the student's size -- the value is the distance on the pooled teacher map."""
+    spec = get_loss("nst")
+    torch.manual_seed(3)
+    s, t = torch.randn(4, 12, 2, 2), torch.randn(4, 5, 4, 4)  # a wide, coarse student; a narrow, fine teacher
+    tf = build_transform(spec.transform, s.shape, t.shape)
+    assert list(tf.parameters()) == []
+    s_out, t_out = tf(s, t)
+    assert s_out is s and t_out.shape == (4, 5, 2, 2)
+    expected = DISTANCES.get("nst")(s, F.adaptive_avg_pool2d(t, 2), **spec.kwargs)
+    torch.testing.assert_close(DISTANCES.get(spec.distance)(s_out, t_out, **spec.kwargs), expected)
+
+
 def test_get_loss_unknown_name_suggests():
     with pytest.raises(KeyError, match="fitnets"):
         get_loss("fitnet")

@@ -300,9 +300,11 @@ _add(LossSpec(
         "The weight is CRD's, tuned for the mean-over-N^2 reduction used by distances.pkt.",
 ))
 _add(LossSpec(
-    "nst", "feature", transform="conv1x1", distance="nst", kwargs={"degree": 2, "c": 0.0}, weight=50.0,
-    doc="Neuron selectivity transfer (Huang & Wang 2017): poly-kernel MMD^2 after an adapter.\n"
-        "Weight 50 as in CRD (which uses no adapter; SPEC routes NST through one).",
+    "nst", "feature", transform="match_spatial", distance="nst", kwargs={"degree": 2, "c": 0.0}, weight=50.0,
+    doc="Neuron selectivity transfer (Huang & Wang 2017): poly-kernel MMD^2, no adapter, weight 50.\n"
+        "As the paper, its reference code (weight 50) and CRD: channels compared as they are, the larger map\n"
+        "pooled to the smaller. Through a 1x1 adapter (transform: conv1x1, the default until 2026-12-06) it\n"
+        "fell under the student alone on two of three pairs (benchmarks/RESULTS.md, catalogue scans).",
 ))
 _add(LossSpec(
     "cc", "feature", transform="flatten_pool", distance="cc", kwargs={"gamma": 0.4, "order": 2},
