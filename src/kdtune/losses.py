@@ -304,7 +304,8 @@ _add(LossSpec(
     doc="Neuron selectivity transfer (Huang & Wang 2017): poly-kernel MMD^2, no adapter, weight 50.\n"
         "As the paper, its reference code (weight 50) and CRD: channels compared as they are, the larger map\n"
         "pooled to the smaller. Through a 1x1 adapter (transform: conv1x1, the default until 2026-12-06) it\n"
-        "fell under the student alone on two of three pairs (benchmarks/RESULTS.md, catalogue scans).",
+        "fell under the student alone on four of four pairs; without, it is above it on three\n"
+        "(benchmarks/RESULTS.md, 'NST without its adapter').",
 ))
 _add(LossSpec(
     "cc", "feature", transform="flatten_pool", distance="cc", kwargs={"gamma": 0.4, "order": 2},
