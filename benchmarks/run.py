@@ -51,6 +51,8 @@ DISTPRO_PROCESS_2K = "benchmarks/data/distpro_process_fmnist2k.json"
 AUTOKD_SPEC_2K = "benchmarks/data/autokd_mcts_fmnist2k.yaml"
 #: FMNIST-2k-x with the retrained WRN-40-2 (93.84 %, table `fmnist2k_t2`): the process of DistPro's search with it.
 DISTPRO_PROCESS_2K_T2 = "benchmarks/data/distpro_process_fmnist2k_t2.json"
+#: ... the process of DistPro's search with plain KD fixed beside the pathways (as `own_pair`'s) ...
+DISTPRO_PROCESS_2K_T2_KD = "benchmarks/data/distpro_process_fmnist2k_t2_kd.json"
 #: ... and the spec of Auto-KD's search with it.
 AUTOKD_SPEC_2K_T2 = "benchmarks/data/autokd_mcts_fmnist2k_t2.yaml"
 #: MNIST-3k-own (table `own_pair`): the process of its DistPro search and the spec of its Auto-KD search.
@@ -210,6 +212,12 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          "configs/fmnist2k/autokd_search.yaml", [f"autokd.export={AUTOKD_SPEC_2K_T2}", "autokd.trials=16"]),
         ("Auto-KD: the spec searched with this teacher -> final", "configs/fmnist2k/autokd_final.yaml",
          [f"spec={AUTOKD_SPEC_2K_T2}"]),
+        # DistPro searched with plain KD fixed beside the pathways (`own_pair`'s variant), so α(t) is learned with the
+        # KD term the retrain keeps.
+        ("DistPro search beside KD with this teacher (searching student, 80 % of the data)",
+         "configs/fmnist2k/distpro_search.yaml", [f"distpro.export={DISTPRO_PROCESS_2K_T2_KD}", POOL_FIRST, KD_FIXED]),
+        ("DistPro: the process searched beside KD with this teacher, + KD", "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K_T2_KD}", "baseline=process", KD_FIXED]),
     ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
