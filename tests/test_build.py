@@ -84,3 +84,20 @@ def test_train_keep_freed_memory_sets_the_allocator_only_when_asked(tmp_path, di
     cfg["train"]["keep_freed_memory"] = keep
     kdtune.build.make_trainer(from_dict(RunConfig, cfg), None)
     assert calls == ([1] if keep else [])
+
+
+def test_a_run_records_the_transform_and_distance_its_catalogue_method_gave(tmp_path, dict_net):
+    """config.yaml names what ran, so a resume rebuilds it even if the catalogue's defaults change later;
+    the weight stays unset (a catalogue weight), and what the user set is kept."""
+    cfg = run_config(tmp_path)
+    cfg["distill"]["pathways"] = [{"teacher": "stage", "student": "stage", "selector": 0, "method": "nst"},
+                                  {"teacher": "stage", "student": "stage", "selector": 0, "method": "at",
+                                   "transform": "attention_map", "distance": "mse", "name": "mine"}]
+    path = tmp_path / "nst.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    nst, mine = yaml.safe_load((run_dir / "config.yaml").read_text())["distill"]["pathways"]
+    assert (nst["method"], nst["transform"], nst["distance"], nst["weight"]) == ("nst", "match_spatial", "nst", None)
+    assert (mine["transform"], mine["distance"]) == ("attention_map", "mse")
+    assert yaml.safe_load(path.read_text())["distill"]["pathways"][0].get("transform") is None  # the user's file is untouched

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from kdtune.config import ModelConfig, PathwayConfig, RunConfig, from_dict
 from kdtune.data import Images, balanced_subset, dataset_augment, load_dataset, make_loader, train_val_split
 from kdtune.distiller import Distiller, LogitLoss, OutputError
 from kdtune.ensemble import ENSEMBLE, TeacherEnsemble
+from kdtune.losses import LOSSES
 from kdtune.models import create_model
 from kdtune.pathways import Pathway
 from kdtune.plugins import import_plugins
@@ -101,6 +102,21 @@ def build_pathways(configs: Sequence[PathwayConfig]) -> list[Pathway]:
                     distance=p.distance, weight=p.weight, name=p.name, transform_kwargs=dict(p.transform_kwargs),
                     distance_kwargs=dict(p.distance_kwargs), selector=p.selector,
                     teacher_selector=p.teacher_selector, student_selector=p.student_selector) for p in configs]
+
+
+def pin_method_defaults(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with each pathway's transform and distance written out from its catalogue method where the
+    config leaves them to it, so a run's ``config.yaml`` records what ran and a resumed run rebuilds the
+    same pathways after a catalogue default changes (NST's transform did on 2026-12-06). Weights stay as
+    given: a catalogue weight and a user's are reported, and calibrated, differently."""
+    pathways = []
+    for p in cfg.distill.pathways:
+        if p.method is not None and (p.transform is None or p.distance is None):
+            spec = LOSSES.get(p.method)
+            if spec.kind == "feature":
+                p = replace(p, transform=p.transform or spec.transform, distance=p.distance or spec.distance)
+        pathways.append(p)
+    return replace(cfg, distill=replace(cfg.distill, pathways=pathways))
 
 
 #: Where a run config sets what the Distiller / Pathway arguments in an :class:`OutputError` set.
