@@ -100,4 +100,5 @@ def test_a_run_records_the_transform_and_distance_its_catalogue_method_gave(tmp_
     nst, mine = yaml.safe_load((run_dir / "config.yaml").read_text())["distill"]["pathways"]
     assert (nst["method"], nst["transform"], nst["distance"], nst["weight"]) == ("nst", "match_spatial", "nst", None)
     assert (mine["transform"], mine["distance"]) == ("attention_map", "mse")
-    assert yaml.safe_load(path.read_text())["distill"]["pathways"][0].get("transform") is None  # the user's file is untouched
+    # the user's own file is left as it was
+    assert yaml.safe_load(path.read_text())["distill"]["pathways"][0].get("transform") is None
