@@ -5,7 +5,8 @@
     python scripts/calibration_report.py --config configs/fmnist2k/feature.yaml \
         --set distill.pathways.0.method=nst distill.pathways.0.transform=match_spatial   # any config + overrides
 
-Prints each term's measured gradient norm, its catalogue weight, the gradient ratio that weight
+Prints each term's measured gradient norm, the weight it runs with uncalibrated (the config's, else the
+catalogue's), the gradient ratio that weight
 gives (||w g_i|| / ||g_task||) and the calibrated weight (:mod:`kdtune.calibration`).
 """
 
@@ -15,10 +16,10 @@ import argparse
 
 import torch
 
+from kdtune.build import build_pathways
 from kdtune.config import load_config
 from kdtune.losses import LOSSES
 from kdtune.recipe import prepare
-from kdtune.weighting.paths import path_of
 
 
 def main() -> None:
@@ -41,15 +42,21 @@ def main() -> None:
     overrides += ["train.progress=false", f"distill.calibrate.ratio={args.ratio}",
                   f"distill.calibrate.batches={args.batches}"]
     cfg = load_config(config, overrides)
-    record = prepare(cfg, None).distiller.calibration
+    distiller = prepare(cfg, None).distiller
+    record = distiller.calibration
     assert record is not None
     task = record.grad_norms["task"]
     print(f"task (CE) gradient norm {task:.4g}, ratio {args.ratio:g}, {record.batches} batches")
-    print(f"{'term':24s} {'grad norm':>10s} {'catalogue w':>12s} {'ratio at it':>12s} {'calibrated w':>13s}")
+    # The weight each term runs with uncalibrated: the config's, else the catalogue's (as the pathway resolves it).
+    # (The distiller names a pathway by the module its stage:<i> found, so pair them in config order.)
+    configured = {term.name: p.resolved().weight
+                  for term, p in zip(distiller.pathways, build_pathways(cfg.distill.pathways), strict=True)}
+    configured.update({ll.name: LOSSES.get(ll.name).weight if ll.weight is None else ll.weight
+                       for ll in cfg.distill.logit_losses})
+    print(f"{'term':24s} {'grad norm':>10s} {'weight':>12s} {'ratio at it':>12s} {'calibrated w':>13s}")
     for name, weight in record.weights.items():
-        catalogue = LOSSES.get(path_of(name)).weight
-        g = record.grad_norms[name]
-        print(f"{name:24s} {g:10.4g} {catalogue:12g} {catalogue * g / task:12.3g} {weight:13.4g}")
+        w, g = configured[name], record.grad_norms[name]
+        print(f"{name:24s} {g:10.4g} {w:12g} {w * g / task:12.3g} {weight:13.4g}")
 
 
 if __name__ == "__main__":

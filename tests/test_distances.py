@@ -373,7 +373,8 @@ def test_nst_by_loops_and_gram_equivalence():
 
 
 def test_nst_many_channels_small_map_equals_the_channel_kernel():
-    """With more channels than positions the Gram form is computed; it must equal the kernel means."""
+    """Shapes with more channels than positions, where kdtune takes the Gram form: value and gradient equal
+    the kernel means (which form runs is not observable here; benchmarks/nst_cost.py times it)."""
     torch.manual_seed(13)
     s, t = torch.randn(3, 9, 2, 2, dtype=torch.float64), torch.randn(3, 7, 2, 2, dtype=torch.float64)
     a, b = F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2)

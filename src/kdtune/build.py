@@ -23,7 +23,6 @@ from kdtune.config import ModelConfig, PathwayConfig, RunConfig, from_dict
 from kdtune.data import Images, balanced_subset, dataset_augment, load_dataset, make_loader, train_val_split
 from kdtune.distiller import Distiller, LogitLoss, OutputError
 from kdtune.ensemble import ENSEMBLE, TeacherEnsemble
-from kdtune.losses import LOSSES
 from kdtune.models import create_model
 from kdtune.pathways import Pathway
 from kdtune.plugins import import_plugins
@@ -105,17 +104,14 @@ def build_pathways(configs: Sequence[PathwayConfig]) -> list[Pathway]:
 
 
 def pin_method_defaults(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with each pathway's transform and distance written out from its catalogue method where the
-    config leaves them to it, so a run's ``config.yaml`` records what ran and a resumed run rebuilds the
-    same pathways after a catalogue default changes (NST's transform did on 2026-12-06). Weights stay as
-    given: a catalogue weight and a user's are reported, and calibrated, differently."""
-    pathways = []
-    for p in cfg.distill.pathways:
-        if p.method is not None and (p.transform is None or p.distance is None):
-            spec = LOSSES.get(p.method)
-            if spec.kind == "feature":
-                p = replace(p, transform=p.transform or spec.transform, distance=p.distance or spec.distance)
-        pathways.append(p)
+    """``cfg`` with each pathway's transform and distance written out as the pathway resolves them
+    (:meth:`~kdtune.pathways.Pathway.resolved`: its catalogue method's, else identity / mse), so a run's
+    ``config.yaml`` records what ran and a resumed run rebuilds the same pathways after a catalogue
+    default changes (NST's transform did on 2026-12-06). Weights stay as given: a catalogue weight and a
+    user's are reported, and calibrated, differently."""
+    resolved = [p.resolved() for p in build_pathways(cfg.distill.pathways)]
+    pathways = [replace(p, transform=r.transform, distance=r.distance)
+                for p, r in zip(cfg.distill.pathways, resolved, strict=True)]
     return replace(cfg, distill=replace(cfg.distill, pathways=pathways))
 
 
