@@ -366,6 +366,12 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         # Adaptive at its default with the default tail rule (its `auto5k` row kept the tail).
         ("adaptive (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist/adaptive.yaml", []),
         ("mgda (AT x3 + ST), KD fixed at weight 1 (default)", "configs/fmnist/adaptive.yaml", ["weighting=mgda"]),
+        # Auto-KD's searched design and DistPro's replayed process + KD, as the `autokd` / `distpro` rows (which kept
+        # the tail) but with the default tail rule, so they compare with this table's KD.
+        ("Auto-KD: MCTS best + logits spec -> final", "configs/fmnist/autokd_final.yaml",
+         [f"spec={AUTOKD_SPECS['mcts']}"]),
+        ("DistPro process + KD", "configs/fmnist/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_FIXED}", "baseline=process", KD_FIXED]),
     ]),
     # DistPro (issue 3). Run `distpro_search` first (one seed: every retrain seed replays that process),
     # then `distpro` (Table 1: baselines equal / final / process; `distpro_5` / `distpro_10` are it at 5 /
