@@ -106,6 +106,12 @@ NO_LOGITS = "distill.logit_losses=[]"
 #: 2026-12-06). Rows measured before, with a = 0.5 from the first step, pin CONSTANT_ALPHA (`_pin_constant_alpha`).
 ALPHA_WARMUP = "selfdistill.alpha_warmup=1"
 CONSTANT_ALPHA = "selfdistill.alpha_warmup=0"
+#: DistPro's search also learns g, eq. 2's bias: the pathways' total weight Σα (kdtune.weighting.process, `learn_g`).
+LEARN_G = "distpro.learn_g=true"
+#: Processes of DistPro searches beside plain KD with g learned (2026-12-06, sixth session), one per pair.
+DISTPRO_PROCESS_2K_T2_KD_G = "benchmarks/data/distpro_process_fmnist2k_t2_kd_g.json"
+DISTPRO_PROCESS_OWN_KD_G = "benchmarks/data/distpro_process_mnist_own_kd_g.json"
+DISTPRO_PROCESS_OWN_R8_KD_G = "benchmarks/data/distpro_process_mnist_own_resnet8_kd_g.json"
 #: The own pair's protocol with kdtune's ResNet-8 as the student (table `own_resnet8`).
 RESNET8_STUDENT = "student.name=resnet8"
 #: NST's pathway without the 1x1 adapter: only the spatial sizes matched (the NST paper's form; NST's default
@@ -218,6 +224,12 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          "configs/fmnist2k/distpro_search.yaml", [f"distpro.export={DISTPRO_PROCESS_2K_T2_KD}", POOL_FIRST, KD_FIXED]),
         ("DistPro: the process searched beside KD with this teacher, + KD", "configs/fmnist2k/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_2K_T2_KD}", "baseline=process", KD_FIXED]),
+        # The same search also learning g (the pathways' total weight, which alpha~ alone leaves at L/(L+1)).
+        ("DistPro search beside KD with this teacher, g learned (searching student, 80 % of the data)",
+         "configs/fmnist2k/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_2K_T2_KD_G}", POOL_FIRST, KD_FIXED, LEARN_G]),
+        ("DistPro: the process searched beside KD with this teacher, g learned, + KD",
+         "configs/fmnist2k/distpro_retrain.yaml", [f"process={DISTPRO_PROCESS_2K_T2_KD_G}", "baseline=process", KD_FIXED]),
     ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
@@ -268,6 +280,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"distpro.export={DISTPRO_PROCESS_OWN_KD}", KD_FIXED]),
         ("DistPro process searched beside KD, + KD", "configs/mnist_own/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_OWN_KD}", "baseline=process", KD_FIXED]),
+        # The same search also learning g (the pathways' total weight, which alpha~ alone leaves at L/(L+1)).
+        ("DistPro search beside KD, g learned", "configs/mnist_own/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_OWN_KD_G}", KD_FIXED, LEARN_G]),
+        ("DistPro process searched beside KD with g learned, + KD", "configs/mnist_own/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_OWN_KD_G}", "baseline=process", KD_FIXED]),
     ]),
     # A pair no default was chosen on (2026-12-06): the own pair's MNIST teacher with kdtune's ResNet-8 as the
     # student (a CIFAR-family student under a plugin teacher of another family), MNIST-3k-own's protocol, defaults.
@@ -300,6 +317,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
              [f"distpro.export={DISTPRO_PROCESS_OWN_R8}"]),
             ("DistPro process + KD (default)", "distpro_retrain",
              [f"process={DISTPRO_PROCESS_OWN_R8}", "baseline=process", KD_FIXED]),
+            # Searched beside plain KD, also learning g (the pathways' total weight; 2026-12-06, sixth session).
+            ("DistPro search beside KD, g learned", "distpro_search",
+             [f"distpro.export={DISTPRO_PROCESS_OWN_R8_KD_G}", KD_FIXED, LEARN_G]),
+            ("DistPro process searched beside KD with g learned, + KD", "distpro_retrain",
+             [f"process={DISTPRO_PROCESS_OWN_R8_KD_G}", "baseline=process", KD_FIXED]),
         )
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last

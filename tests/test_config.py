@@ -369,6 +369,12 @@ def test_distpro_transform_kwargs_must_name_candidate_transforms() -> None:
         build(distpro={"transforms": ["conv3x3"], "transform_kwargs": {"conv3x3": {"pool_frist": True}}})
 
 
+def test_distpro_learn_g_needs_the_biased_softmax() -> None:
+    assert build(distpro={"learn_g": True}).distpro.learn_g
+    with pytest.raises(ConfigError, match=r"distpro\.learn_g.*normalization 'softmax' has none"):
+        build(distpro={"learn_g": True, "normalization": "softmax"})
+
+
 def test_teacher_precision_is_fp32_or_bf16() -> None:
     base = {"student": {"name": "resnet8"}, "teacher": {"name": "resnet56"}}
     assert from_dict(RunConfig, base).teacher.precision == "fp32"

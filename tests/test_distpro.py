@@ -36,12 +36,13 @@ from kdtune.weighting.process import DistProWeighting, Process, distance_from_un
 SHAPE = (1, 8, 8)
 
 
-def make(tau=None, transforms=("conv1x1", "distpro"), double=False, alpha_init=None):
+def make(tau=None, transforms=("conv1x1", "distpro"), double=False, alpha_init=None, learn_g=False):
     torch.manual_seed(0)
     teacher, student = TinyNet(width=6), TinyNet(width=4)
     pathways, infos = search_space(teacher, student, SHAPE, connections="all", transforms=transforms)
     d = Distiller(student, teacher, pathways, weighting="distpro",
-                  weighting_kwargs={"learned": [p.name for p in pathways], "tau": tau}, input_shape=SHAPE)
+                  weighting_kwargs={"learned": [p.name for p in pathways], "tau": tau, "learn_g": learn_g},
+                  input_shape=SHAPE)
     if double:
         d.double()
     if alpha_init is not None:
@@ -197,45 +198,54 @@ def test_pathway_step_equals_a_plain_per_pathway_computation(fused):
 def test_alpha_gradient_from_the_weighted_terms_equals_it_through_the_whole_loss():
     """The θ± passes run the network without a graph and differentiate only the weighting of its
     terms: the same ∇α̃ L_train as autograd through the whole loss."""
-    d, opt = warmed("sgd", double=True)
+    d, opt = warmed("sgd", double=True, learn_g=True)
     x, y, _, _ = batches(True)
     search = DistProSearch(d)
     t = d.teacher_forward(x)
     params = {n: p.detach() + 0.01 for n, p in d.named_parameters()}  # some θ other than the module's
     alpha = d.weighting.alpha_tilde.detach().clone().requires_grad_(True)
-    (expected,) = torch.autograd.grad(search._train_loss(params, alpha, x, y, 3, t), alpha)
+    g = d.weighting.g_tilde.detach().clone().requires_grad_(True)
+    loss = search._train_loss(params, {"alpha_tilde": alpha, "g_tilde": g}, x, y, 3, t)
+    expected = torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(loss, [alpha, g])])
     got = search._alpha_grad(params, x, y, 3, t)
-    assert expected.abs().max() > 0
+    assert got.shape == (len(d.weighting.learned) + 1,) and expected.abs().max() > 0 and expected[-1] != 0
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
 
 
-def test_finite_difference_agrees_with_exact():
-    """Eq. 5 against double backward on a small network (cosine >= 0.99)."""
-    d, opt = warmed("sgd")
+@pytest.mark.parametrize("learn_g", [False, True])
+def test_finite_difference_agrees_with_exact(learn_g):
+    """Eq. 5 against double backward on a small network (cosine >= 0.99); with g learned, g's entry too."""
+    d, opt = warmed("sgd", learn_g=learn_g)
     x, y, xv, yv = batches()
     fd = DistProSearch(d, "finite_difference").hypergradient(x, y, xv, yv, opt)
     exact = DistProSearch(d, "exact").hypergradient(x, y, xv, yv, opt)
     assert exact.abs().max() > 0
     assert cosine(fd, exact) >= 0.99, (fd, exact)
     assert torch.allclose(fd, exact, rtol=0.1, atol=0.05 * float(exact.abs().max()))
+    assert fd.shape == (len(d.weighting.learned) + learn_g,)
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adamw", "sgd_plain"])
-def test_exact_agrees_with_brute_force_derivative(kind):
-    """∂/∂α̃_k L_val(θ'(α̃)), θ' made by the *real* optimiser, by central differences (float64)."""
-    d, opt = warmed(kind, double=True)
+@pytest.mark.parametrize("kind,learn_g", [("sgd", False), ("adamw", False), ("sgd_plain", False), ("sgd", True)])
+def test_exact_agrees_with_brute_force_derivative(kind, learn_g):
+    """∂/∂α̃_k L_val(θ'(α̃)) (and ∂/∂g with g learned), θ' made by the *real* optimiser, by central
+    differences (float64)."""
+    d, opt = warmed(kind, double=True, learn_g=learn_g)
     x, y, xv, yv = batches(double=True)
     exact = DistProSearch(d, "exact").hypergradient(x, y, xv, yv, opt)
+    n = len(d.weighting.learned)
 
-    def l_val(alpha):
-        d2, opt2 = twin(d, opt, kind)
-        d2.weighting.alpha_tilde.copy_(alpha)
+    def l_val(hyper):
+        d2, opt2 = twin(d, opt, kind, learn_g=learn_g)
+        d2.weighting.alpha_tilde.copy_(hyper[:n])
+        if learn_g:
+            d2.weighting.g_tilde.copy_(hyper[n])
         d2.train()
         real_step(d2, opt2, x, y)
         return float(F.cross_entropy(d2.student(xv), yv).detach())
 
     h = 1e-4
-    base = d.weighting.alpha_tilde.clone()
+    base = torch.cat([d.weighting.alpha_tilde, d.weighting.g_tilde.reshape(1)] if learn_g
+                     else [d.weighting.alpha_tilde]).clone()
     numeric = torch.zeros_like(base)
     for k in range(len(base)):
         e = torch.zeros_like(base)
@@ -355,6 +365,57 @@ def test_search_computes_every_pathway_below_tau_and_logs_what_replay_keeps():
     replay(x, y)["loss"].backward()
     used = {p.name for p in replay.pathways if any(q.grad is not None for q in p.parameters())}
     assert used == set(d.weighting.learned[n // 2:])
+
+
+def test_learned_g_sets_the_total_weight_and_takes_adams_step():
+    """Σα = S/(S + e^g) with S = Σ e^α̃ (eq. 2); ∂Σα/∂g = −σ(1 − σ), σ = e^g/(S + e^g); a first Adam
+    step moves g by lr against its gradient's sign (as α̃), so Σα can move while α̃ stays."""
+    alpha_tilde, g = torch.tensor([0.5, 1.0, 2.0]), torch.tensor(1.5, requires_grad=True)
+    total = normalize(alpha_tilde, "biased_softmax", g).sum()
+    s = sum(math.exp(v) for v in (0.5, 1.0, 2.0))
+    sigma = math.exp(1.5) / (s + math.exp(1.5))
+    assert float(total.detach()) == pytest.approx(s / (s + math.exp(1.5)))
+    (grad,) = torch.autograd.grad(total, g)
+    assert float(grad) == pytest.approx(-sigma * (1 - sigma))
+    assert torch.equal(normalize(alpha_tilde, "biased_softmax", torch.tensor(1.5)),
+                       normalize(alpha_tilde, "biased_softmax", 1.5))
+    w = DistProWeighting(["a", "b"], {}, alpha_lr=0.05, learn_g=True, g=1.0)
+    assert w.hyper_names == ["alpha_tilde", "g_tilde"]
+    before = float(w.alpha().sum())
+    assert before == pytest.approx(2 / 3)  # α̃ = g = 1: L/(L+1)
+    w.update_alpha(torch.tensor([0.0, 0.0, -2e-3]))  # L_val falls as g rises: the pathways count less
+    assert float(w.g_tilde) == pytest.approx(1.05, abs=1e-4) and torch.equal(w.alpha_tilde, torch.ones(2))
+    assert float(w.alpha().sum()) == pytest.approx(2 * math.e / (2 * math.e + math.exp(1.05)))
+    with pytest.raises(ValueError, match="3 entries; this weighting learns 2"):
+        DistProWeighting(["a", "b"], {}).update_alpha(torch.zeros(3))
+    with pytest.raises(ValueError, match="learn_g learns the bias"):
+        DistProWeighting(["a", "b"], {}, normalization="softmax", learn_g=True)
+
+
+def test_search_with_learned_g_records_its_trace_and_resumes_it(tmp_path, tiny_data):
+    """A search with learn_g writes g per step in the process (g_trace; α already includes it), logs
+    Σα and g per step, and its checkpoint carries g and the trace."""
+    torch.manual_seed(0)
+    train, val = train_val_split(tiny_data, 0.2, seed=0)
+    d, infos = make(learn_g=True)
+    cb = DistProCallback(BatchLoader(val, 4, shuffle=True, seed=0), infos)
+    cfg = TrainConfig(epochs=1, progress=False, log_every=1, channels_last=False)
+    Trainer(d, BatchLoader(train, 8, seed=0), None, cfg, run_dir=tmp_path, callbacks=[cb]).fit()
+    proc = Process.load(tmp_path / "process.json")
+    assert proc.g == 1.0 and len(proc.g_trace) == len(proc.steps)
+    assert proc.g_trace[-1] != 1.0  # g moved
+    last = torch.tensor(proc.g_trace[-1])
+    torch.testing.assert_close(proc.alpha[-1], normalize(proc.alpha_tilde[-1], "biased_softmax", last),
+                               rtol=1e-5, atol=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert all("alpha_sum" in r and "g" in r for r in rows)
+    assert json.loads((tmp_path / "process.json").read_text())["meta"]["alpha_from_uniform"]["alpha_sum"] == \
+        pytest.approx(float(proc.alpha[-1].sum()))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert any(k.endswith("g_tilde") for k in state["distiller"])
+    restored = DistProCallback(BatchLoader(val, 4), infos)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.g_trace == cb.g_trace
 
 
 def test_alpha_optimiser_adam_and_sgd():

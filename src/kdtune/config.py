@@ -869,7 +869,10 @@ class DistProConfig:
     normalization: Literal["biased_softmax", "softmax", "l1_biased", "l1", "raw", "sigmoid"] = "biased_softmax"
     """α from α̃: eq. 2's biased softmax, or a Table 7 alternative."""
     g: float = 1.0
-    """Bias of the biased softmax (eq. 2)."""
+    """Bias of the biased softmax (eq. 2); with ``learn_g`` its initial value."""
+    learn_g: bool = False
+    """Also learn g with α̃'s hypergradient and optimiser (not in the paper): the pathways' total weight
+    Σα = Σe^α̃ / (Σe^α̃ + e^g), which α̃'s updates alone leave near L/(L+1). Biased softmax only."""
     init: float = 1.0
     """Initial α̃ (α₀ = 1, §3.3)."""
     tau: float | None = 0.5
@@ -902,6 +905,9 @@ class DistProConfig:
             except (KeyError, ValueError) as e:
                 _require(False, "transform_kwargs", str(e).strip("'\""))
         _require(self.radius > 0, "radius", f"must be > 0, got {self.radius}")
+        _require(not self.learn_g or self.normalization == "biased_softmax", "learn_g",
+                 f"learns the bias of the biased softmax; normalization {self.normalization!r} has none "
+                 f"(use normalization: biased_softmax)")
         _require(self.alpha_lr > 0, "alpha_lr", f"must be > 0, got {self.alpha_lr}")
         _require(self.alpha_weight_decay >= 0, "alpha_weight_decay", f"must be >= 0, got {self.alpha_weight_decay}")
         _require(all(0 <= b < 1 for b in self.alpha_betas), "alpha_betas", f"must be in [0, 1), got {self.alpha_betas}")

@@ -305,7 +305,22 @@ class DistProSearch:
             raise ValueError(f"radius must be > 0, got {radius}")
         self.distiller, self.mode, self.radius = distiller, hypergradient, float(radius)
         self.weighting: DistProWeighting = distiller.weighting
-        self.alpha_key = next(n for n, b in distiller.named_buffers() if b is self.weighting.alpha_tilde)
+        # The learned buffers (α̃, and g with learn_g) by their names in the weighting and in the distiller.
+        self.hyper_keys = {name: next(n for n, b in distiller.named_buffers() if b is getattr(self.weighting, name))
+                           for name in self.weighting.hyper_names}
+
+    def _hyper_leaves(self) -> dict[str, Tensor]:
+        """Detached copies of the learned buffers that autograd differentiates (weighting names)."""
+        return {name: getattr(self.weighting, name).detach().clone().requires_grad_(True)
+                for name in self.weighting.hyper_names}
+
+    def _flat(self, leaves: Mapping[str, Tensor], grads: Sequence[Tensor | None]) -> Tensor:
+        """The hypergradient as one vector, in ``hyper_names`` order: (L,), or (L + 1,) with g."""
+        return torch.cat([(torch.zeros_like(leaf) if gr is None else gr.detach()).reshape(-1)
+                          for leaf, gr in zip(leaves.values(), grads, strict=True)])
+
+    def _zeros(self) -> Tensor:
+        return self._flat(self._hyper_leaves(), [None] * len(self.hyper_keys))
 
     # ------------------------------------------------------------------ functional pieces
 
@@ -318,17 +333,18 @@ class DistProSearch:
         return [n for n, p in self.distiller.named_parameters()
                 if n.startswith("student.") and p.requires_grad and id(p) in in_opt]
 
-    def _buffers(self, alpha: Tensor | None) -> dict[str, Tensor]:
-        """Copies of every buffer (look-ahead forwards move BN statistics of the copies only)."""
+    def _buffers(self, hyper: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        """Copies of every buffer (look-ahead forwards move BN statistics of the copies only), the
+        learned ones replaced by ``hyper`` (weighting names -> tensors) when given."""
         bufs = {n: b.clone() for n, b in self.distiller.named_buffers()}
-        if alpha is not None:
-            bufs[self.alpha_key] = alpha
+        for name, value in (hyper or {}).items():
+            bufs[self.hyper_keys[name]] = value
         return bufs
 
-    def _train_loss(self, params: Mapping[str, Tensor], alpha: Tensor | None, x: Tensor, y: Tensor, step: int,
-                    teacher: TeacherOutput) -> Tensor:
-        """L_train(θ, α) of eq. 2 on the training batch, with the given parameters and α̃."""
-        out = functional_call(self.distiller, (dict(params), self._buffers(alpha)), (x, y, step),
+    def _train_loss(self, params: Mapping[str, Tensor], hyper: Mapping[str, Tensor] | None, x: Tensor, y: Tensor,
+                    step: int, teacher: TeacherOutput) -> Tensor:
+        """L_train(θ, α) of eq. 2 on the training batch, with the given parameters and α̃ (and g)."""
+        out = functional_call(self.distiller, (dict(params), self._buffers(hyper)), (x, y, step),
                               {"teacher_output": teacher})
         return out["loss"]
 
@@ -342,24 +358,25 @@ class DistProSearch:
 
     def _alpha_grad(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor, step: int,
                     teacher: TeacherOutput) -> Tensor:
-        """∇α̃ L_train(θ, α̃) at fixed θ: a forward only, as §3.4 counts. α̃ enters L_train only through
-        the weighting of the terms, which do not depend on it: the network runs without a graph and
-        only the weighting of its terms is differentiated (the same gradient as through the whole loss)."""
+        """∇α̃ L_train(θ, α̃) at fixed θ (with g: ∇ over (α̃, g)): a forward only, as §3.4 counts. α̃
+        enters L_train only through the weighting of the terms, which do not depend on it: the network
+        runs without a graph and only the weighting of its terms is differentiated (the same gradient as
+        through the whole loss)."""
         with torch.no_grad():
             out = functional_call(self.distiller, (dict(params), self._buffers(None)), (x, y, step),
                                   {"teacher_output": teacher})
         terms = {name: out[name] for name in self.weighting.names if name in out}
-        alpha = self.weighting.alpha_tilde.detach().clone().requires_grad_(True)
-        distill, _ = functional_call(self.weighting, {"alpha_tilde": alpha}, (terms, step))
-        (grad,) = torch.autograd.grad(distill, alpha, allow_unused=True)
-        return torch.zeros_like(alpha) if grad is None else grad
+        leaves = self._hyper_leaves()
+        distill, _ = functional_call(self.weighting, leaves, (terms, step))
+        return self._flat(leaves, torch.autograd.grad(distill, list(leaves.values()), allow_unused=True))
 
     # ------------------------------------------------------------------ hypergradients
 
     def hypergradient(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
                       step: int = 0, teacher_output: TeacherOutput | None = None,
                       train_output: Mapping[str, Tensor] | None = None) -> Tensor:
-        """∇α̃ L_val(θ'(α̃)), θ' the virtual step of eq. 4; (L,).
+        """∇α̃ L_val(θ'(α̃)), θ' the virtual step of eq. 4; (L,), or (L + 1,) with g's entry last when
+        the weighting learns g.
 
         Args:
             x, y: training batch (N, C, H, W), (N,); xv, yv: held-out batch.
@@ -379,15 +396,14 @@ class DistProSearch:
         """Eq. 4 by double backward: differentiate L_val(θ'(α̃)) through the virtual step."""
         params = dict(self.distiller.named_parameters())
         names = self._student_names(optimizer)
-        alpha = self.weighting.alpha_tilde.detach().clone().requires_grad_(True)
-        loss = self._train_loss(params, alpha, x, y, step, t)
+        leaves = self._hyper_leaves()
+        loss = self._train_loss(params, leaves, x, y, step, t)
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True, allow_unused=True)
         g = {n: gr for n, gr in zip(names, grads, strict=True) if gr is not None}
         theta1 = virtual_step(params, g, optimizer, params)  # θ'(α̃), with graph
         student = {n: p for n, p in params.items() if n.startswith("student.")}
         val = self._val_loss({**student, **theta1}, xv, yv)
-        (hyper,) = torch.autograd.grad(val, alpha, allow_unused=True)
-        return torch.zeros_like(alpha) if hyper is None else hyper.detach()
+        return self._flat(leaves, torch.autograd.grad(val, list(leaves.values()), allow_unused=True))
 
     def _finite_difference(self, x: Tensor, y: Tensor, xv: Tensor, yv: Tensor, optimizer: torch.optim.Optimizer,
                            step: int, t: TeacherOutput, train_output: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -418,13 +434,13 @@ class DistProSearch:
         v = torch.autograd.grad(val, list(leaf.values()), allow_unused=True)
         used = [(n, vi) for n, vi in zip(leaf, v, strict=True) if vi is not None]
         if not used:
-            return torch.zeros_like(self.weighting.alpha_tilde)
+            return self._zeros()
         # 4. u = Jᵀ v.
         u = torch.autograd.grad([theta1[n] for n, _ in used], [g[n] for n, _ in used],
                                 grad_outputs=[vi for _, vi in used])
         norm = torch.sqrt(sum((ui.double() ** 2).sum() for ui in u)).item()
         if norm == 0.0 or not math.isfinite(norm):
-            return torch.zeros_like(self.weighting.alpha_tilde)
+            return self._zeros()
         # 5. two forwards at θ± (no backward through the network: only α̃ needs a gradient).
         scale = self.radius / norm
         plus = {**fixed, **{n: fixed[n] + scale * ui for (n, _), ui in zip(used, u, strict=True)}}
@@ -523,6 +539,7 @@ class DistProCallback(Callback):
         self.alpha: list[list[float]] = []
         self.alpha_tilde: list[list[float]] = []
         self.kept: list[float] = []
+        self.g_trace: list[float] = []  # the learned g per step (weighting with learn_g), else empty
         self.seconds = 0.0
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -545,13 +562,14 @@ class DistProCallback(Callback):
         return {"steps": torch.tensor(self.steps, dtype=torch.long),
                 "alpha": torch.tensor(self.alpha).reshape(len(self.steps), n),
                 "alpha_tilde": torch.tensor(self.alpha_tilde).reshape(len(self.steps), n),
-                "kept": torch.tensor(self.kept), "seconds": self.seconds}
+                "kept": torch.tensor(self.kept), "g_trace": torch.tensor(self.g_trace), "seconds": self.seconds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the process of a checkpoint (called by the trainer on resume, before fit starts)."""
         self.steps = state["steps"].tolist()
         self.alpha, self.alpha_tilde = state["alpha"].tolist(), state["alpha_tilde"].tolist()
         self.kept, self.seconds = state["kept"].tolist(), float(state["seconds"])
+        self.g_trace = state["g_trace"].tolist() if "g_trace" in state else []
 
     def _restore_from_file(self, trainer: Trainer) -> None:
         """Resume from a checkpoint that predates :meth:`state_dict`: the process so far comes from
@@ -566,6 +584,7 @@ class DistProCallback(Callback):
         self.alpha = [old.alpha[k].tolist() for k in keep]
         self.alpha_tilde = [old.alpha_tilde[k].tolist() for k in keep]
         self.kept = [old.kept[k] for k in keep] if old.kept else []
+        self.g_trace = [old.g_trace[k] for k in keep] if old.g_trace else []
         self.seconds = float(old.meta.get("search_seconds", 0.0))
 
     def on_batch_start(self, trainer: Trainer, x: Tensor, y: Tensor) -> None:
@@ -581,12 +600,16 @@ class DistProCallback(Callback):
         self.seconds += time.perf_counter() - t0
         w = self.search.weighting
         if self.steps and self.steps[-1] == step:  # the last real step was skipped (non-finite loss)
-            for rows in (self.steps, self.alpha, self.alpha_tilde, self.kept):
-                rows.pop()
+            recorded = len(self.steps)
+            for rows in (self.steps, self.alpha, self.alpha_tilde, self.kept, self.g_trace):
+                if len(rows) == recorded:  # g_trace is empty unless g is learned
+                    rows.pop()
         self.steps.append(step)
         self.alpha.append(w.alpha().detach().tolist())
         self.alpha_tilde.append(w.alpha_tilde.tolist())
         self.kept.append(float(w.kept_mask().float().mean()))
+        if w.learn_g:
+            self.g_trace.append(float(w.g_tilde))
 
     def process(self) -> Process:
         """The process recorded so far."""
@@ -596,7 +619,7 @@ class DistProCallback(Callback):
                 "alpha_optimizer": w.alpha_optimizer, "alpha_lr": w.alpha_lr, "search_seconds": round(self.seconds, 2),
                 "alpha_from_uniform": self.alpha_from_uniform()}
         return Process(self.infos, self.steps, torch.tensor(self.alpha), torch.tensor(self.alpha_tilde),
-                       w.normalization, w.g, w.tau, self.kept, meta)
+                       w.normalization, w.g, w.tau, self.kept, meta, list(self.g_trace) if w.learn_g else None)
 
     def _write(self, trainer: Trainer) -> None:
         if trainer.run_dir is None or not trainer.dist.is_main or not self.steps:
@@ -620,10 +643,11 @@ class DistProCallback(Callback):
 
     def alpha_from_uniform(self) -> dict[str, float]:
         """How far the last recorded α is from uniform (:func:`distance_from_uniform`), with the largest
-        weight and the uniform one (Σα / L), e.g. ``largest 0.085 vs uniform 0.036``."""
+        weight and the uniform one (Σα / L), e.g. ``largest 0.085 vs uniform 0.036``, and the total Σα
+        (from L/(L+1) at the start with eq. 2's α̃ = g = 1)."""
         final = torch.tensor(self.alpha[-1])
         return {**distance_from_uniform(final), "largest_alpha": float(final.max()),
-                "uniform_alpha": float(final.sum()) / len(final)}
+                "uniform_alpha": float(final.sum()) / len(final), "alpha_sum": float(final.sum())}
 
 
 class ProcessReplay(Callback):
@@ -715,7 +739,7 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
             infos.append(info)
         kwargs = {"learned": [p.name for p in infos], "normalization": dp.normalization, "g": dp.g,
                   "init": dp.init, "tau": dp.tau, "alpha_optimizer": dp.alpha_optimizer, "alpha_lr": dp.alpha_lr,
-                  "alpha_betas": dp.alpha_betas, "alpha_weight_decay": dp.alpha_weight_decay}
+                  "alpha_betas": dp.alpha_betas, "alpha_weight_decay": dp.alpha_weight_decay, "learn_g": dp.learn_g}
         distiller = Distiller(student, teacher, pathways, logit_losses, weighting="distpro", weighting_kwargs=kwargs,
                               task_weight=dc.task_weight, input_shape=input_shape,
                               teacher_output=cfg.teacher.output, student_output=cfg.student.output,

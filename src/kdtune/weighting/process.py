@@ -44,7 +44,7 @@ NORMALIZATIONS: tuple[str, ...] = ("biased_softmax", "softmax", "l1_biased", "l1
 PROCESS_FORMAT = 1
 
 
-def normalize(alpha_tilde: Tensor, method: str = "biased_softmax", g: float = 1.0) -> Tensor:
+def normalize(alpha_tilde: Tensor, method: str = "biased_softmax", g: float | Tensor = 1.0) -> Tensor:
     """Normalised pathway weights α from raw weights α̃ (DistPro eq. 2 and Table 7).
 
     * ``biased_softmax`` (eq. 2, the paper's choice): ``α_k = exp(α̃_k) / (Σ_j exp(α̃_j) + exp(g))``,
@@ -58,14 +58,14 @@ def normalize(alpha_tilde: Tensor, method: str = "biased_softmax", g: float = 1.
     Args:
         alpha_tilde: (L,) or (T, L) raw weights; the last dimension is the pathways.
         method: one of :data:`NORMALIZATIONS`.
-        g: the bias of ``biased_softmax``.
+        g: the bias of ``biased_softmax``: a number, or a 0-d tensor (a learned g, differentiable).
 
     Returns:
-        α, the same shape, differentiable in α̃.
+        α, the same shape, differentiable in α̃ (and in ``g`` when it is a tensor).
     """
     a = alpha_tilde
     if method == "biased_softmax":
-        bias = torch.full((*a.shape[:-1], 1), float(g), dtype=a.dtype, device=a.device)
+        bias = torch.as_tensor(g, dtype=a.dtype, device=a.device).reshape(1).expand(*a.shape[:-1], 1)
         return torch.softmax(torch.cat([a, bias], dim=-1), dim=-1)[..., :-1]
     if method == "softmax":
         return torch.softmax(a, dim=-1)
@@ -109,6 +109,15 @@ class DistProWeighting(Weighting):
     0.05 as in §4.1). The optimiser's moments are buffers too, so a resumed search continues
     exactly.
 
+    With ``learn_g`` the bias g of eq. 2 is learned too (a buffer ``g_tilde``, the same
+    hypergradient and optimiser as α̃; not in the paper, where g = 1). It sets the pathways' total
+    weight ``Σα = S / (S + e^g)``, ``S = Σ_k e^α̃_k``, which α̃'s own updates barely move when L is
+    large: the gradient of L along α̃'s common direction is ``∂L/∂α̃·1 = e^g/(S + e^g) · Σ_k α_k ∂L/∂α_k``,
+    a factor ≈ 1/(L+1) of the per-pathway ones, so Σα stays near its start L/(L+1). g's own gradient,
+    ``∂L/∂g = −e^g/(S + e^g) · Σ_k α_k ∂L/∂α_k``, carries the same factor, but Adam normalises it
+    per coordinate, so g moves at Adam's step size: the search can learn how much the pathways count
+    in total, not only how it is shared between them.
+
     Args:
         names, base_weights: all term names and their configured weights (see :class:`Weighting`).
         learned: the pathway names that get a learned weight (default: every term).
@@ -121,6 +130,7 @@ class DistProWeighting(Weighting):
         alpha_lr: its learning rate γ (eq. 4; 0.05 in §4.1).
         alpha_betas, alpha_eps: Adam's betas and epsilon.
         alpha_weight_decay: L2 decay of α̃ (towards 0, i.e. towards dropping; 0 by default).
+        learn_g: also learn g (biased softmax only); g is the initial value.
     """
 
     def __init__(self, names: Sequence[str], base_weights: Mapping[str, float],
@@ -128,13 +138,16 @@ class DistProWeighting(Weighting):
                  g: float = 1.0, init: float = 1.0, tau: float | None = 0.5,
                  alpha_optimizer: Literal["adam", "sgd"] = "adam", alpha_lr: float = 0.05,
                  alpha_betas: Sequence[float] = (0.5, 0.999), alpha_eps: float = 1e-8,
-                 alpha_weight_decay: float = 0.0) -> None:
+                 alpha_weight_decay: float = 0.0, learn_g: bool = False) -> None:
         super().__init__(names, base_weights)
         self.learned = list(names if learned is None else learned)
         _check_names(self.learned, self.names, "distpro weighting")
         if not self.learned:
             raise ValueError("distpro weighting: no pathway to learn a weight for")
         normalize(torch.zeros(1), normalization)  # fail now on an unknown name
+        if learn_g and normalization != "biased_softmax":
+            raise ValueError(f"learn_g learns the bias of the biased softmax (eq. 2); normalization "
+                             f"{normalization!r} has none: use normalization='biased_softmax' or learn_g=False")
         if alpha_optimizer not in ("adam", "sgd"):
             raise ValueError(f"alpha_optimizer must be 'adam' or 'sgd', got {alpha_optimizer!r}")
         if alpha_lr <= 0:
@@ -143,15 +156,30 @@ class DistProWeighting(Weighting):
         self.alpha_optimizer, self.alpha_lr = alpha_optimizer, float(alpha_lr)
         self.alpha_betas = (float(alpha_betas[0]), float(alpha_betas[1]))
         self.alpha_eps, self.alpha_weight_decay = float(alpha_eps), float(alpha_weight_decay)
+        self.learn_g = bool(learn_g)
         n = len(self.learned)
         self.register_buffer("alpha_tilde", torch.full((n,), float(init)))
-        self.register_buffer("alpha_exp_avg", torch.zeros(n))
-        self.register_buffer("alpha_exp_avg_sq", torch.zeros(n))
+        if self.learn_g:  # registered only when learned: checkpoints of searches with a fixed g load as before
+            self.register_buffer("g_tilde", torch.tensor(float(g)))
+        # Adam's moments for the hyper-parameters in hyper_names order: α̃ (L,), then g when learned.
+        self.register_buffer("alpha_exp_avg", torch.zeros(n + int(self.learn_g)))
+        self.register_buffer("alpha_exp_avg_sq", torch.zeros(n + int(self.learn_g)))
         self.register_buffer("alpha_updates", torch.zeros((), dtype=torch.long))
 
+    @property
+    def hyper_names(self) -> list[str]:
+        """The buffers the search learns, in the order of a hypergradient's entries: ``alpha_tilde``
+        (L entries), then ``g_tilde`` (one) with ``learn_g``."""
+        return ["alpha_tilde", "g_tilde"] if self.learn_g else ["alpha_tilde"]
+
+    @property
+    def bias(self) -> float | Tensor:
+        """g of eq. 2: the learned buffer with ``learn_g``, else the configured number."""
+        return self.g_tilde if self.learn_g else self.g
+
     def alpha(self) -> Tensor:
-        """Normalised weights α (L,) of the learned pathways (eq. 2), differentiable in α̃."""
-        return normalize(self.alpha_tilde, self.normalization, self.g)
+        """Normalised weights α (L,) of the learned pathways (eq. 2), differentiable in α̃ (and g)."""
+        return normalize(self.alpha_tilde, self.normalization, self.bias)
 
     def kept_mask(self) -> Tensor:
         """(L,) bool: the learned pathways a replay of this step would compute (``α̃ > τ``)."""
@@ -170,22 +198,33 @@ class DistProWeighting(Weighting):
         """Every term (None): the search never drops a pathway (dropping is a replay saving, §3.4)."""
         kept = self.kept_mask().tolist()
         # logged per step (and per epoch as train_*): what a replay would keep, how far α is from uniform
-        self.diagnostics = {"pathways_kept": sum(kept) / len(kept), **distance_from_uniform(self.alpha())}
+        alpha = self.alpha().detach()
+        self.diagnostics = {"pathways_kept": sum(kept) / len(kept), "alpha_sum": float(alpha.sum()),
+                            **distance_from_uniform(alpha)}
+        if self.learn_g:
+            self.diagnostics["g"] = float(self.g_tilde.detach())
         return None
 
     @torch.no_grad()
     def update_alpha(self, hypergradient: Tensor) -> None:
-        """One step of α̃'s own optimiser: ``α̃ ← α̃ − γ · step(∇α̃ L_val)`` (eq. 4, first line).
+        """One step of α̃'s own optimiser: ``α̃ ← α̃ − γ · step(∇α̃ L_val)`` (eq. 4, first line); with
+        ``learn_g`` the same step for g (its own Adam moments, no weight decay).
 
         Args:
-            hypergradient: (L,) ``∇α̃ L_val(θ'(α̃))`` from eq. 4 (exact) or eq. 5 (finite difference).
+            hypergradient: (L,) ``∇α̃ L_val(θ'(α̃))`` from eq. 4 (exact) or eq. 5 (finite difference);
+                (L + 1,) with ``learn_g``, g's entry last.
         """
-        grad = hypergradient.detach().to(self.alpha_tilde) + self.alpha_weight_decay * self.alpha_tilde
+        n = len(self.learned)
+        if hypergradient.numel() != n + int(self.learn_g):
+            raise ValueError(f"hypergradient has {hypergradient.numel()} entries; this weighting learns "
+                             f"{n + int(self.learn_g)} ({' + '.join(self.hyper_names)})")
+        grad = hypergradient.detach().to(self.alpha_tilde).clone()
+        grad[:n] += self.alpha_weight_decay * self.alpha_tilde
         if not torch.isfinite(grad).all():
             raise FloatingPointError(f"DistPro hypergradient is not finite: {grad.tolist()}")
         self.alpha_updates += 1
         if self.alpha_optimizer == "sgd":
-            self.alpha_tilde -= self.alpha_lr * grad
+            self._apply_step(self.alpha_lr * grad)
             return
         # Adam (Kingma & Ba 2015, Alg. 1) with coupled L2 decay, as torch.optim.Adam.
         b1, b2 = self.alpha_betas
@@ -193,10 +232,18 @@ class DistProWeighting(Weighting):
         self.alpha_exp_avg.mul_(b1).add_(grad, alpha=1 - b1)
         self.alpha_exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (self.alpha_exp_avg_sq / (1 - b2 ** t)).sqrt() + self.alpha_eps
-        self.alpha_tilde -= self.alpha_lr / (1 - b1 ** t) * self.alpha_exp_avg / denom
+        self._apply_step(self.alpha_lr / (1 - b1 ** t) * self.alpha_exp_avg / denom)
+
+    def _apply_step(self, delta: Tensor) -> None:
+        """Subtract ``delta`` (L,) or (L + 1,) from α̃ (and g)."""
+        n = len(self.learned)
+        self.alpha_tilde -= delta[:n]
+        if self.learn_g:
+            self.g_tilde -= delta[n]
 
     def extra_repr(self) -> str:
-        return (f"{len(self.learned)} pathways, {self.normalization} (g={self.g:g}), tau={self.tau}, "
+        g = "learned from " if self.learn_g else ""
+        return (f"{len(self.learned)} pathways, {self.normalization} (g={g}{self.g:g}), tau={self.tau}, "
                 f"{self.alpha_optimizer} lr={self.alpha_lr:g}")
 
 
@@ -259,6 +306,8 @@ class Process:
         normalization, g, tau: how α was made from α̃, and the dropping threshold of the search.
         kept: (T,) fraction of the L pathways computed at each step (``None`` if not recorded).
         meta: free-form provenance (teacher, student, dataset, run directory ...).
+        g_trace: (T,) the learned g of eq. 2 at each step (a search with ``learn_g``; ``g`` is then its
+            initial value), else ``None``. The replay reads α only; this says how α was made.
     """
 
     pathways: list[PathwayInfo]
@@ -270,6 +319,7 @@ class Process:
     tau: float | None = 0.5
     kept: list[float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    g_trace: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.alpha = torch.as_tensor(self.alpha, dtype=torch.float32).reshape(len(self.steps), -1)
@@ -280,6 +330,8 @@ class Process:
         if self.alpha.shape != (len(self.steps), n) or self.alpha_tilde.shape != self.alpha.shape:
             raise ValueError(f"process values must be (T={len(self.steps)}, L={n}); got alpha "
                              f"{tuple(self.alpha.shape)}, alpha_tilde {tuple(self.alpha_tilde.shape)}")
+        if self.g_trace is not None and len(self.g_trace) != len(self.steps):
+            raise ValueError(f"process g_trace has {len(self.g_trace)} entries for {len(self.steps)} steps")
         if list(self.steps) != sorted(set(self.steps)):
             raise ValueError("process steps must be strictly increasing")
         names = self.names
@@ -342,11 +394,12 @@ class Process:
         """This process with columns ``cols`` relabelled as ``pathways`` (after :meth:`match`)."""
         idx = torch.tensor(list(cols), dtype=torch.long)
         return Process(list(pathways), list(self.steps), self.alpha[:, idx], self.alpha_tilde[:, idx],
-                       self.normalization, self.g, self.tau, self.kept, dict(self.meta))
+                       self.normalization, self.g, self.tau, self.kept, dict(self.meta), self.g_trace)
 
     # ------------------------------------------------------------------ files
 
     def to_dict(self) -> dict[str, Any]:
+        learned_g = {} if self.g_trace is None else {"g_trace": [round(float(v), 6) for v in self.g_trace]}
         return {
             "kdtune_process": PROCESS_FORMAT,
             "normalization": self.normalization, "g": self.g, "tau": self.tau,
@@ -356,6 +409,7 @@ class Process:
             "alpha": [[round(float(v), 7) for v in row] for row in self.alpha.tolist()],
             "alpha_tilde": [[round(float(v), 6) for v in row] for row in self.alpha_tilde.tolist()],
             "kept": None if self.kept is None else [round(float(v), 4) for v in self.kept],
+            **learned_g,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -375,7 +429,7 @@ class Process:
             pathways = [PathwayInfo(**_legacy_pathway(p)) for p in data["pathways"]]
             return cls(pathways, list(data["steps"]), torch.tensor(data["alpha"]), torch.tensor(data["alpha_tilde"]),
                        data.get("normalization", "biased_softmax"), float(data.get("g", 1.0)), data.get("tau"),
-                       data.get("kept"), dict(data.get("meta") or {}))
+                       data.get("kept"), dict(data.get("meta") or {}), data.get("g_trace"))
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where}: malformed process file ({type(err).__name__}: {err})") from None
 
