@@ -229,7 +229,8 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          "configs/fmnist2k/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS_2K_T2_KD_G}", POOL_FIRST, KD_FIXED, LEARN_G]),
         ("DistPro: the process searched beside KD with this teacher, g learned, + KD",
-         "configs/fmnist2k/distpro_retrain.yaml", [f"process={DISTPRO_PROCESS_2K_T2_KD_G}", "baseline=process", KD_FIXED]),
+         "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K_T2_KD_G}", "baseline=process", KD_FIXED]),
     ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
