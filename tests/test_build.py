@@ -102,3 +102,23 @@ def test_a_run_records_the_transform_and_distance_its_catalogue_method_gave(tmp_
     assert (mine["transform"], mine["distance"]) == ("attention_map", "mse")
     # the user's own file is left as it was
     assert yaml.safe_load(path.read_text())["distill"]["pathways"][0].get("transform") is None
+
+
+def test_a_run_started_before_runs_recorded_transforms_resumes_with_the_transform_it_ran(tmp_path, dict_net):
+    """An NST run started before 2026-12-06 ran through a 1x1 adapter and its config.yaml says
+    ``transform: null``; resumed now, it rebuilds that adapter (its weights are in the checkpoint) rather
+    than today's parameter-free default, whose distiller would not fit the checkpoint."""
+    cfg = run_config(tmp_path)
+    cfg["distill"]["pathways"] = [{"teacher": "stage", "student": "stage", "selector": 0, "method": "nst",
+                                   "transform": "conv1x1"}]
+    path = tmp_path / "old_nst.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["distill"]["pathways"][0]["transform"] = None  # as a run of before 2026-12-06 recorded it
+    saved["train"]["epochs"] = 2  # one more epoch to resume into
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["run", "--resume", str(run_dir)]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]

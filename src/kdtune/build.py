@@ -115,6 +115,22 @@ def pin_method_defaults(cfg: RunConfig) -> RunConfig:
     return replace(cfg, distill=replace(cfg.distill, pathways=pathways))
 
 
+#: Transforms catalogue methods had before runs recorded theirs (:func:`pin_method_defaults`, 2026-12-06), for
+#: the methods whose default changed since. Only a run started before then has ``transform: null`` in its
+#: ``config.yaml``, so that is what it ran with.
+TRANSFORMS_BEFORE_RUNS_RECORDED_THEM = {"nst": "conv1x1"}
+
+
+def restore_unrecorded_defaults(cfg: RunConfig) -> RunConfig:
+    """``cfg`` of a run being resumed with the transform its catalogue method had when the run started, for a
+    pathway whose ``config.yaml`` does not record one (written before :func:`pin_method_defaults`): NST ran
+    through a 1x1 adapter until 2026-12-06, and its checkpoint holds that adapter's weights."""
+    pathways = [replace(p, transform=TRANSFORMS_BEFORE_RUNS_RECORDED_THEM[p.method])
+                if p.transform is None and p.method in TRANSFORMS_BEFORE_RUNS_RECORDED_THEM else p
+                for p in cfg.distill.pathways]
+    return replace(cfg, distill=replace(cfg.distill, pathways=pathways))
+
+
 #: Where a run config sets what the Distiller / Pathway arguments in an :class:`OutputError` set.
 _CONFIG_KEYS = {"teacher_output=": "teacher.output", "student_output=": "student.output",
                 "_selector=": "distill.pathways.<i>.selector (or teacher_selector / student_selector)"}

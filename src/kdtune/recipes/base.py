@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kdtune.build import DistillerBuilder, make_trainer, pin_method_defaults
+from kdtune.build import DistillerBuilder, make_trainer, pin_method_defaults, restore_unrecorded_defaults
 from kdtune.config import ConfigError, RunConfig, save_config
 from kdtune.errors import RunDirError
 from kdtune.trainer import Callback, Trainer
@@ -117,8 +117,7 @@ def train(cfg: RunConfig, run_dir: Path, build: DistillerBuilder, resume: bool =
     with ``resume`` (:func:`_has_checkpoint`); saves ``config.yaml`` when it starts."""
     if resume:
         resume = _has_checkpoint(run_dir)  # checked under the lock: nobody writes it meanwhile
-    else:
-        cfg = pin_method_defaults(cfg)
+    cfg = restore_unrecorded_defaults(cfg) if resume else pin_method_defaults(cfg)
     trainer = make_trainer(cfg, run_dir, build, callbacks)
     if trainer.dist.is_main and not resume:
         save_config(cfg, run_dir / "config.yaml")
