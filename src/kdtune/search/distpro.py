@@ -686,7 +686,10 @@ def plot_process(process: Process, path: str | Path) -> Path:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("α (normalised)")
-    fig.suptitle(f"DistPro process: {len(process.pathways)} pathways, {len(steps)} steps", fontsize=10)
+    total = process.alpha.sum(dim=1)  # the pathways' total weight (moves only with a learned g, in practice)
+    learned = "" if process.g_trace is None else f", g {process.g_trace[0]:.2f} → {process.g_trace[-1]:.2f}"
+    fig.suptitle(f"DistPro process: {len(process.pathways)} pathways, {len(steps)} steps, "
+                 f"Σα {float(total[0]):.3f} → {float(total[-1]):.3f}{learned}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
