@@ -112,6 +112,11 @@ LEARN_G = "distpro.learn_g=true"
 DISTPRO_PROCESS_2K_T2_KD_G = "benchmarks/data/distpro_process_fmnist2k_t2_kd_g.json"
 DISTPRO_PROCESS_OWN_KD_G = "benchmarks/data/distpro_process_mnist_own_kd_g.json"
 DISTPRO_PROCESS_OWN_R8_KD_G = "benchmarks/data/distpro_process_mnist_own_resnet8_kd_g.json"
+#: DistPro's hypergradient divided by the student's lr schedule factor (kdtune.search.distpro.DistProSearch): after
+#: each 0.1 step decay alpha~'s Adam steps shrink tenfold on a short search, so alpha froze at the first milestone.
+UNDO_LR_DECAY = "distpro.undo_lr_decay=true"
+DISTPRO_PROCESS_2K_T2_UNDO = "benchmarks/data/distpro_process_fmnist2k_t2_undo.json"
+DISTPRO_PROCESS_OWN_UNDO = "benchmarks/data/distpro_process_mnist_own_undo.json"
 #: The own pair's protocol with kdtune's ResNet-8 as the student (table `own_resnet8`).
 RESNET8_STUDENT = "student.name=resnet8"
 #: NST's pathway without the 1x1 adapter: only the spatial sizes matched (the NST paper's form; NST's default
@@ -231,6 +236,13 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
         ("DistPro: the process searched beside KD with this teacher, g learned, + KD",
          "configs/fmnist2k/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_2K_T2_KD_G}", "baseline=process", KD_FIXED]),
+        # The default search with the hypergradient's lr decay undone (alpha~ otherwise froze at the first milestone).
+        ("DistPro search with this teacher, lr decay undone (searching student, 80 % of the data)",
+         "configs/fmnist2k/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_2K_T2_UNDO}", POOL_FIRST, UNDO_LR_DECAY]),
+        ("DistPro: the process searched with this teacher, lr decay undone, + KD",
+         "configs/fmnist2k/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_2K_T2_UNDO}", "baseline=process", KD_FIXED]),
     ]),
     # MNIST-3k-own (issue 13's first table): a user's own pair (benchmarks/own_pair_models.py: nested
     # ModuleDict/ModuleList teacher, depthwise-separable student), MNIST 3,000 images, 5 epochs. Every row is a
@@ -286,6 +298,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          [f"distpro.export={DISTPRO_PROCESS_OWN_KD_G}", KD_FIXED, LEARN_G]),
         ("DistPro process searched beside KD with g learned, + KD", "configs/mnist_own/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_OWN_KD_G}", "baseline=process", KD_FIXED]),
+        # The default search with the hypergradient's lr decay undone (alpha~ otherwise froze at the first milestone).
+        ("DistPro search, lr decay undone", "configs/mnist_own/distpro_search.yaml",
+         [f"distpro.export={DISTPRO_PROCESS_OWN_UNDO}", UNDO_LR_DECAY]),
+        ("DistPro process searched with lr decay undone, + KD", "configs/mnist_own/distpro_retrain.yaml",
+         [f"process={DISTPRO_PROCESS_OWN_UNDO}", "baseline=process", KD_FIXED]),
     ]),
     # A pair no default was chosen on (2026-12-06): the own pair's MNIST teacher with kdtune's ResNet-8 as the
     # student (a CIFAR-family student under a plugin teacher of another family), MNIST-3k-own's protocol, defaults.

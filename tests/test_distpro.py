@@ -418,6 +418,26 @@ def test_search_with_learned_g_records_its_trace_and_resumes_it(tmp_path, tiny_d
     assert restored.g_trace == cb.g_trace
 
 
+@pytest.mark.parametrize("undo", [False, True])
+def test_undo_lr_decay_divides_the_hypergradient_by_the_schedule_factor(undo):
+    """Eq. 4's hypergradient carries ξ_t; at a schedule factor ξ_t/ξ_0 = 0.1, ``undo_lr_decay`` steps α̃
+    with 10x the hypergradient (SGD on α̃: the step is γ · hypergradient exactly), else with it as is."""
+    d, opt = warmed("sgd_plain", double=True)  # float64: α̃ ≈ 1 moves by ~1e-6 here
+    d.weighting.alpha_optimizer = "sgd"
+    assert DistProSearch.lr_decay(opt) == 1.0  # no scheduler: no initial_lr recorded
+    for group in opt.param_groups:  # as a scheduler leaves them after one 0.1 milestone
+        group["initial_lr"], group["lr"] = group["lr"], group["lr"] * 0.1
+    x, y, xv, yv = batches(double=True)
+    search = DistProSearch(d, undo_lr_decay=undo)
+    assert search.lr_decay(opt) == pytest.approx(0.1)
+    hyper = search.hypergradient(x, y, xv, yv, opt)
+    before = d.weighting.alpha_tilde.clone()
+    search.step(x, y, xv, yv, opt)
+    expected = d.weighting.alpha_lr * hyper / (0.1 if undo else 1.0)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(before - d.weighting.alpha_tilde, expected, rtol=1e-6, atol=1e-12)
+
+
 def test_alpha_optimiser_adam_and_sgd():
     w = DistProWeighting(["a", "b"], {}, alpha_optimizer="sgd", alpha_lr=0.05, tau=None)
     w.update_alpha(torch.tensor([1.0, -2.0]))

@@ -291,10 +291,17 @@ class DistProSearch:
             and 2 backwards per step besides the real step) or ``exact`` (double backward; the
             ground truth the finite difference is tested against).
         radius: r of ε = r / ‖∇θ' L_val‖ (0.01 in the paper, after DARTS).
+        undo_lr_decay: divide the hypergradient α̃'s optimiser steps with by the student's learning-rate
+            schedule factor ξ_t / ξ_0 (:meth:`lr_decay`). Eq. 4's hypergradient is proportional to ξ_t, so a
+            step decay by 0.1 (§4.1) shrinks it tenfold, while Adam's second moment (β2 0.999: a memory of
+            ~1,000 steps) still holds the earlier magnitudes: on a search of a few hundred steps α̃'s steps
+            shrink tenfold at each milestone and α is frozen after the first. The paper's search (40 CIFAR
+            epochs, ~15,600 steps, ~3,900 a stage) lets Adam renormalise within each stage; this keeps
+            the hypergradient at its stage-one scale so a short search behaves the same way.
     """
 
     def __init__(self, distiller: Distiller, hypergradient: Hypergradient = "finite_difference",
-                 radius: float = 0.01) -> None:
+                 radius: float = 0.01, undo_lr_decay: bool = False) -> None:
         if not isinstance(distiller.weighting, DistProWeighting):
             raise TypeError(f"DistPro search needs weighting='distpro', got {type(distiller.weighting).__name__}")
         if distiller.teacher is None:
@@ -304,6 +311,7 @@ class DistProSearch:
         if radius <= 0:
             raise ValueError(f"radius must be > 0, got {radius}")
         self.distiller, self.mode, self.radius = distiller, hypergradient, float(radius)
+        self.undo_lr_decay = bool(undo_lr_decay)
         self.weighting: DistProWeighting = distiller.weighting
         # The learned buffers (α̃, and g with learn_g) by their names in the weighting and in the distiller.
         self.hyper_keys = {name: next(n for n, b in distiller.named_buffers() if b is getattr(self.weighting, name))
@@ -332,6 +340,12 @@ class DistProSearch:
         in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
         return [n for n, p in self.distiller.named_parameters()
                 if n.startswith("student.") and p.requires_grad and id(p) in in_opt]
+
+    @staticmethod
+    def lr_decay(optimizer: torch.optim.Optimizer) -> float:
+        """ξ_t / ξ_0: the schedule's factor now (1 without a scheduler, which records ``initial_lr``)."""
+        group = optimizer.param_groups[0]
+        return float(group["lr"]) / float(group["initial_lr"]) if group.get("initial_lr") else 1.0
 
     def _buffers(self, hyper: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
         """Copies of every buffer (look-ahead forwards move BN statistics of the copies only), the
@@ -469,6 +483,8 @@ class DistProSearch:
         shared = (self.distiller(x, y, step, teacher_output=t) if share_forward and self.mode == "finite_difference"
                   else None)
         hyper = _mean_over_ranks(self.hypergradient(x, y, xv, yv, optimizer, step, t, shared))
+        if self.undo_lr_decay:
+            hyper = hyper / self.lr_decay(optimizer)
         self.weighting.update_alpha(hyper)
         if shared is not None:
             self.distiller.reuse_forward(x, shared)
@@ -522,15 +538,17 @@ class DistProCallback(Callback):
         val: the held-out split's batches (80/20 of the training set in the paper, §4.1).
         pathways: :class:`PathwayInfo` of the learned pathways (from :func:`search_space`), in the
             weighting's order; recorded in the process file for replay and transfer.
-        hypergradient, radius: see :class:`DistProSearch`.
+        hypergradient, radius, undo_lr_decay: see :class:`DistProSearch`.
         meta: provenance stored in the process file (teacher, student, dataset ...).
         export: also write the finished process file here (e.g. a stable path for retrain configs).
     """
 
     def __init__(self, val: BatchLoader | DatasetLoader, pathways: Sequence[PathwayInfo] | None = None,
                  hypergradient: Hypergradient = "finite_difference", radius: float = 0.01,
-                 meta: Mapping[str, Any] | None = None, export: str | Path | None = None) -> None:
+                 meta: Mapping[str, Any] | None = None, export: str | Path | None = None,
+                 undo_lr_decay: bool = False) -> None:
         self.val, self.infos = val, list(pathways) if pathways is not None else None
+        self.undo_lr_decay = undo_lr_decay
         self.export = Path(export) if export is not None else None
         self.mode, self.radius, self.meta = hypergradient, radius, dict(meta or {})
         self.search: DistProSearch | None = None
@@ -543,7 +561,7 @@ class DistProCallback(Callback):
         self.seconds = 0.0
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self.search = DistProSearch(trainer.distiller, self.mode, self.radius)
+        self.search = DistProSearch(trainer.distiller, self.mode, self.radius, self.undo_lr_decay)
         w = self.search.weighting
         if self.infos is None:
             self.infos = [PathwayInfo(n, "", "") for n in w.learned]
@@ -616,7 +634,8 @@ class DistProCallback(Callback):
         assert self.search is not None and self.infos is not None
         w = self.search.weighting
         meta = {**self.meta, "search_steps": len(self.steps), "hypergradient": self.mode,
-                "alpha_optimizer": w.alpha_optimizer, "alpha_lr": w.alpha_lr, "search_seconds": round(self.seconds, 2),
+                "alpha_optimizer": w.alpha_optimizer, "alpha_lr": w.alpha_lr, "undo_lr_decay": self.undo_lr_decay,
+                "search_seconds": round(self.seconds, 2),
                 "alpha_from_uniform": self.alpha_from_uniform()}
         return Process(self.infos, self.steps, torch.tensor(self.alpha), torch.tensor(self.alpha_tilde),
                        w.normalization, w.g, w.tau, self.kept, meta, list(self.g_trace) if w.learn_g else None)
@@ -752,7 +771,8 @@ def from_config(cfg: Any, splits: Any, input_shape: Sequence[int]) -> tuple[Dist
         meta = {"teacher": cfg.teacher.name, "teacher_checkpoint": cfg.teacher.checkpoint, "student": cfg.student.name,
                 "dataset": cfg.data.dataset, "train_per_class": cfg.data.train_per_class,
                 "val_fraction": cfg.data.val_fraction, "seed": cfg.seed, "epochs": cfg.train.epochs}
-        return distiller, [DistProCallback(val, infos, dp.hypergradient, dp.radius, meta, dp.export)]
+        return distiller, [DistProCallback(val, infos, dp.hypergradient, dp.radius, meta, dp.export,
+                                           dp.undo_lr_decay)]
 
     kwargs = dict(dc.weighting.kwargs)
     if kwargs.get("mode") == "kd":  # `baseline=kd`: plain KD in the same protocol, for the same table
