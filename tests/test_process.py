@@ -11,7 +11,14 @@ from helpers import TinyNet
 from kdtune.distiller import Distiller
 from kdtune.models import create_model
 from kdtune.search.distpro import ProcessReplay, pathways_from_process, search_space
-from kdtune.weighting.process import PathwayInfo, Process, ProcessMismatchError, ProcessWeighting, normalize
+from kdtune.weighting.process import (
+    PathwayInfo,
+    Process,
+    ProcessMismatchError,
+    ProcessWeighting,
+    movement_by_quarter,
+    normalize,
+)
 
 SHAPE = (1, 8, 8)
 
@@ -196,3 +203,19 @@ def test_pre_activation_taps_are_recorded_and_old_files_keep_post_and_sigmoid(tm
     assert all(p.transform.attention.sigmoid for p in d.pathways)
     post, _ = search_space(teacher, student, SHAPE, "same", ("conv1x1",), tap="post")
     assert not post[0].teacher.endswith(":pre")
+
+
+def test_movement_by_quarter_by_hand():
+    """α̃ of one pathway over 9 steps, steps 0.8 (x2), 0.08 (x2), 0.008 (x2), 0.0008 (x2): each quarter's
+    mean step is its own; Σα and g are read at each quarter's last step (2, 4, 6, 8)."""
+    deltas = [0.8, 0.8, 0.08, 0.08, 0.008, 0.008, 0.0008, 0.0008]
+    tilde = torch.tensor([1.0] + [1.0 - sum(deltas[:k + 1]) for k in range(8)]).reshape(9, 1)
+    alpha = torch.arange(9, dtype=torch.float32).reshape(9, 1) / 10
+    proc = Process([PathwayInfo("p", "t", "s")], list(range(9)), alpha, tilde, g_trace=[float(k) for k in range(9)])
+    rows = movement_by_quarter(proc)
+    assert [r["mean_step"] for r in rows] == pytest.approx([0.8, 0.08, 0.008, 0.0008], rel=1e-4)
+    assert [r["alpha_sum"] for r in rows] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [r["g"] for r in rows] == [2.0, 4.0, 6.0, 8.0]
+    with pytest.raises(ValueError, match="needs >= 5"):
+        movement_by_quarter(Process([PathwayInfo("p", "t", "s")], [0, 1], alpha[:2], tilde[:2]))
+

@@ -446,6 +446,25 @@ class Process:
         return cls.from_dict(data, str(path))
 
 
+def movement_by_quarter(process: Process) -> list[dict[str, float]]:
+    """How a process moved over each quarter of its recorded steps: ``mean_step`` = mean over pathways and
+    steps of |α̃_{t+1} − α̃_t|, ``alpha_sum`` = Σα at the quarter's last step, and ``g`` there when g was
+    learned. α̃ whose steps shrink tenfold a quarter is frozen by a step-decay schedule (see
+    :class:`kdtune.search.distpro.DistProSearch`'s ``undo_lr_decay``). Needs ≥ 5 recorded steps."""
+    if len(process.steps) < 5:
+        raise ValueError(f"a process of {len(process.steps)} steps has no four quarters to compare (needs >= 5)")
+    steps = torch.diff(process.alpha_tilde, dim=0).abs().mean(dim=1)  # (T-1,): step t -> t+1
+    n = len(steps)
+    rows = []
+    for q in range(4):
+        lo, hi = q * n // 4, (q + 1) * n // 4
+        row = {"mean_step": float(steps[lo:hi].mean()), "alpha_sum": float(process.alpha[hi].sum())}
+        if process.g_trace is not None:
+            row["g"] = float(process.g_trace[hi])
+        rows.append(row)
+    return rows
+
+
 def _legacy_pathway(entry: Mapping[str, Any]) -> dict[str, Any]:
     """A pathway entry of a file written before taps were recorded keeps its old behaviour: it read
     post-activation stage outputs, and its DistPro blocks gated the attention with a sigmoid."""
