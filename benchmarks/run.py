@@ -229,13 +229,11 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
          "configs/fmnist2k/distpro_search.yaml", [f"distpro.export={DISTPRO_PROCESS_2K_T2_KD}", POOL_FIRST, KD_FIXED]),
         ("DistPro: the process searched beside KD with this teacher, + KD", "configs/fmnist2k/distpro_retrain.yaml",
          [f"process={DISTPRO_PROCESS_2K_T2_KD}", "baseline=process", KD_FIXED]),
-        # The same search also learning g (the pathways' total weight, which alpha~ alone leaves at L/(L+1)).
+        # The same search also learning g (the pathways' total weight, which alpha~ alone leaves at L/(L+1)). Its
+        # g froze with alpha~ after the first milestone (RESULTS), so its process was not retrained.
         ("DistPro search beside KD with this teacher, g learned (searching student, 80 % of the data)",
          "configs/fmnist2k/distpro_search.yaml",
          [f"distpro.export={DISTPRO_PROCESS_2K_T2_KD_G}", POOL_FIRST, KD_FIXED, LEARN_G]),
-        ("DistPro: the process searched beside KD with this teacher, g learned, + KD",
-         "configs/fmnist2k/distpro_retrain.yaml",
-         [f"process={DISTPRO_PROCESS_2K_T2_KD_G}", "baseline=process", KD_FIXED]),
         # The default search with the hypergradient's lr decay undone (alpha~ otherwise froze at the first milestone).
         ("DistPro search with this teacher, lr decay undone (searching student, 80 % of the data)",
          "configs/fmnist2k/distpro_search.yaml",
@@ -335,11 +333,10 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
              [f"distpro.export={DISTPRO_PROCESS_OWN_R8}"]),
             ("DistPro process + KD (default)", "distpro_retrain",
              [f"process={DISTPRO_PROCESS_OWN_R8}", "baseline=process", KD_FIXED]),
-            # Searched beside plain KD, also learning g (the pathways' total weight; 2026-12-06, sixth session).
+            # Searched beside plain KD, also learning g (the pathways' total weight; 2026-12-06, sixth session). g
+            # froze with alpha~ after the first milestone (RESULTS), so its process was not retrained.
             ("DistPro search beside KD, g learned", "distpro_search",
              [f"distpro.export={DISTPRO_PROCESS_OWN_R8_KD_G}", KD_FIXED, LEARN_G]),
-            ("DistPro process searched beside KD with g learned, + KD", "distpro_retrain",
-             [f"process={DISTPRO_PROCESS_OWN_R8_KD_G}", "baseline=process", KD_FIXED]),
         )
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
