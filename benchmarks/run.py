@@ -620,6 +620,25 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * m:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def row_markdown(name: str, row: tuple[str, str, list[str]], seeds: list[int], out: Path) -> str:
+    """One table line: a row's finished runs at ``seeds`` (mean ± std), or "not run"."""
+    label, config, overrides = row
+    extra = EXTRA_COLUMNS.get(name, [])
+    row_out, row_label, _, _ = resolve_row(out, label, config, overrides)
+    runs = [finished_run(row_out, slug(row_label), s) for s in seeds]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs if r is not None]
+    if not summaries:
+        return f"| {label} | not run |{' |' * len(extra)} | | 0 |"
+    acc = mean_std([s["test_acc"] for s in summaries])
+    agree = ([s["agreement_error"] for s in summaries if s.get("agreement_error") is not None])
+    secs = statistics.mean(s["train_seconds"] for s in summaries)
+    cells = ""
+    for _header, key in extra:
+        values = [s["final"][key] for s in summaries if s.get("final", {}).get(key) is not None]
+        cells += f" {mean_std(values) if values else '—'} |"
+    return f"| {label} | {acc} |{cells} {mean_std(agree) if agree else '—'} | {secs:.0f} | {len(summaries)} |"
+
+
 def table_markdown(name: str, seeds: list[int], out: Path, command: str) -> str:
     title, rows = TABLES[name]
     extra = EXTRA_COLUMNS.get(name, [])
@@ -630,22 +649,7 @@ def table_markdown(name: str, seeds: list[int], out: Path, command: str) -> str:
              "10,000 test images and top-1 agreement error with the teacher, mean ± std over seeds.", "",
              f"| method | test acc % |{extra_head} agreement err % | time / run (s) | seeds |",
              "|---|---:|" + "---:|" * len(extra) + "---:|---:|---:|"]
-    for label, config, overrides in rows:
-        row_out, row_label, _, _ = resolve_row(out, label, config, overrides)
-        runs = [finished_run(row_out, slug(row_label), s) for s in seeds]
-        summaries = [json.loads((r / "summary.json").read_text()) for r in runs if r is not None]
-        if not summaries:
-            lines.append(f"| {label} | not run |{' |' * len(extra)} | | 0 |")
-            continue
-        acc = mean_std([s["test_acc"] for s in summaries])
-        agree = ([s["agreement_error"] for s in summaries if s.get("agreement_error") is not None])
-        secs = statistics.mean(s["train_seconds"] for s in summaries)
-        cells = ""
-        for _header, key in extra:
-            values = [s["final"][key] for s in summaries if s.get("final", {}).get(key) is not None]
-            cells += f" {mean_std(values) if values else '—'} |"
-        lines.append(f"| {label} | {acc} |{cells} {mean_std(agree) if agree else '—'} | {secs:.0f} | "
-                     f"{len(summaries)} |")
+    lines += [row_markdown(name, row, seeds, out) for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -704,6 +708,9 @@ def main() -> None:
     p.add_argument("--write-only", action="store_true", help="only rebuild the table from finished runs")
     p.add_argument("--rows", nargs="+", metavar="LABEL",
                    help="train only these rows, in this order (the table still shows every row)")
+    p.add_argument("--print-rows", action="store_true",
+                   help="with --rows: train nothing, print those rows' table lines only and leave RESULTS.md as it "
+                        "is (tables kept by hand, whose other rows' runs are gone)")
     args = p.parse_args()
 
     out = Path(args.out) / args.table
@@ -716,6 +723,11 @@ def main() -> None:
         train_rows = [row for label in args.rows for row in rows if row[0] == label]
     else:
         train_rows = rows
+    if args.print_rows:
+        if not args.rows:
+            p.error("--print-rows prints the rows named by --rows: give them")
+        print("\n".join(row_markdown(args.table, row, args.seeds, out) for row in train_rows))
+        return
     if not args.write_only:
         # Row by row (all seeds of a row before the next): a table cut short has complete rows.
         jobs = [(label, cfg, ov, s) for label, cfg, ov in train_rows for s in args.seeds]
