@@ -117,6 +117,7 @@ DISTPRO_PROCESS_OWN_R8_KD_G = "benchmarks/data/distpro_process_mnist_own_resnet8
 UNDO_LR_DECAY = "distpro.undo_lr_decay=true"
 DISTPRO_PROCESS_2K_T2_UNDO = "benchmarks/data/distpro_process_fmnist2k_t2_undo.json"
 DISTPRO_PROCESS_OWN_UNDO = "benchmarks/data/distpro_process_mnist_own_undo.json"
+DISTPRO_PROCESS_OWN_R8_UNDO = "benchmarks/data/distpro_process_mnist_own_resnet8_undo.json"
 #: The own pair's protocol with kdtune's ResNet-8 as the student (table `own_resnet8`).
 RESNET8_STUDENT = "student.name=resnet8"
 #: NST's pathway without the 1x1 adapter: only the spatial sizes matched (the NST paper's form; NST's default
@@ -337,6 +338,12 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, list[str]]]]] = {
             # froze with alpha~ after the first milestone (RESULTS), so its process was not retrained.
             ("DistPro search beside KD, g learned", "distpro_search",
              [f"distpro.export={DISTPRO_PROCESS_OWN_R8_KD_G}", KD_FIXED, LEARN_G]),
+            # The default search with the hypergradient's lr decay undone (alpha~ otherwise froze at the first
+            # milestone), its process retrained + KD as the default row.
+            ("DistPro search, lr decay undone", "distpro_search", [f"distpro.export={DISTPRO_PROCESS_OWN_R8_UNDO}",
+                                                                  UNDO_LR_DECAY]),
+            ("DistPro process searched with lr decay undone, + KD", "distpro_retrain",
+             [f"process={DISTPRO_PROCESS_OWN_R8_UNDO}", "baseline=process", KD_FIXED]),
         )
     ]),
     # The catalogue scan (issue 13): every `kdtune list losses` method with a feature pathway, alone, last
