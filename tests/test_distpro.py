@@ -436,6 +436,11 @@ def test_undo_lr_decay_divides_the_hypergradient_by_the_schedule_factor(undo):
     expected = d.weighting.alpha_lr * hyper / (0.1 if undo else 1.0)
     assert expected.abs().max() > 0
     torch.testing.assert_close(before - d.weighting.alpha_tilde, expected, rtol=1e-6, atol=1e-12)
+    for group in opt.param_groups:  # a schedule that reached lr 0: the hypergradient is 0, not 0 / 0
+        group["lr"] = 0.0
+    before = d.weighting.alpha_tilde.clone()
+    search.step(x, y, xv, yv, opt)
+    assert torch.equal(d.weighting.alpha_tilde, before)
 
 
 def test_alpha_optimiser_adam_and_sgd():

@@ -483,8 +483,9 @@ class DistProSearch:
         shared = (self.distiller(x, y, step, teacher_output=t) if share_forward and self.mode == "finite_difference"
                   else None)
         hyper = _mean_over_ranks(self.hypergradient(x, y, xv, yv, optimizer, step, t, shared))
-        if self.undo_lr_decay:
-            hyper = hyper / self.lr_decay(optimizer)
+        decay = self.lr_decay(optimizer)
+        if self.undo_lr_decay and decay > 0:  # at lr 0 (a cosine's last step) the hypergradient is 0 too: keep it
+            hyper = hyper / decay
         self.weighting.update_alpha(hyper)
         if shared is not None:
             self.distiller.reuse_forward(x, shared)

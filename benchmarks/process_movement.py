@@ -1,6 +1,6 @@
 """How DistPro processes moved, quarter by quarter: α̃'s mean step size, Σα and g (if learned).
 
-    python scripts/process_report.py benchmarks/data/distpro_process_*.json
+    python benchmarks/process_movement.py benchmarks/data/distpro_process_*.json
 
 Shows whether α̃ kept moving over the whole search (with a step-decay schedule its steps shrink tenfold
 a quarter unless ``distpro.undo_lr_decay`` is on) and whether the pathways' total weight Σα moved.
