@@ -115,6 +115,8 @@ DISTPRO_PROCESS_OWN_R8_KD_G = "benchmarks/data/distpro_process_mnist_own_resnet8
 #: DistPro's hypergradient divided by the student's lr schedule factor (kdtune.search.distpro.DistProSearch): after
 #: each 0.1 step decay alpha~'s Adam steps shrink tenfold on a short search, so alpha froze at the first milestone.
 UNDO_LR_DECAY = "distpro.undo_lr_decay=true"
+#: ... and the raw hypergradient (the default until 2026-12-06), pinned on the search rows measured with it.
+RAW_HYPERGRADIENT = "distpro.undo_lr_decay=false"
 DISTPRO_PROCESS_2K_T2_UNDO = "benchmarks/data/distpro_process_fmnist2k_t2_undo.json"
 DISTPRO_PROCESS_OWN_UNDO = "benchmarks/data/distpro_process_mnist_own_undo.json"
 DISTPRO_PROCESS_OWN_R8_UNDO = "benchmarks/data/distpro_process_mnist_own_resnet8_undo.json"
@@ -538,6 +540,18 @@ def _pin_constant_alpha(tables: dict[str, tuple[str, list[tuple[str, str, list[s
 
 
 _pin_constant_alpha(TABLES)
+
+
+def _pin_raw_hypergradient(tables: dict[str, tuple[str, list[tuple[str, str, list[str]]]]]) -> None:
+    """DistPro search rows that do not set ``distpro.undo_lr_decay`` were measured with the raw hypergradient
+    (before undoing the lr decay became the default, 2026-12-06): pin it, so they mean that."""
+    for _title, rows in tables.values():
+        for _label, config, overrides in rows:
+            if config.endswith("distpro_search.yaml") and not any("undo_lr_decay" in o for o in overrides):
+                overrides.append(RAW_HYPERGRADIENT)
+
+
+_pin_raw_hypergradient(TABLES)
 
 # The FMNIST-2k-x scan again with the retrained WRN-40-2 (93.84 %; `catalogue_2k` ran with its first training, 93.11 %):
 # `catalogue_2k`'s rows at the catalogue weights (AT's 500 since 2026-12-06), the must-hold's; one seed. NST fell under

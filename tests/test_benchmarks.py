@@ -69,3 +69,15 @@ def test_labels_are_unique_within_a_table():
     for table, (_title, rows) in run.TABLES.items():
         slugs = [run.slug(label) for label, *_ in rows]
         assert len(slugs) == len(set(slugs)), table
+
+
+def test_search_rows_measured_with_the_raw_hypergradient_keep_it():
+    """The default undoes the lr decay since 2026-12-06; every DistPro search row resolves to the form it ran
+    with: the raw hypergradient unless the row asks for the undone one."""
+    searches = [(label, overrides) for _table, (_title, rows) in run.TABLES.items()
+                for label, config, overrides in rows if config.endswith("distpro_search.yaml")]
+    assert searches
+    for label, overrides in searches:
+        cfg = load_config(ROOT / "configs" / "fmnist" / "distpro_search.yaml", [o for o in overrides
+                                                                                if o.startswith("distpro.undo")])
+        assert cfg.distpro.undo_lr_decay == ("lr decay undone" in label), label

@@ -369,6 +369,11 @@ def test_distpro_transform_kwargs_must_name_candidate_transforms() -> None:
         build(distpro={"transforms": ["conv3x3"], "transform_kwargs": {"conv3x3": {"pool_frist": True}}})
 
 
+def test_distpro_undoes_the_lr_decay_by_default() -> None:
+    assert build(distpro={}).distpro.undo_lr_decay is True
+    assert build(distpro={"undo_lr_decay": False}).distpro.undo_lr_decay is False
+
+
 def test_distpro_learn_g_needs_the_biased_softmax() -> None:
     assert build(distpro={"learn_g": True}).distpro.learn_g
     with pytest.raises(ConfigError, match=r"distpro\.learn_g.*normalization 'softmax' has none"):

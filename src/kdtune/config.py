@@ -881,11 +881,11 @@ class DistProConfig:
     """Eq. 5 (finite difference, ε = radius / ‖∇θ' L_val‖) or exact double backward."""
     radius: float = 0.01
     """The 0.01 of ε = 0.01 / ‖∇θ' L_val‖."""
-    undo_lr_decay: bool = False
+    undo_lr_decay: bool = True
     """Divide the hypergradient by the student's lr schedule factor ξ_t/ξ_0 before α̃'s Adam step: eq. 4's
     hypergradient is ∝ ξ_t, and after a 0.1 step decay Adam (β2 0.999) keeps stepping at the old scale's
-    tenth for ~1,000 steps, longer than a short search: α freezes at the first milestone
-    (:class:`kdtune.search.distpro.DistProSearch`)."""
+    tenth for ~1,000 steps, longer than a short search: α froze at the first milestone
+    (:class:`kdtune.search.distpro.DistProSearch`). The default since 2026-12-06; false is the raw form."""
     alpha_optimizer: Literal["adam", "sgd"] = "adam"
     """α's own optimiser (the released code: Adam, betas 0.5, 0.999)."""
     alpha_lr: float = 0.05

@@ -301,7 +301,7 @@ class DistProSearch:
     """
 
     def __init__(self, distiller: Distiller, hypergradient: Hypergradient = "finite_difference",
-                 radius: float = 0.01, undo_lr_decay: bool = False) -> None:
+                 radius: float = 0.01, undo_lr_decay: bool = True) -> None:
         if not isinstance(distiller.weighting, DistProWeighting):
             raise TypeError(f"DistPro search needs weighting='distpro', got {type(distiller.weighting).__name__}")
         if distiller.teacher is None:
@@ -547,7 +547,7 @@ class DistProCallback(Callback):
     def __init__(self, val: BatchLoader | DatasetLoader, pathways: Sequence[PathwayInfo] | None = None,
                  hypergradient: Hypergradient = "finite_difference", radius: float = 0.01,
                  meta: Mapping[str, Any] | None = None, export: str | Path | None = None,
-                 undo_lr_decay: bool = False) -> None:
+                 undo_lr_decay: bool = True) -> None:
         self.val, self.infos = val, list(pathways) if pathways is not None else None
         self.undo_lr_decay = undo_lr_decay
         self.export = Path(export) if export is not None else None
