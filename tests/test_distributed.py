@@ -97,7 +97,8 @@ DISTPRO_SCRIPT = textwrap.dedent('''
     pathways, infos = distpro.search_space(teacher, student, (1, 8, 8), connections="all", transforms=["conv1x1"])
     d = Distiller(student, teacher, pathways, weighting="distpro",
                   weighting_kwargs={"learned": [p.name for p in pathways], "alpha_lr": 0.1}, input_shape=(1, 8, 8))
-    search = distpro.DistProCallback(BatchLoader(val, 4, seed=1), infos)
+    # the raw hypergradient (undo_lr_decay off): what a rank applies is then exactly the ranks' mean
+    search = distpro.DistProCallback(BatchLoader(val, 4, seed=1), infos, undo_lr_decay=False)
     tr = Trainer(d, BatchLoader(train, 8, seed=0), None, TrainConfig(epochs=1, progress=False, channels_last=False),
                  run_dir=out, callbacks=[search], seed=0)
     tr.fit()
