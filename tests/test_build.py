@@ -122,3 +122,22 @@ def test_a_run_started_before_runs_recorded_transforms_resumes_with_the_transfor
     assert main(["run", "--resume", str(run_dir)]) == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_the_value_it_ran_with(tmp_path, monkeypatch):
+    """config.yaml lacking a key added later with a behaviour-changing default (DistPro's undone lr decay, the
+    warmed-up a, the dropped tail) resumes with the old value; a recorded key or an absent section stays as is."""
+    import kdtune.recipe
+    from kdtune.build import overrides_for_unrecorded_keys
+
+    saved = {"data": {"batch_size": 8}, "distpro": {"g": 1.0}, "selfdistill": {"alpha_warmup": 1.0}}
+    assert overrides_for_unrecorded_keys(saved) == ["data.drop_last=false", "distpro.undo_lr_decay=false"]
+    cfg = run_config(tmp_path)
+    cfg["distpro"] = {"transforms": ["conv1x1"]}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    seen = {}
+    monkeypatch.setattr(kdtune.recipe, "run", lambda c, run_dir, resume: seen.setdefault("cfg", c))
+    kdtune.recipe.resume_run(tmp_path / "run")
+    assert seen["cfg"].distpro.undo_lr_decay is False and seen["cfg"].data.drop_last is False
+

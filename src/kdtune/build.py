@@ -131,6 +131,23 @@ def restore_unrecorded_defaults(cfg: RunConfig) -> RunConfig:
     return replace(cfg, distill=replace(cfg.distill, pathways=pathways))
 
 
+#: Config keys added with a default that changed what runs, and the value that reproduces a run written before them
+#: (its ``config.yaml`` lacks the key): the 8-image tail batch was kept, eq. 4's a was constant, DistPro's
+#: hypergradient was raw (its lr decay not undone, 2026-12-06).
+VALUES_BEFORE_KEYS_EXISTED = {"data.drop_last": False, "selfdistill.alpha_warmup": 0.0, "distpro.undo_lr_decay": False}
+
+
+def overrides_for_unrecorded_keys(saved: dict[str, Any]) -> list[str]:
+    """``key=value`` overrides that resume a run's saved config (a raw ``config.yaml`` dict) as it ran: each key of
+    :data:`VALUES_BEFORE_KEYS_EXISTED` whose section the config has but which it does not record."""
+    overrides = []
+    for dotted, before in VALUES_BEFORE_KEYS_EXISTED.items():
+        section, key = dotted.split(".")
+        if isinstance(saved.get(section), dict) and key not in saved[section]:
+            overrides.append(f"{dotted}={str(before).lower()}")
+    return overrides
+
+
 #: Where a run config sets what the Distiller / Pathway arguments in an :class:`OutputError` set.
 _CONFIG_KEYS = {"teacher_output=": "teacher.output", "student_output=": "student.output",
                 "_selector=": "distill.pathways.<i>.selector (or teacher_selector / student_selector)"}

@@ -19,10 +19,11 @@ from kdtune.build import (
     build_model,
     calibrate_run,
     load_splits,
+    overrides_for_unrecorded_keys,
     seed_everything,
     teacher_key,
 )
-from kdtune.config import RunConfig, load_config
+from kdtune.config import RunConfig, load_config, load_raw
 from kdtune.distributed import init_distributed
 from kdtune.errors import RunDirError
 from kdtune.plugins import import_plugins
@@ -89,4 +90,5 @@ def resume_run(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise RunDirError(f"--resume {run_dir}: no config.yaml in it, so it is not a kdtune run directory")
-    return run(load_config(cfg_path), run_dir, resume=True)
+    # a run saved before a key existed resumes with the value it ran with, not the key's default now
+    return run(load_config(cfg_path, overrides_for_unrecorded_keys(load_raw(cfg_path))), run_dir, resume=True)
